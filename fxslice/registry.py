@@ -1,0 +1,230 @@
+"""Pattern registry: how fxslice recognises norms and linear layers in a captured graph.
+
+Architecture knowledge lives in the top-level ``patterns/`` package (installed as
+``fxslice.patterns``), which registers the built-in patterns through the functions below. A user
+adds an architecture's norm or linear formulation the same way::
+
+    from fxslice import register_norm_pattern, NormSpec
+
+    @register_norm_pattern("scale_norm")
+    def scale_norm(region):
+        if not region.uses("aten.linalg_vector_norm.default"):
+            return None
+        g = region.param("gain")
+        return NormSpec(centered=False, scale=g * region.width ** 0.5 * torch.ones(region.width), eps=0.0)
+
+A norm pattern only *proposes* a ``NormSpec``; fxslice accepts it only after checking numerically
+that ``y = normalise(x) * scale + shift`` reproduces the region's output on random inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from .errors import module_path
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """``y = (x - centered * mean(x)) / sqrt(mean((x - centered * mean(x))^2) + eps) * scale + shift``."""
+
+    centered: bool
+    scale: torch.Tensor
+    eps: float
+    shift: Optional[torch.Tensor] = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The formula in float64 (reference for verification)."""
+        x = x.double()
+        if self.centered:
+            x = x - x.mean(-1, keepdim=True)
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale.double()
+        return y + self.shift.double() if self.shift is not None else y
+
+
+class Region:
+    """The nodes of one module call (by ``nn_module_stack`` path), or a single node.
+
+    Has exactly one tensor input from outside (the value being normalised) and one output used
+    outside; parameters are the ``get_attr`` nodes it reads, by their last name (``weight``, ``bias``).
+    """
+
+    def __init__(self, gm: GraphModule, nodes: list[Node], path: str, cls: str):
+        self.gm, self.nodes, self.path, self.cls = gm, nodes, path, cls
+        inside = set(nodes)
+        self.params: dict[str, Node] = {}
+        inputs: list[Node] = []
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if a in inside:
+                    continue
+                if a.op == "get_attr":
+                    self.params.setdefault(str(a.target).rsplit(".", 1)[-1], a)
+                elif a not in inputs:
+                    inputs.append(a)
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        self.input = inputs[0] if len(inputs) == 1 else None
+        self.output = outputs[0] if len(outputs) == 1 else None
+
+    @property
+    def valid(self) -> bool:
+        return self.input is not None and self.output is not None
+
+    @property
+    def width(self) -> int:
+        return int(self.input.meta["val"].shape[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input.meta["val"].dtype
+
+    def uses(self, *ops: str) -> bool:
+        """Whether any node of the region calls one of these ops (by name, e.g. ``aten.rsqrt.default``)."""
+        names = {str(n.target) for n in self.nodes if n.op == "call_function"}
+        return any(op in names for op in ops)
+
+    def nodes_calling(self, op: str) -> list[Node]:
+        return [n for n in self.nodes if n.op == "call_function" and str(n.target) == op]
+
+    def tensor(self, node_or_none) -> Optional[torch.Tensor]:
+        if node_or_none is None:
+            return None
+        return _fetch(self.gm, str(node_or_none.target)).detach()
+
+    def param(self, name: str) -> Optional[torch.Tensor]:
+        """A parameter read by the region, by its last name; None when absent."""
+        node = self.params.get(name)
+        return self.tensor(node)
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the region's nodes on ``x`` (in place of its input)."""
+        env: dict[Node, object] = {self.input: x}
+        for name, node in self.params.items():
+            env[node] = self.tensor(node)
+        for n in self.nodes:
+            args = map_arg(n.args, lambda a: env[a])
+            kwargs = map_arg(n.kwargs, lambda a: env[a])
+            env[n] = n.target(*args, **kwargs)
+        return env[self.output]
+
+
+def _fetch(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def region_of(gm: GraphModule, node: Node) -> Optional[Region]:
+    """The region of the module call that ``node`` belongs to, else the node alone; None if neither is single-in single-out."""
+    path, cls = module_path(node)
+    candidates = []
+    if path:
+        members = [
+            n
+            for n in gm.graph.nodes
+            if n.op == "call_function" and (module_path(n)[0] == path or module_path(n)[0].startswith(path + "."))
+        ]
+        candidates.append(Region(gm, members, path, cls))
+    candidates.append(Region(gm, [node], path, cls))
+    for region in candidates:
+        if region.valid:
+            return region
+    return None
+
+
+NormMatcher = Callable[[Region], Optional[NormSpec]]
+
+
+@dataclass
+class LinearMatch:
+    """A subgraph computing ``y = x W^T + b`` that becomes one ``nn.Linear`` named ``name``."""
+
+    nodes: list[Node]
+    input: Node
+    output: Node
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    name: str
+
+
+LinearMatcher = Callable[[GraphModule, Node], Optional[LinearMatch]]
+
+
+@dataclass
+class _Registry:
+    norms: list[tuple[str, NormMatcher]] = field(default_factory=list)
+    linears: list[tuple[str, LinearMatcher]] = field(default_factory=list)
+
+
+REGISTRY = _Registry()
+
+
+def _register(table: list, name: str, fn, first: bool):
+    table[:] = [(n, f) for n, f in table if n != name]
+    table.insert(0, (name, fn)) if first else table.append((name, fn))
+    return fn
+
+
+def register_norm_pattern(name: str, fn: NormMatcher | None = None, *, first: bool = False):
+    """Register ``fn(region) -> NormSpec | None`` under ``name`` (replacing one of that name).
+
+    Usable as a decorator. Patterns are tried in registration order (``first=True`` puts this one
+    ahead of the built-ins); the first whose spec passes numerical verification wins.
+    """
+    if fn is None:
+        return lambda f: _register(REGISTRY.norms, name, f, first)
+    return _register(REGISTRY.norms, name, fn, first)
+
+
+def register_linear_pattern(name: str, fn: LinearMatcher | None = None, *, first: bool = False):
+    """Register ``fn(gm, anchor_node) -> LinearMatch | None``: a subgraph that is a linear layer."""
+    if fn is None:
+        return lambda f: _register(REGISTRY.linears, name, f, first)
+    return _register(REGISTRY.linears, name, fn, first)
+
+
+def unregister_pattern(name: str) -> None:
+    """Remove a norm or linear pattern by name (no error when absent)."""
+    REGISTRY.norms[:] = [(n, f) for n, f in REGISTRY.norms if n != name]
+    REGISTRY.linears[:] = [(n, f) for n, f in REGISTRY.linears if n != name]
+
+
+def verify_norm(region: Region, spec: NormSpec, seed: int = 0) -> float:
+    """Largest relative deviation between the region and ``spec`` on random inputs (0 is perfect)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, 5, region.width)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2.0 + 0.7).to(region.dtype)
+    device = region.input.meta["val"].device
+    x = x.to(device if device.type != "meta" else "cpu")
+    with torch.no_grad():
+        got = region.evaluate(x).double().cpu()
+        want = spec.apply(x.cpu())
+    return float((got - want).abs().max() / (1.0 + want.abs().max()))
+
+
+def match_norm(region: Region) -> tuple[Optional[str], Optional[NormSpec], list[str]]:
+    """Try every registered norm pattern; returns (name, spec, notes on the ones that were rejected)."""
+    tolerance = 1e-4 if region.dtype in (torch.float32, torch.float64) else 3e-2
+    notes = []
+    for name, fn in REGISTRY.norms:
+        try:
+            spec = fn(region)
+        except Exception as exc:  # a pattern that crashes on a foreign region simply does not match
+            notes.append(f"{name}: raised {type(exc).__name__}: {exc}")
+            continue
+        if spec is None:
+            continue
+        if spec.scale.shape != (region.width,) or (spec.shift is not None and spec.shift.shape != (region.width,)):
+            notes.append(f"{name}: scale/shift shape does not match width {region.width}")
+            continue
+        error = verify_norm(region, spec)
+        if error <= tolerance:
+            return name, spec, notes
+        notes.append(f"{name}: proposed spec deviates by {error:.2e} (tolerance {tolerance:.0e})")
+    return None, None, notes

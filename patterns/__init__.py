@@ -1,0 +1,13 @@
+"""Built-in architecture patterns of fxslice (installed as ``fxslice.patterns``).
+
+Everything that differs between model families is recognised here, never in the passes:
+
+- ``norms``: RMSNorm (``weight * x / rms``), offset RMSNorm (Gemma: ``(1 + weight) * x / rms``),
+  LayerNorm (with, without or with partial affine parameters).
+- ``linears``: ``aten.linear`` with a parameter weight, GPT-2's ``Conv1D`` (``view -> addmm -> view``),
+  Falcon's ``FalconLinear`` (``x @ W.T [+ b]``).
+
+Register more with :func:`fxslice.register_norm_pattern` / :func:`fxslice.register_linear_pattern`.
+"""
+
+from . import linears, norms  # noqa: F401  (importing registers the patterns)

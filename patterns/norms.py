@@ -1,0 +1,71 @@
+"""Norm patterns. Each proposes a NormSpec; fxslice verifies it numerically before use."""
+
+from __future__ import annotations
+
+import torch
+
+from fxslice.registry import NormSpec, Region, register_norm_pattern
+
+RSQRT = "aten.rsqrt.default"
+RMS_NORM = "aten.rms_norm.default"
+LAYER_NORM = ("aten.layer_norm.default", "aten.native_layer_norm.default")
+
+
+def _eps_added_to_mean(region: Region, default: float = 1e-6) -> float:
+    """The constant added to ``mean(x^2)`` before ``rsqrt`` (the epsilon of an RMSNorm)."""
+    for node in region.nodes_calling("aten.add.Tensor"):
+        first, second = node.args[0], node.args[1]
+        if isinstance(second, float) and getattr(first, "target", None) is not None and "mean" in str(first.target):
+            return second
+    return default
+
+
+def _single_vector_param(region: Region) -> torch.Tensor | None:
+    vectors = [region.tensor(n) for n in region.params.values()]
+    vectors = [v for v in vectors if v.dim() == 1 and v.shape[0] == region.width]
+    return vectors[0] if len(vectors) == 1 else None
+
+
+def _rms_eps(region: Region) -> float:
+    if region.uses(RMS_NORM):
+        eps = region.nodes_calling(RMS_NORM)[0].args[3:4]
+        return float(eps[0]) if eps and eps[0] is not None else torch.finfo(region.dtype).eps
+    return _eps_added_to_mean(region)
+
+
+@register_norm_pattern("rms_norm")
+def rms_norm(region: Region) -> NormSpec | None:
+    """Llama-style RMSNorm: ``weight * x * rsqrt(mean(x^2) + eps)`` (weight optional)."""
+    if not region.uses(RSQRT, RMS_NORM) or region.uses(*LAYER_NORM):
+        return None
+    weight = _single_vector_param(region)
+    scale = weight.float() if weight is not None else torch.ones(region.width)
+    return NormSpec(centered=False, scale=scale, eps=_rms_eps(region))
+
+
+@register_norm_pattern("offset_rms_norm")
+def offset_rms_norm(region: Region) -> NormSpec | None:
+    """Gemma-style RMSNorm whose scale is ``1 + weight``."""
+    if not region.uses(RSQRT, RMS_NORM) or region.uses(*LAYER_NORM):
+        return None
+    weight = _single_vector_param(region)
+    if weight is None:
+        return None
+    return NormSpec(centered=False, scale=1.0 + weight.float(), eps=_rms_eps(region))
+
+
+@register_norm_pattern("layer_norm")
+def layer_norm(region: Region) -> NormSpec | None:
+    """``aten.layer_norm(x, [D], weight, bias, eps)`` over the last dimension; weight/bias may be None."""
+    calls = [n for op in LAYER_NORM for n in region.nodes_calling(op)]
+    if len(calls) != 1:
+        return None
+    node = calls[0]
+    shape = node.args[1]
+    if list(shape) != [region.width]:
+        return None
+    weight = region.tensor(node.args[2]) if len(node.args) > 2 else None
+    bias = region.tensor(node.args[3]) if len(node.args) > 3 else None
+    eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+    scale = weight.float() if weight is not None else torch.ones(region.width)
+    return NormSpec(centered=True, scale=scale, shift=None if bias is None else bias.float(), eps=eps)
