@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .errors import GraphStructureError, describe, module_path
-from .registry import NormSpec, Region, match_norm, region_of
+from .registry import NormSpec, Region, match_norm, module_index, region_of
 
 CASTS = ("aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.device", "aten.type_as.default")
 RESHAPES = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
@@ -41,6 +41,7 @@ class NormSite:
     pattern: str
     spec: NormSpec
     readers: list[Node] = field(default_factory=list)  # Linear call_module nodes behind a reader-side norm
+    reshapes: list[Node] = field(default_factory=list)  # width-carrying reshapes between the norm and them
 
     @property
     def path(self) -> str:
@@ -142,6 +143,7 @@ class Analyser:
         self.modules = dict(gm.named_modules())
         self._constant_cache: dict[Node, bool] = {}
         self._norm_cache: dict[Node, Optional[NormSite]] = {}
+        self._index = module_index(gm)
 
     # --- node classification -------------------------------------------------------------
     def kind(self, node: Node) -> Optional[str]:
@@ -198,13 +200,24 @@ class Analyser:
         return None
 
     def norm_site(self, node: Node) -> Optional[NormSite]:
-        region = region_of(self.gm, node)
+        if node.op != "call_function":
+            return None
+        region = region_of(self.gm, node, self._index)
         if region is None:
             return None
         if region.output not in self._norm_cache:
             name, spec, _ = match_norm(region)
             self._norm_cache[region.output] = None if spec is None else NormSite(region, name, spec)
         return self._norm_cache[region.output]
+
+    def why_not_norm(self, node: Node) -> str:
+        region = region_of(self.gm, node, self._index)
+        if region is None:
+            return ""
+        _, _, notes = match_norm(region)
+        detail = f" ({'; '.join(notes)})" if notes else ""
+        return (f". Its module '{region.path}' ({region.cls}) matches no registered norm pattern{detail}; "
+                "register one with fxslice.register_norm_pattern")
 
     # --- the walk ----------------------------------------------------------------------------
     def token_embedding(self) -> Node:
@@ -269,29 +282,29 @@ class Analyser:
             for user in list(src.users):
                 if user in aliases or user in adds:
                     continue
-                if self.walk_through(user, src):
-                    aliases.append(user)
-                    frontier.append(user)
-                    if str(user.target) in RESHAPES:
-                        position.reshapes.append(user)
-                elif user.op == "call_function" and str(user.target) == "aten.sym_size.int" and user.args[1] not in (-1, _val(src).dim() - 1):
-                    continue
+                site = self.norm_site(user)
+                if site is not None and site.region.input is src:
+                    if site not in sites:
+                        sites.append(site)
                 elif self.kind(user) == "linear":
                     position.direct_readers.append(user)
                 elif user.op == "call_function" and str(user.target) == ADD and all(isinstance(a, Node) for a in user.args[:2]):
                     if user.args[0] in aliases and user.args[1] in aliases:
                         raise GraphStructureError(f"{describe(user)} adds the residual stream to itself")
                     adds.append(user)
+                elif self.walk_through(user, src):
+                    aliases.append(user)
+                    frontier.append(user)
+                    if str(user.target) in RESHAPES:
+                        position.reshapes.append(user)
+                elif user.op == "call_function" and str(user.target) == "aten.sym_size.int" and user.args[1] not in (-1, _val(src).dim() - 1):
+                    continue
                 else:
-                    site = self.norm_site(user)
-                    if site is None or site.region.input is not src:
-                        raise GraphStructureError(
-                            f"{describe(user)} consumes the residual stream (position {position.index}, "
-                            f"value '{src.name}'); only norms matched by a registered pattern, linear layers, "
-                            "residual adds and ops that keep the hidden dimension may read it"
-                        )
-                    if site not in sites:
-                        sites.append(site)
+                    raise GraphStructureError(
+                        f"{describe(user)} consumes the residual stream (position {position.index}, "
+                        f"value '{src.name}'); only norms matched by a registered pattern, linear layers, "
+                        "residual adds and ops that keep the hidden dimension may read it" + self.why_not_norm(user)
+                    )
         position.aliases = aliases
         if len(adds) > 1:
             raise GraphStructureError(
@@ -311,6 +324,7 @@ class Analyser:
             else:
                 site.readers = readers
                 position.norms.append(site)
+                position.reshapes.extend(site.reshapes)
         position._adds, position._stream_norm = adds, stream_norm
 
     def norm_readers(self, site: NormSite) -> tuple[list[Node], bool]:
@@ -324,6 +338,8 @@ class Analyser:
                 seen.add(user)
                 if self.walk_through(user, src):
                     frontier.append(user)
+                    if str(user.target) in RESHAPES:
+                        site.reshapes.append(user)
                 elif self.kind(user) == "linear":
                     readers.append(user)
                 else:
@@ -349,7 +365,10 @@ class Analyser:
                     f"{describe(node)} writes into the residual stream but its value is also used elsewhere "
                     f"({', '.join(u.name for u in node.users)}); its output cannot be rotated"
                 )
-            if kind in ("linear", "embedding"):
+            site = self.norm_site(node)
+            if site is not None and site.region.output is node:
+                norms.append(site)
+            elif kind in ("linear", "embedding"):
                 writers.append(node)
             elif node.op == "call_function" and str(node.target) == ADD and all(isinstance(a, Node) for a in node.args[:2]):
                 frontier.extend(node.args[:2])
@@ -358,13 +377,10 @@ class Analyser:
                     reshapes.append(node)
                 frontier.append(self.data_input(node))
             else:
-                site = self.norm_site(node)
-                if site is None or site.region.output is not node:
-                    raise GraphStructureError(
-                        f"{describe(node)} produces a value that is added to the residual stream; fxslice can "
-                        "only rotate linear layers, embeddings and norms matched by a registered pattern there"
-                    )
-                norms.append(site)
+                raise GraphStructureError(
+                    f"{describe(node)} produces a value that is added to the residual stream; fxslice can "
+                    "only rotate linear layers, embeddings and norms matched by a registered pattern there"
+                )
         return writers, norms, reshapes
 
     def check(self, structure: Structure) -> None:

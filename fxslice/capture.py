@@ -35,12 +35,15 @@ def vocab_size_of(model: nn.Module) -> int:
     if isinstance(embeddings, nn.Embedding):
         return int(embeddings.num_embeddings)
     size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if size is None:
+    if size is not None:
+        return int(size)
+    first = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if first is None:
         raise FxSliceError(
-            f"cannot tell the vocabulary size of {type(model).__name__}: it has no get_input_embeddings() "
-            "returning an nn.Embedding and no config.vocab_size"
+            f"cannot tell the vocabulary size of {type(model).__name__}: it has no get_input_embeddings(), "
+            "no config.vocab_size and no nn.Embedding"
         )
-    return int(size)
+    return int(first.num_embeddings)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -46,6 +46,8 @@ class SliceResult:
     calibration_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     eigenvalues: list[Optional[torch.Tensor]] = field(default_factory=list)
+    layout: dict[str, tuple[Optional[int], Optional[int]]] = field(default_factory=dict)
+    """module name -> (stream position its input reads, stream position its output writes)."""
 
     @property
     def param_fraction(self) -> float:
@@ -227,8 +229,19 @@ def compress(
         ),
         timings=timings,
         eigenvalues=eigenvalues,
+        layout=layout_of(plan),
     )
     return gm
+
+
+def layout_of(plan: Plan) -> dict[str, tuple[Optional[int], Optional[int]]]:
+    """Which stream position each module reads and writes (None: not the stream)."""
+    reads = {name: p for p, names in plan.readers.items() for name in names}
+    writes = {name: p for p, names in plan.writers.items() for name in names}
+    writes.update({name: p for p, name in plan.shortcuts.items()})
+    if plan.tied is not None:
+        writes.pop(plan.tied.embedding, None)
+    return {name: (reads.get(name), writes.get(name)) for name in sorted(set(reads) | set(writes))}
 
 
 def calibrate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], pca_signal: str,

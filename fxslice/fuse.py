@@ -135,16 +135,25 @@ class Fuser:
                 self.graph.erase_node(dead)
         return node, name
 
-    def affine(self, site: NormSite, after: Node) -> tuple[Node, str]:
-        """Insert ``Linear(diag(γ), β)`` after ``after`` (the weightless norm), rerouting its users."""
+    def affine(self, site: NormSite, at: Node, before: bool = False) -> tuple[Node, str]:
+        """Insert ``Linear(diag(γ), β)`` after node ``at`` (a weightless norm), rerouting its users;
+        with ``before=True`` on the input edge of ``at`` (a tied head) instead."""
         weight = torch.diag(_f64(site.spec.scale))
         linear = _new_linear(weight, _f64(site.spec.shift), torch.empty(0, dtype=self.dtype, device=self.device))
         name = self.add_module(f"{site.path}_affine", linear)
-        users = list(after.users)
-        node = self.call(name, after, after, after)
+        if before:
+            source = at.args[0]
+            with self.graph.inserting_before(at):
+                node = self.graph.create_node("call_module", name, (source,))
+            node.meta.update({k: at.meta[k] for k in ("nn_module_stack",) if k in at.meta})
+            at.replace_input_with(source, node)
+            self.plan.added.append(name)
+            return node, name
+        users = list(at.users)
+        node = self.call(name, at, at, at)
         for user in users:
-            user.replace_input_with(after, node)
-        self.replaced[after] = node
+            user.replace_input_with(at, node)
+        self.replaced[at] = node
         self.plan.added.append(name)
         return node, name
 
@@ -193,7 +202,7 @@ class Fuser:
                 for reader in site.readers:
                     name = str(reader.target)
                     if tie is not None and reader is tie[1]:
-                        affine = self.affine(site, norm_node)[1]
+                        affine = self.affine(site, reader, before=True)[1]
                         plan.tied = TiedHead(str(tie[0].target), name, affine, s.positions[0].index, tied_slice)
                         readers.append(affine)
                     else:

@@ -120,16 +120,23 @@ def _fetch(gm: torch.nn.Module, target: str):
     return obj
 
 
-def region_of(gm: GraphModule, node: Node) -> Optional[Region]:
+def module_index(gm: GraphModule) -> dict[str, list[Node]]:
+    """Module path -> the call_function nodes inside that module (nested modules included), in graph order."""
+    index: dict[str, list[Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        for path, _ in (n.meta.get("nn_module_stack") or {}).values():
+            index.setdefault(path, []).append(n)
+    return index
+
+
+def region_of(gm: GraphModule, node: Node, index: Optional[dict[str, list[Node]]] = None) -> Optional[Region]:
     """The region of the module call that ``node`` belongs to, else the node alone; None if neither is single-in single-out."""
     path, cls = module_path(node)
     candidates = []
     if path:
-        members = [
-            n
-            for n in gm.graph.nodes
-            if n.op == "call_function" and (module_path(n)[0] == path or module_path(n)[0].startswith(path + "."))
-        ]
+        members = (index if index is not None else module_index(gm)).get(path, [])
         candidates.append(Region(gm, members, path, cls))
     candidates.append(Region(gm, [node], path, cls))
     for region in candidates:

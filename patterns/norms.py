@@ -54,6 +54,17 @@ def offset_rms_norm(region: Region) -> NormSpec | None:
     return NormSpec(centered=False, scale=1.0 + weight.float(), eps=_rms_eps(region))
 
 
+@register_norm_pattern("centered_rms_norm")
+def centered_rms_norm(region: Region) -> NormSpec | None:
+    """A LayerNorm written out by hand (Cohere): ``weight * (x - mean) * rsqrt(var + eps) [+ bias]``."""
+    if not region.uses(RSQRT) or not region.uses("aten.sub.Tensor") or region.uses(*LAYER_NORM):
+        return None
+    weight = _single_vector_param(region)
+    scale = weight.float() if weight is not None else torch.ones(region.width)
+    bias = region.param("bias")
+    return NormSpec(centered=True, scale=scale, shift=None if bias is None else bias.float(), eps=_eps_added_to_mean(region))
+
+
 @register_norm_pattern("layer_norm")
 def layer_norm(region: Region) -> NormSpec | None:
     """``aten.layer_norm(x, [D], weight, bias, eps)`` over the last dimension; weight/bias may be None."""

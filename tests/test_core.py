@@ -1,0 +1,222 @@
+"""Behaviour of the core pass beyond exactness: options, determinism, block caching, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxslice
+from fxslice import CalibrationError, FxSliceError, GraphStructureError, NormSpec
+from tiny_models import VOCAB, calibration, tiny_model
+from toy_models import TOY_VOCAB, ToyLM, toy_calibration
+
+IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama_tied")
+
+
+def test_two_runs_give_bit_identical_weights(llama):
+    first = fxslice.compress(llama, calibration(), 0.3, progress=False).state_dict()
+    second = fxslice.compress(llama, calibration(), 0.3, progress=False).state_dict()
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_each_block_runs_once_per_batch(llama):
+    calls: dict[nn.Module, int] = {}
+
+    def count(module, args, output):
+        calls[module] = calls.get(module, 0) + 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        batches = calibration(batches=4)
+        sliced = fxslice.compress(llama, batches, 0.25, progress=False)
+    finally:
+        handle.remove()
+    layout = sliced.fxslice.layout
+    last = len(sliced.fxslice.widths) - 1
+    block_linears = [n for n, (reads, _) in layout.items()
+                     if reads is not None and reads < last and isinstance(sliced.get_submodule(n), nn.Linear)]
+    assert len(block_linears) >= 10
+    for name in block_linears:
+        assert calls.get(sliced.get_submodule(name), 0) == len(batches), name
+
+
+def test_result_reports_widths_and_true_parameter_counts(llama):
+    sliced = fxslice.compress(llama, calibration(), 0.25, progress=False)
+    result = sliced.fxslice
+    assert result.widths == [48, 48, 48, 48, 64]
+    assert result.dense_param_count == sum(p.numel() for p in llama.parameters())
+    assert result.param_count == sum(p.numel() for p in sliced.parameters())
+    shortcuts = [n for n in result.layout if ".skip_" in n]
+    assert len(shortcuts) == 4
+    assert result.added_param_count >= sum(sliced.get_submodule(n).weight.numel() for n in shortcuts)
+    assert result.tied_embeddings
+    assert sliced.get_submodule("model.embed_tokens").weight is sliced.get_submodule("lm_head").weight
+    assert "sliced parameters" in result.table()
+
+
+def test_round_to_and_slice_head_options(llama):
+    plain = fxslice.compress(llama, calibration(), 0.3, round_to=1, progress=False).fxslice
+    assert plain.widths[:4] == [44] * 4  # floor(64 * 0.7)
+    rounded = fxslice.compress(llama, calibration(), 0.3, progress=False).fxslice
+    assert rounded.widths[:4] == [40] * 4
+    head = fxslice.compress(llama, calibration(), 0.25, slice_head=True, progress=False)
+    assert head.fxslice.widths[-1] == 48
+    assert torch.isfinite(head(IDS).logits).all()
+
+
+def test_pca_signal_norm_output_is_an_alternative(llama):
+    stream = fxslice.compress(llama, calibration(), 0.25, progress=False)
+    normed = fxslice.compress(llama, calibration(), 0.25, pca_signal="norm_output", progress=False)
+    a = stream.get_submodule("model.layers.0.self_attn.q_proj").weight
+    b = normed.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    exact = fxslice.compress(llama, calibration(), 0.0, pca_signal="norm_output", progress=False)
+    assert (exact(IDS).logits - llama(IDS).logits).abs().max() < 1e-4
+
+
+def test_masked_tokens_are_left_out_of_the_pca(llama):
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (4, 16), generator=gen)
+    padded = torch.cat([ids, torch.full((4, 8), 7)], dim=1)  # right padding: causal, so the prefix is unaffected
+    mask = torch.cat([torch.ones(4, 16), torch.zeros(4, 8)], dim=1).long()
+    with_mask = fxslice.compress(llama, [{"input_ids": padded, "attention_mask": mask}], 0.25, progress=False)
+    truncated = fxslice.compress(llama, [ids], 0.25, progress=False)
+    without_mask = fxslice.compress(llama, [padded], 0.25, progress=False)
+    name = "model.layers.1.mlp.gate_proj"
+    w_mask, w_trunc = with_mask.get_submodule(name).weight, truncated.get_submodule(name).weight
+    assert torch.allclose(w_mask, w_trunc, atol=1e-4)
+    assert not torch.allclose(without_mask.get_submodule(name).weight, w_trunc, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    model = tiny_model("gemma3_text", dtype=dtype)
+    reference = tiny_model("gemma3_text")
+    sliced = fxslice.compress(model, calibration(), 0.0, progress=False)
+    assert {p.dtype for p in sliced.parameters()} == {dtype}
+    noise = (model(IDS).logits.float() - reference(IDS).logits).abs().max()
+    error = (sliced(IDS).logits.float() - model(IDS).logits.float()).abs().max()
+    assert error <= 4 * noise + 1e-3
+    quarter = fxslice.compress(model, calibration(), 0.25, progress=False)
+    assert torch.isfinite(quarter(IDS).logits.float()).all()
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, "0.2", True, None])
+def test_bad_sparsity(llama, sparsity):
+    with pytest.raises(FxSliceError, match="sparsity"):
+        fxslice.compress(llama, calibration(), sparsity, progress=False)
+
+
+@pytest.mark.parametrize(
+    "loader, message",
+    [
+        ([], "no batches"),
+        (None, "iterable of batches"),
+        (torch.randint(0, VOCAB, (4, 16)), "single \\[B, T\\] tensor"),
+        ([torch.randint(0, VOCAB, (16,))], "shape \\[B, T\\]"),
+        ([torch.randint(0, VOCAB, (2, 3, 4))], "shape \\[B, T\\]"),
+        ([torch.rand(2, 8)], "integer tensor"),
+        ([torch.full((2, 8), VOCAB)], f"token id {VOCAB} is outside the vocabulary"),
+        ([torch.full((2, 8), -1)], "outside the vocabulary"),
+        ([{"ids": torch.zeros(2, 8, dtype=torch.long)}], "without 'input_ids'"),
+        ([{"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 7)}], "same shape"),
+        ([{"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.zeros(2, 8)}], "masked out"),
+        (["some text"], "expected a LongTensor"),
+    ],
+)
+def test_bad_calibration_data(llama, loader, message):
+    with pytest.raises(CalibrationError, match=message):
+        fxslice.compress(llama, loader, 0.25, progress=False)
+
+
+def test_non_finite_activations_are_reported():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CalibrationError, match="non-finite activations at stream position 2"):
+        fxslice.compress(model, calibration(), 0.25, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nonlinear_stream_is_rejected_before_any_weight_changes():
+    model = ToyLM(squash=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(GraphStructureError) as info:
+        fxslice.compress(model, toy_calibration(), 0.25, progress=False)
+    message = str(info.value)
+    assert "'tanh'" in message and "aten.tanh.default" in message and "'blocks.0' (ToyBlock)" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_toy_model_without_hf_code_compresses_exactly():
+    model = ToyLM().eval()
+    sliced = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
+    ids = torch.randint(0, TOY_VOCAB, (3, 7))
+    assert (sliced(ids).logits - model(ids)).abs().max() < 1e-4
+
+
+def test_registering_a_norm_pattern_makes_a_rejected_model_compress():
+    model = ToyLM(norm="scale").eval()
+    with pytest.raises(GraphStructureError, match="ToyScaleNorm.*matches no registered norm pattern"):
+        fxslice.compress(model, toy_calibration(), 0.25, progress=False)
+
+    @fxslice.register_norm_pattern("toy_scale_norm")
+    def toy_scale_norm(region):
+        if not region.uses("aten.linalg_vector_norm.default"):
+            return None
+        gain = region.param("gain")
+        if gain is None or gain.numel() != 1:
+            return None
+        # gain * x / ||x|| == (gain / sqrt(D)) * x / rms(x)
+        return NormSpec(centered=False, scale=gain.float() * torch.ones(region.width) / region.width ** 0.5, eps=0.0)
+
+    try:
+        sliced = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
+        ids = torch.randint(0, TOY_VOCAB, (3, 7))
+        assert (sliced(ids).logits - model(ids)).abs().max() < 1e-4
+        quarter = fxslice.compress(model, toy_calibration(), 0.25, progress=False)
+        assert quarter.fxslice.widths == [24, 24, 32]
+    finally:
+        fxslice.unregister_pattern("toy_scale_norm")
+
+
+def test_a_wrong_pattern_is_refused_by_verification():
+    @fxslice.register_norm_pattern("wrong_rms", first=True)
+    def wrong(region):
+        if region.uses("aten.rsqrt.default"):
+            return NormSpec(centered=False, scale=2 * torch.ones(region.width), eps=1e-6)
+        return None
+
+    try:
+        model = ToyLM().eval()
+        structure = fxslice.inspect(model, show=False)
+        assert {s.pattern for p in structure.positions for s in p.norms} == {"rms_norm"}
+        sliced = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
+        ids = torch.randint(0, TOY_VOCAB, (2, 5))
+        assert (sliced(ids).logits - model(ids)).abs().max() < 1e-4
+    finally:
+        fxslice.unregister_pattern("wrong_rms")
+
+
+def test_inspect_prints_the_structure(capsys):
+    structure = fxslice.inspect(tiny_model("gemma2"))
+    printed = capsys.readouterr().out
+    assert "model.layers.0.input_layernorm [offset_rms_norm]" in printed
+    assert "post_attention_layernorm" in printed and "rotated" in printed
+    assert len(structure.positions) == 5
+    assert [p.skip.source if p.skip else None for p in structure.positions] == [None, 0, 1, 2, 3]
+
+
+def test_sliced_graph_names_linears_after_the_model():
+    sliced = fxslice.compress(tiny_model("qwen3"), calibration(), 0.25, progress=False)
+    names = {n for n, m in sliced.named_modules() if isinstance(m, nn.Linear)}
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"} <= names
+    # q/k norms inside attention are not stream norms: left alone
+    assert "q_norm" in sliced.code

@@ -1,0 +1,67 @@
+"""Tiny random-weight models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+GPT_STYLE = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+
+# name -> (model_type, config overrides)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "llama_tied": ("llama", {"tie_word_embeddings": True}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "granite": ("granite", {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0}),
+    "smollm3": ("smollm3", {}),
+    "phi3": ("phi3", {"pad_token_id": 0}),
+    "cohere": ("cohere", {}),
+    "phi": ("phi", {}),
+    "gptj": ("gptj", dict(GPT_STYLE, rotary_dim=8)),
+    "gpt_neox_parallel": ("gpt_neox", {"use_parallel_residual": True}),
+    "gpt_neox_sequential": ("gpt_neox", {"use_parallel_residual": False, "tie_word_embeddings": True}),
+    "falcon_new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "falcon_old": ("falcon", {"new_decoder_architecture": False, "parallel_attn": True, "multi_query": True}),
+    "falcon_sequential": ("falcon", {"new_decoder_architecture": False, "parallel_attn": False, "bias": True}),
+    "opt": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "gpt2": ("gpt2", GPT_STYLE),
+    "gpt_bigcode": ("gpt_bigcode", GPT_STYLE),
+    "bloom": ("bloom", {"n_layer": 2, "n_head": 4}),
+    "starcoder2": ("starcoder2", {}),
+    "stablelm": ("stablelm", {}),
+    "gemma": ("gemma", {"head_dim": 16}),
+    "gemma2": ("gemma2", {"head_dim": 16}),
+    "gemma3_text": ("gemma3_text", {"head_dim": 16}),
+    "olmo": ("olmo", {}),
+    "olmo2": ("olmo2", {}),
+}
+
+
+def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A tiny model of family ``name`` with random weights; norm weights/biases randomised too."""
+    model_type, overrides = FAMILIES[name]
+    base = {} if "n_embd" in overrides or model_type == "bloom" else dict(COMMON)
+    if model_type == "bloom":
+        base = {"vocab_size": VOCAB, "hidden_size": 64}
+    config = AutoConfig.for_model(model_type, **{**base, **overrides})
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= VOCAB:
+            setattr(config, key, None)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:  # non-trivial norm scales and biases make folding mistakes visible
+                param.normal_(0.3, 0.5)
+    return model.to(dtype).eval()
+
+
+def calibration(batches: int = 3, batch_size: int = 4, length: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch_size, length), generator=gen) for _ in range(batches)]
