@@ -1,0 +1,147 @@
+"""Command line: ``fxslice compress | eval | inspect`` (``fxslice COMMAND --help`` for the options)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import FxSliceError
+
+
+def _protocol_args(parser: argparse.ArgumentParser, evaluation_default=("shakespeare", "kjv")) -> None:
+    group = parser.add_argument_group("data protocol")
+    group.add_argument("--calibration", default="shakespeare",
+                       help="calibration text: shakespeare, kjv, stdlib, file:PATH or hf:NAME[:CONFIG]:SPLIT:COLUMN (default: %(default)s)")
+    group.add_argument("--calibration-windows", type=int, default=128, help="number of calibration windows (default: %(default)s)")
+    group.add_argument("--eval", nargs="+", default=list(evaluation_default), metavar="CORPUS",
+                       help="evaluation texts; the calibration text is evaluated on its last windows (default: %(default)s)")
+    group.add_argument("--eval-windows", type=int, default=40, help="windows per evaluation text (default: %(default)s)")
+    group.add_argument("--length", type=int, default=512, help="tokens per window (default: %(default)s)")
+    group.add_argument("--eval-batch-size", type=int, default=4, help="windows per evaluation batch (default: %(default)s)")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _protocol(args):
+    from .data import Protocol
+
+    return Protocol(args.calibration, args.calibration_windows, tuple(args.eval), args.eval_windows, args.length)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxslice", description="SliceGPT for any Hugging Face causal LM, as a torch.fx graph pass.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    comp = commands.add_parser("compress", help="slice a model, print dense vs sliced perplexity, save the result",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comp.add_argument("--model", default="smollm2-135m",
+                      help="smollm2-135m or gemma3-270m (shipped, offline), a hub id or a local folder")
+    comp.add_argument("--sparsity", type=float, default=0.25, help="fraction of the stream width to delete, in [0, 1)")
+    comp.add_argument("--output", default=None, help="folder to save the sliced model to (default: runs/MODEL-SPARSITY)")
+    comp.add_argument("--no-save", action="store_true", help="do not save the sliced model")
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    comp.add_argument("--batch-size", type=int, default=8, help="calibration windows per batch")
+    comp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="model dtype")
+    comp.add_argument("--device", default="cpu", help="torch device for model and calibration")
+    comp.add_argument("--pca-signal", choices=["stream", "norm_output"], default="stream",
+                      help="PCA of the stream value (reference code) or of the norm output (paper Eq. 8)")
+    comp.add_argument("--slice-head", action="store_true", help="also slice the head's input position")
+    comp.add_argument("--round-to", type=int, default=8, help="round slice widths down to a multiple of this")
+    comp.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
+    comp.add_argument("--no-eval", action="store_true", help="skip all perplexity evaluation")
+    comp.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    comp.add_argument("--plot-spectra", default=None, metavar="PNG", help="save the eigenvalue spectra of every position")
+    _protocol_args(comp)
+
+    ev = commands.add_parser("eval", help="perplexity of a dense model or a saved sliced folder",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("model", help="a folder saved by fxslice, a shipped name, a hub id or a HF folder")
+    ev.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dense model dtype")
+    _protocol_args(ev)
+
+    ins = commands.add_parser("inspect", help="print the residual-stream structure fxslice finds")
+    ins.add_argument("model", help="a shipped name, a hub id or a HF folder")
+    return parser
+
+
+def cmd_compress(args) -> int:
+    from .pipeline import run, table
+
+    output = None if args.no_save else (args.output or f"runs/{Path(args.model).name}-{args.sparsity:g}")
+    figures = run(args.model, args.sparsity, _protocol(args), dtype=args.dtype, device=args.device,
+                  batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                  evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
+                  overwrite=args.overwrite, progress=not args.no_progress, pca_signal=args.pca_signal,
+                  slice_head=args.slice_head, round_to=args.round_to)
+    print()
+    print(table(figures["rows"], figures["eval_names"]))
+    result = figures["result"]
+    print(f"\nshortcut/affine parameters included above: {result.added_param_count:,}; "
+          f"compression time split: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    print(f"peak RSS: {figures['peak_rss_mb']:.0f} MiB")
+    if figures["saved"]:
+        print(f"saved to {figures['saved']}  (load with fxslice.load or torch.export.load('{figures['saved']}/model.pt2'))")
+    if args.plot_spectra:
+        from .plots import plot_spectra
+
+        plot_spectra(result.eigenvalues, args.plot_spectra, title=f"{args.model}: PCA spectra per stream position")
+        print(f"spectra plot: {args.plot_spectra}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**figures["record"], "seconds": figures["rows"][-1].seconds,
+                                               "peak_rss_mb": figures["peak_rss_mb"]}, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tabulate import tabulate
+
+    from .assets import load_model
+    from .data import Protocol, batches, protocol_data
+    from .evaluate import perplexity
+    from .export import RECORD, load
+    from .pipeline import DTYPES
+
+    folder = Path(args.model)
+    if (folder / RECORD).exists():
+        model, tokenizer = load(folder)
+        label, params = f"sliced ({model.record.get('source_model')}, {model.record.get('sparsity')})", model.record.get("param_count")
+    else:
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+        label, params = f"dense {args.model}", sum(p.numel() for p in model.parameters())
+    if tokenizer is None:
+        raise FxSliceError(f"{folder} has no tokenizer files")
+    protocol = _protocol(args)
+    _, evaluations = protocol_data(tokenizer, protocol)
+    rows = [[name, f"{perplexity(model, batches(w, args.eval_batch_size), f'ppl {name}', not args.no_progress):.3f}",
+             len(w), protocol.length] for name, w in evaluations.items()]
+    print(f"\n{label}: {params:,} parameters" if params else f"\n{label}")
+    print(tabulate(rows, ["text", "perplexity", "windows", "tokens/window"], tablefmt="github"))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .assets import load_model
+    from .compress import inspect
+
+    model, _ = load_model(args.model)
+    inspect(model)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+    except FxSliceError as exc:
+        print(f"fxslice: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Pass 6 — export: save a sliced graph as a self-contained ``torch.export`` program.
+
+A saved folder holds ``model.pt2`` (the re-exported program, dynamic batch and length, returning
+the logits tensor), the tokenizer files, and ``fxslice.json`` (source model, sparsity, widths,
+parameter counts, calibration protocol, versions, the program's SHA-256). ``torch.export.load``
+on ``model.pt2`` needs plain torch only. Saving is atomic: the folder is assembled beside the
+target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from .errors import FxSliceError
+from .modules import causal_lm_output
+
+FORMAT = "fxslice-sliced-model"
+FORMAT_VERSION = 1
+PROGRAM = "model.pt2"
+RECORD = "fxslice.json"
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def export_program(model: nn.Module, vocab_size: int) -> torch.export.ExportedProgram:
+    """Re-export ``model`` (a sliced GraphModule or any ``input_ids -> logits`` module) with dynamic shapes."""
+    device = next(model.parameters()).device
+    example = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        return torch.export.export(
+            _LogitsOnly(model).eval(), (example,), dynamic_shapes={"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}}, strict=False
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Optional[dict] = None,
+         overwrite: bool = False) -> Path:
+    """Export ``model`` and write the folder atomically; returns its path."""
+    from . import __version__
+
+    target = Path(folder)
+    if target.exists() and not overwrite:
+        raise FxSliceError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
+    vocab = int(record.get("vocab_size")) if record and record.get("vocab_size") else _vocab_of(model)
+    program = export_program(model, vocab)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        torch.export.save(program, staging / PROGRAM)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        full = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fxslice_version": __version__,
+            "torch_version": torch.__version__,
+            "vocab_size": vocab,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            **(record or {}),
+            "program_sha256": _sha256(staging / PROGRAM),
+        }
+        (staging / RECORD).write_text(json.dumps(full, indent=2, default=str))
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / "previous")
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _vocab_of(model: nn.Module) -> int:
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        raise FxSliceError("cannot tell the vocabulary size of the model to export (no nn.Embedding)")
+    return int(embeddings[0].num_embeddings)
+
+
+class LoadedModel(nn.Module):
+    """A loaded sliced program: ``forward(input_ids) -> CausalLMOutput`` with its ``record``."""
+
+    def __init__(self, program_module: nn.Module, record: dict):
+        super().__init__()
+        self.program = program_module
+        self.record = record
+
+    def forward(self, input_ids: torch.Tensor):
+        return causal_lm_output(self.program(input_ids))
+
+
+def read_record(folder: str | os.PathLike) -> dict:
+    path = Path(folder)
+    if not path.is_dir():
+        raise FxSliceError(f"{path} is not a folder saved by fxslice")
+    record_path = path / RECORD
+    if not record_path.is_file():
+        raise FxSliceError(f"{path} has no {RECORD}: not a folder saved by fxslice.save")
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FxSliceError(f"{record_path} is corrupted: {exc}") from exc
+    if record.get("format") != FORMAT:
+        raise FxSliceError(f"{record_path} describes format {record.get('format')!r}, expected {FORMAT!r}")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise FxSliceError(
+            f"{record_path} has format version {record.get('format_version')}, this fxslice reads {FORMAT_VERSION}"
+        )
+    return record
+
+
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tokenizer: bool = True):
+    """Load a saved sliced model: returns ``(model, tokenizer)`` (tokenizer None when absent or not wanted)."""
+    path = Path(folder)
+    record = read_record(path)
+    program_path = path / PROGRAM
+    if not program_path.is_file():
+        raise FxSliceError(f"{path} has no {PROGRAM}")
+    digest = _sha256(program_path)
+    if digest != record.get("program_sha256"):
+        raise FxSliceError(f"{program_path} does not match the checksum in {RECORD}: the file is corrupted or was replaced")
+    try:
+        program = torch.export.load(program_path)
+    except Exception as exc:
+        raise FxSliceError(f"cannot load {program_path}: {type(exc).__name__}: {exc}") from exc
+    model = LoadedModel(program.module(), record).to(device)
+    tokenizer = None
+    if with_tokenizer and (path / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if len(tokenizer) > record["vocab_size"]:
+            raise FxSliceError(
+                f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocabulary is {record['vocab_size']}"
+            )
+    return model, tokenizer

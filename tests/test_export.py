@@ -1,0 +1,170 @@
+"""Saving, loading (with and without fxslice), atomicity and corruption handling; the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxslice
+from fxslice.errors import FxSliceError
+from fxslice.export import load, save
+from tiny_models import VOCAB, calibration, tiny_model
+
+IDS = [torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (5, 21))]
+
+
+@pytest.fixture(scope="module")
+def sliced():
+    return fxslice.compress(tiny_model("gemma3_text"), calibration(), 0.25, progress=False)
+
+
+@pytest.fixture(scope="module")
+def saved(sliced, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "gemma3-tiny-0.25"
+    return save(sliced, folder, record={"source_model": "tiny gemma3", "sparsity": 0.25, "widths": sliced.fxslice.widths})
+
+
+def test_roundtrip_matches_the_sliced_graph(sliced, saved):
+    assert {p.name for p in saved.iterdir()} >= {"model.pt2", "fxslice.json"}
+    record = json.loads((saved / "fxslice.json").read_text())
+    assert record["widths"] == sliced.fxslice.widths and record["vocab_size"] == VOCAB
+    model, tokenizer = load(saved)
+    assert tokenizer is None
+    for ids in IDS:  # dynamic batch and length
+        expected = sliced(ids).logits
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+
+
+def test_plain_torch_loads_the_program_without_fxslice_or_model_code(sliced, saved):
+    ids = IDS[1]
+    expected = sliced(ids).logits
+    script = (
+        "import sys, torch\n"
+        f"program = torch.export.load({str(saved / 'model.pt2')!r})\n"
+        f"ids = torch.tensor({ids.tolist()})\n"
+        "logits = program.module()(ids)\n"
+        "assert 'fxslice' not in sys.modules and 'transformers' not in sys.modules, 'extra imports'\n"
+        "torch.save(logits, sys.argv[1])\n"
+    )
+    out = saved.parent / "plain_logits.pt"
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, cwd=saved.parent)
+    assert torch.allclose(torch.load(out), expected, atol=1e-5)
+
+
+def test_existing_folder_needs_overwrite(sliced, saved):
+    with pytest.raises(FxSliceError, match="already exists"):
+        save(sliced, saved)
+    save(sliced, saved, overwrite=True, record={"sparsity": 0.25})
+    assert load(saved)[0].record["sparsity"] == 0.25
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_save_leaves_nothing_behind(sliced, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.export, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save(sliced, tmp_path / "never")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupted_or_mismatched_folders_are_refused(saved, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    data = bytearray((broken / "model.pt2").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / "model.pt2").write_bytes(bytes(data))
+    with pytest.raises(FxSliceError, match="corrupted"):
+        load(broken)
+    record = json.loads((saved / "fxslice.json").read_text())
+    for change, message in [({"format_version": 99}, "format version"), ({"format": "other"}, "format")]:
+        shutil.rmtree(broken)
+        shutil.copytree(saved, broken)
+        (broken / "fxslice.json").write_text(json.dumps({**record, **change}))
+        with pytest.raises(FxSliceError, match=message):
+            load(broken)
+    (broken / "fxslice.json").write_text("{not json")
+    with pytest.raises(FxSliceError, match="corrupted"):
+        load(broken)
+    (broken / "fxslice.json").unlink()
+    with pytest.raises(FxSliceError, match="not a folder saved by fxslice"):
+        load(broken)
+    with pytest.raises(FxSliceError, match="not a folder"):
+        load(tmp_path / "missing")
+
+
+def _char_tokenizer(vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fxslice.data import kjv_text
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False)
+    tokenizer.train_from_iterator([kjv_text()[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama saved like a hub model, with a small BPE tokenizer trained on KJV text."""
+    folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny_model("llama_tied").save_pretrained(folder)
+    tokenizer = _char_tokenizer(VOCAB)
+    assert len(tokenizer) <= VOCAB
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_tokenizer_larger_than_vocabulary_is_refused(sliced, tmp_path):
+    folder = save(sliced, tmp_path / "mismatch", tokenizer=_char_tokenizer(VOCAB + 60),
+                  record={"sparsity": 0.25})
+    with pytest.raises(FxSliceError, match="vocabulary"):
+        load(folder)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fxslice.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_compress_eval_inspect(tiny_folder, tmp_path):
+    out = tmp_path / "sliced"
+    data = ["--calibration", "kjv", "--calibration-windows", "4", "--eval", "kjv", "stdlib", "--eval-windows", "2",
+            "--length", "32", "--no-progress"]
+    done = _cli("compress", "--model", str(tiny_folder), "--sparsity", "0.25", "--output", str(out), "--batch-size", "2", *data)
+    assert done.returncode == 0, done.stderr
+    assert "ppl kjv" in done.stdout and "sliced 0.25" in done.stdout and "dense" in done.stdout
+    record = json.loads((out / "fxslice.json").read_text())
+    assert record["calibration"]["calibration_windows"] == 4 and record["widths"][0] == 48
+    evaluated = _cli("eval", str(out), "--eval", "kjv", "--eval-windows", "2", "--length", "32", "--no-progress",
+                     "--calibration", "kjv", "--calibration-windows", "4")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"{record['perplexity']['kjv']:.3f}" in evaluated.stdout
+    inspected = _cli("inspect", str(tiny_folder))
+    assert inspected.returncode == 0 and "model.layers.1.mlp.{gate_proj,up_proj}" in inspected.stdout
+    again = _cli("compress", "--model", str(tiny_folder), "--output", str(out), *data)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    bad = _cli("compress", "--model", str(tiny_folder), "--sparsity", "1.2", "--no-save", *data)
+    assert bad.returncode == 2 and "sparsity must be a number in [0, 1)" in bad.stderr
+
+
+def test_cli_help_documents_every_option():
+    import argparse
+
+    from fxslice.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"compress", "eval", "inspect"}
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"fxslice {name} {action.option_strings or action.dest} has no help text"
+        done = _cli(name, "--help")
+        assert done.returncode == 0 and f"usage: fxslice {name}" in done.stdout
