@@ -57,11 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--plot-spectra", default=None, metavar="PNG", help="save the eigenvalue spectra of every position")
     _protocol_args(comp)
 
-    ev = commands.add_parser("eval", help="perplexity of a dense model or a saved sliced folder",
+    ev = commands.add_parser("eval", help="perplexity (default) or lm-eval zero-shot tasks of a dense model or a saved sliced folder",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("model", help="a folder saved by fxslice, a shipped name, a hub id or a HF folder")
     ev.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dense model dtype")
+    ev.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                    help="run lm-eval on these tasks instead of perplexity (e.g. kjv_verse_end, piqa, arc_easy, hellaswag)")
+    ev.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction)")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    ev.add_argument("--batch-size", type=int, default=4, help="lm-eval: sequences per batch")
+    ev.add_argument("--max-length", type=int, default=2048, help="lm-eval: longest context in tokens")
     _protocol_args(ev)
+
+    ft = commands.add_parser("finetune", help="LoRA recovery fine-tuning of a saved sliced model; saves the merged result",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ft.add_argument("model", help="a folder saved by fxslice compress")
+    ft.add_argument("--output", default=None, help="folder for the fine-tuned model (default: MODEL-ft)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    ft.add_argument("--train-windows", type=int, default=64, help="training windows (after the calibration windows)")
+    ft.add_argument("--val-windows", type=int, default=8, help="validation windows for early stopping")
+    ft.add_argument("--batch-size", type=int, default=4, help="training windows per step")
+    ft.add_argument("--epochs", type=int, default=1, help="passes over the training windows")
+    ft.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    ft.add_argument("--lora-r", type=int, default=32, help="LoRA rank")
+    ft.add_argument("--lora-alpha", type=float, default=10.0, help="LoRA alpha")
+    ft.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    ft.add_argument("--eval-every", type=int, default=4, help="steps between validation passes")
+    ft.add_argument("--patience", type=int, default=2, help="validation passes without improvement before stopping")
+    ft.add_argument("--include-shortcuts", action="store_true", help="also put adapters on shortcut matrices and norm affines")
+    ft.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
+    ft.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    _protocol_args(ft)
 
     ins = commands.add_parser("inspect", help="print the residual-stream structure fxslice finds")
     ins.add_argument("model", help="a shipped name, a hub id or a HF folder")
@@ -114,12 +140,64 @@ def cmd_eval(args) -> int:
         label, params = f"dense {args.model}", sum(p.numel() for p in model.parameters())
     if tokenizer is None:
         raise FxSliceError(f"{folder} has no tokenizer files")
+    if args.tasks:
+        from .lmeval import evaluate_tasks, results_table
+
+        results = evaluate_tasks(model, tokenizer, args.tasks, batch_size=args.batch_size, limit=args.limit,
+                                 num_fewshot=args.num_fewshot, max_length=args.max_length)
+        print(f"\n{label}")
+        print(results_table(results))
+        return 0
     protocol = _protocol(args)
     _, evaluations = protocol_data(tokenizer, protocol)
     rows = [[name, f"{perplexity(model, batches(w, args.eval_batch_size), f'ppl {name}', not args.no_progress):.3f}",
              len(w), protocol.length] for name, w in evaluations.items()]
     print(f"\n{label}: {params:,} parameters" if params else f"\n{label}")
     print(tabulate(rows, ["text", "perplexity", "windows", "tokens/window"], tablefmt="github"))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from tabulate import tabulate
+
+    from .data import batches, finetune_data, protocol_data
+    from .evaluate import perplexity
+    from .export import load, save
+    from .finetune import finetune
+
+    sliced, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise FxSliceError(f"{args.model} has no tokenizer files")
+    output = Path(args.output or f"{str(args.model).rstrip('/')}-ft")
+    if output.exists() and not args.overwrite:
+        raise FxSliceError(f"{output} already exists (pass --overwrite to replace it)")
+    protocol = _protocol(args)
+    train, val = finetune_data(tokenizer, protocol, args.train_windows, args.val_windows)
+    progress = not args.no_progress
+    merged, report = finetune(sliced, batches(train, args.batch_size), batches(val, args.batch_size),
+                              lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lr=args.lr,
+                              epochs=args.epochs, eval_every=args.eval_every, patience=args.patience,
+                              include_shortcuts=args.include_shortcuts, progress=progress)
+    record = {k: v for k, v in sliced.record.items() if k not in ("program_sha256",)}
+    perplexities = {}
+    if not args.no_eval:
+        _, evaluations = protocol_data(tokenizer, protocol)
+        rows = []
+        for name, windows in evaluations.items():
+            before = perplexity(sliced, batches(windows, args.eval_batch_size), f"sliced ppl {name}", progress)
+            after = perplexity(merged, batches(windows, args.eval_batch_size), f"fine-tuned ppl {name}", progress)
+            perplexities[name] = after
+            rows.append([name, f"{before:.2f}", f"{after:.2f}"])
+        print(tabulate(rows, ["text", "ppl sliced", "ppl sliced + LoRA"], tablefmt="github"))
+    record.update({"perplexity_before_finetune": record.get("perplexity"), "perplexity": perplexities,
+                   "finetune": {**report.to_dict(), "train_windows": args.train_windows, "val_windows": args.val_windows,
+                                "lr": args.lr, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+                                "batch_size": args.batch_size, "epochs": args.epochs}})
+    save(merged, output, tokenizer, record, overwrite=args.overwrite)
+    print(f"fine-tuned {report.steps} steps in {report.seconds:.0f}s (best at step {report.best_step}, "
+          f"validation ppl {report.to_dict()['initial_val_ppl']:.2f} -> {report.to_dict()['best_val_ppl']:.2f}); saved to {output}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
     return 0
 
 
@@ -137,7 +215,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+        commands = {"compress": cmd_compress, "eval": cmd_eval, "finetune": cmd_finetune, "inspect": cmd_inspect}
+        return commands[args.command](args)
     except FxSliceError as exc:
         print(f"fxslice: error: {exc}", file=sys.stderr)
         return 2

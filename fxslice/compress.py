@@ -48,6 +48,8 @@ class SliceResult:
     eigenvalues: list[Optional[torch.Tensor]] = field(default_factory=list)
     layout: dict[str, tuple[Optional[int], Optional[int]]] = field(default_factory=dict)
     """module name -> (stream position its input reads, stream position its output writes)."""
+    added: list[str] = field(default_factory=list)
+    """modules fxslice inserted: shortcut matrices (``*.skip_*``) and norm affines (``*_affine``)."""
 
     @property
     def param_fraction(self) -> float:
@@ -230,6 +232,7 @@ def compress(
         timings=timings,
         eigenvalues=eigenvalues,
         layout=layout_of(plan),
+        added=list(plan.added),
     )
     return gm
 

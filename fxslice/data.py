@@ -140,3 +140,20 @@ def batches(windows, batch_size: int) -> list[torch.Tensor]:
     ids = windows[:]["input_ids"]
     ids = ids if isinstance(ids, torch.Tensor) else torch.stack([torch.as_tensor(row) for row in ids])
     return list(ids.split(batch_size))
+
+
+def finetune_data(tokenizer, protocol: Protocol, train_windows: int, val_windows: int):
+    """(train, validation) windows of the calibration text: after the calibration windows and before
+    the held-out evaluation windows, so that none of the three sets overlap."""
+    windows = token_windows(tokenizer, text_corpus(protocol.calibration), protocol.length)
+    start = protocol.calibration_windows
+    stop = start + train_windows + val_windows
+    reserved = protocol.evaluation_windows if protocol.calibration in protocol.evaluation else 0
+    if train_windows < 1 or val_windows < 1:
+        raise FxSliceError("fine-tuning needs at least one training and one validation window")
+    if stop > len(windows) - reserved:
+        raise FxSliceError(
+            f"{protocol.calibration} has {len(windows)} windows of {protocol.length} tokens: not enough for "
+            f"{start} calibration + {train_windows} train + {val_windows} validation + {reserved} evaluation windows"
+        )
+    return windows.select(range(start, start + train_windows)), windows.select(range(start + train_windows, stop))

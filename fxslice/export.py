@@ -115,6 +115,11 @@ class LoadedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor):
         return causal_lm_output(self.program(input_ids))
 
+    def train(self, mode: bool = True) -> "LoadedModel":
+        """The program was captured in eval mode and has no train/eval switch (torch refuses one)."""
+        self.training = mode
+        return self
+
 
 def read_record(folder: str | os.PathLike) -> dict:
     path = Path(folder)

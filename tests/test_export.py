@@ -11,7 +11,7 @@ import torch
 import fxslice
 from fxslice.errors import FxSliceError
 from fxslice.export import load, save
-from tiny_models import VOCAB, calibration, tiny_model
+from tiny_models import VOCAB, calibration, tiny_model, tiny_tokenizer
 
 IDS = [torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (5, 21))]
 
@@ -99,32 +99,19 @@ def test_corrupted_or_mismatched_folders_are_refused(saved, tmp_path):
         load(tmp_path / "missing")
 
 
-def _char_tokenizer(vocab_size):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from fxslice.data import kjv_text
-
-    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False)
-    tokenizer.train_from_iterator([kjv_text()[:20000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny Llama saved like a hub model, with a small BPE tokenizer trained on KJV text."""
     folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
     tiny_model("llama_tied").save_pretrained(folder)
-    tokenizer = _char_tokenizer(VOCAB)
+    tokenizer = tiny_tokenizer(VOCAB)
     assert len(tokenizer) <= VOCAB
     tokenizer.save_pretrained(folder)
     return folder
 
 
 def test_tokenizer_larger_than_vocabulary_is_refused(sliced, tmp_path):
-    folder = save(sliced, tmp_path / "mismatch", tokenizer=_char_tokenizer(VOCAB + 60),
+    folder = save(sliced, tmp_path / "mismatch", tokenizer=tiny_tokenizer(VOCAB + 60),
                   record={"sparsity": 0.25})
     with pytest.raises(FxSliceError, match="vocabulary"):
         load(folder)

@@ -65,3 +65,17 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
 def calibration(batches: int = 3, batch_size: int = 4, length: int = 16, seed: int = 1) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch_size, length), generator=gen) for _ in range(batches)]
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB):
+    """A small BPE tokenizer trained on KJV text (so that real text maps into the tiny vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fxslice.data import kjv_text
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "[EOS]"], show_progress=False)
+    tokenizer.train_from_iterator([kjv_text()[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[EOS]")
