@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     comp.add_argument("--no-eval", action="store_true", help="skip all perplexity evaluation")
     comp.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    comp.add_argument("--max-cache-len", type=int, default=1024,
+                      help="KV-cache length of the saved generation program (0: save no generation program)")
     comp.add_argument("--plot-spectra", default=None, metavar="PNG", help="save the eigenvalue spectra of every position")
     _protocol_args(comp)
 
@@ -89,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--json", default=None, help="also write the figures to this JSON file")
     _protocol_args(ft)
 
+    gen = commands.add_parser("generate", help="generate text from a saved sliced model with its KV cache",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("model", help="a folder saved by fxslice compress or finetune")
+    gen.add_argument("--prompt", default="ROMEO.\n", help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+
     ins = commands.add_parser("inspect", help="print the residual-stream structure fxslice finds")
     ins.add_argument("model", help="a shipped name, a hub id or a HF folder")
     return parser
@@ -102,7 +115,7 @@ def cmd_compress(args) -> int:
                   batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                   evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
                   overwrite=args.overwrite, progress=not args.no_progress, pca_signal=args.pca_signal,
-                  slice_head=args.slice_head, round_to=args.round_to)
+                  slice_head=args.slice_head, round_to=args.round_to, max_cache_len=args.max_cache_len)
     print()
     print(table(figures["rows"], figures["eval_names"]))
     result = figures["result"]
@@ -193,11 +206,35 @@ def cmd_finetune(args) -> int:
                    "finetune": {**report.to_dict(), "train_windows": args.train_windows, "val_windows": args.val_windows,
                                 "lr": args.lr, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
                                 "batch_size": args.batch_size, "epochs": args.epochs}})
-    save(merged, output, tokenizer, record, overwrite=args.overwrite)
+    generator = None
+    if sliced.generator is not None:
+        from .generate import retarget
+
+        generator = retarget(sliced.generator, merged)
+    save(merged, output, tokenizer, record, overwrite=args.overwrite, generator=generator)
     print(f"fine-tuned {report.steps} steps in {report.seconds:.0f}s (best at step {report.best_step}, "
           f"validation ppl {report.to_dict()['initial_val_ppl']:.2f} -> {report.to_dict()['best_val_ppl']:.2f}); saved to {output}")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from .export import load
+
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise FxSliceError(f"{args.model} has no tokenizer files")
+    prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    started = time.perf_counter()
+    tokens = model.generate(prompt, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    seconds = time.perf_counter() - started
+    print(tokenizer.decode(tokens[0], skip_special_tokens=True))
+    new = tokens.shape[1] - prompt.shape[1]
+    print(f"\n[{new} tokens in {seconds:.2f}s, {new / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
@@ -215,7 +252,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        commands = {"compress": cmd_compress, "eval": cmd_eval, "finetune": cmd_finetune, "inspect": cmd_inspect}
+        commands = {"compress": cmd_compress, "eval": cmd_eval, "finetune": cmd_finetune, "generate": cmd_generate,
+                    "inspect": cmd_inspect}
         return commands[args.command](args)
     except FxSliceError as exc:
         print(f"fxslice: error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ from .modules import causal_lm_output
 FORMAT = "fxslice-sliced-model"
 FORMAT_VERSION = 1
 PROGRAM = "model.pt2"
+GENERATOR = "generate.pt2"
 RECORD = "fxslice.json"
 
 
@@ -58,9 +59,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def export_generator(program: nn.Module) -> torch.export.ExportedProgram:
+    """Re-export a KV-cache program ``(input_ids [B, T], cache_position [T]) -> logits`` with dynamic T
+    (``program.cache_batch_size`` and ``program.max_cache_len`` give its static cache's shape)."""
+    batch, max_cache_len = program.cache_batch_size, program.max_cache_len
+    device = next(program.parameters()).device
+    length = Dim("length", min=1, max=max_cache_len)
+    example = torch.zeros(batch, 4, dtype=torch.long, device=device)
+    with torch.no_grad():
+        return torch.export.export(program, (example, torch.arange(4, device=device)),
+                                   dynamic_shapes=({1: length}, {0: length}), strict=False)
+
+
 def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Optional[dict] = None,
-         overwrite: bool = False) -> Path:
-    """Export ``model`` and write the folder atomically; returns its path."""
+         overwrite: bool = False, generator: Optional[nn.Module] = None) -> Path:
+    """Export ``model`` (and the KV-cache ``generator`` program, if given) and write the folder atomically."""
     from . import __version__
 
     target = Path(folder)
@@ -68,10 +81,13 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
         raise FxSliceError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
     vocab = int(record.get("vocab_size")) if record and record.get("vocab_size") else _vocab_of(model)
     program = export_program(model, vocab)
+    generator_program = export_generator(generator) if generator is not None else None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     try:
         torch.export.save(program, staging / PROGRAM)
+        if generator_program is not None:
+            torch.export.save(generator_program, staging / GENERATOR)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         full = {
@@ -84,6 +100,9 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
             **(record or {}),
             "program_sha256": _sha256(staging / PROGRAM),
         }
+        if generator_program is not None:
+            full["generator"] = {"max_cache_len": generator.max_cache_len, "batch_size": generator.cache_batch_size,
+                                 "program_sha256": _sha256(staging / GENERATOR)}
         (staging / RECORD).write_text(json.dumps(full, indent=2, default=str))
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
@@ -105,12 +124,22 @@ def _vocab_of(model: nn.Module) -> int:
 
 
 class LoadedModel(nn.Module):
-    """A loaded sliced program: ``forward(input_ids) -> CausalLMOutput`` with its ``record``."""
+    """A loaded sliced program: ``forward(input_ids) -> CausalLMOutput`` with its ``record``, and
+    ``generator`` (the KV-cache program, or None) behind :meth:`generate`."""
 
-    def __init__(self, program_module: nn.Module, record: dict):
+    def __init__(self, program_module: nn.Module, record: dict, generator: Optional[nn.Module] = None):
         super().__init__()
         self.program = program_module
         self.record = record
+        self.generator = generator
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **options) -> torch.Tensor:
+        """KV-cache generation (see :func:`fxslice.generate.generate` for the options)."""
+        from .generate import generate
+
+        if self.generator is None:
+            raise FxSliceError("this folder has no generate.pt2 (saved without a KV-cache program)")
+        return generate(self.generator, input_ids, max_new_tokens, **options)
 
     def forward(self, input_ids: torch.Tensor):
         return causal_lm_output(self.program(input_ids))
@@ -141,6 +170,15 @@ def read_record(folder: str | os.PathLike) -> dict:
     return record
 
 
+def _load_program(path: Path, checksum: Optional[str]) -> nn.Module:
+    if _sha256(path) != checksum:
+        raise FxSliceError(f"{path} does not match the checksum in {RECORD}: the file is corrupted or was replaced")
+    try:
+        return torch.export.load(path).module()
+    except Exception as exc:
+        raise FxSliceError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
+
+
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tokenizer: bool = True):
     """Load a saved sliced model: returns ``(model, tokenizer)`` (tokenizer None when absent or not wanted)."""
     path = Path(folder)
@@ -148,14 +186,13 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tok
     program_path = path / PROGRAM
     if not program_path.is_file():
         raise FxSliceError(f"{path} has no {PROGRAM}")
-    digest = _sha256(program_path)
-    if digest != record.get("program_sha256"):
-        raise FxSliceError(f"{program_path} does not match the checksum in {RECORD}: the file is corrupted or was replaced")
-    try:
-        program = torch.export.load(program_path)
-    except Exception as exc:
-        raise FxSliceError(f"cannot load {program_path}: {type(exc).__name__}: {exc}") from exc
-    model = LoadedModel(program.module(), record).to(device)
+    program = _load_program(program_path, record.get("program_sha256"))
+    generator = None
+    if (path / GENERATOR).is_file():
+        info = record.get("generator") or {}
+        generator = _load_program(path / GENERATOR, info.get("program_sha256"))
+        generator.max_cache_len, generator.cache_batch_size = info.get("max_cache_len"), info.get("batch_size", 1)
+    model = LoadedModel(program, record, generator).to(device)
     tokenizer = None
     if with_tokenizer and (path / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer

@@ -46,7 +46,8 @@ def peak_rss_mb() -> float:
 
 def run(model_name: str, sparsity: float, protocol: Protocol, *, dtype: str = "float32", device: str = "cpu",
         batch_size: int = 8, eval_batch_size: int = 4, evaluate_dense: bool = True, evaluate: bool = True,
-        output: Optional[str] = None, overwrite: bool = False, progress: bool = True, **options) -> dict:
+        output: Optional[str] = None, overwrite: bool = False, progress: bool = True, max_cache_len: int = 1024,
+        **options) -> dict:
     """Compress ``model_name`` at ``sparsity`` on ``protocol``; returns the rows and figures."""
     model, tokenizer = load_model(model_name, DTYPES[dtype], device)
     calibration, evaluations = protocol_data(tokenizer, protocol)
@@ -81,7 +82,12 @@ def run(model_name: str, sparsity: float, protocol: Protocol, *, dtype: str = "f
     }
     saved = None
     if output:
-        saved = save(sliced, output, tokenizer, record, overwrite=overwrite)
+        generator = None
+        if max_cache_len > 0:
+            from .generate import with_cache
+
+            generator = with_cache(model, sliced, batch_size=1, max_cache_len=max_cache_len)
+        saved = save(sliced, output, tokenizer, record, overwrite=overwrite, generator=generator)
     return {"rows": [dense, row] if evaluate_dense else [row], "record": record, "sliced": sliced, "saved": saved,
             "eval_names": list(evaluations), "peak_rss_mb": peak_rss_mb(), "result": result}
 

@@ -1,0 +1,162 @@
+"""Text generation with a KV cache from a sliced model.
+
+The original model is captured a second time wrapped in transformers' exportable static cache
+(``TorchExportableModuleWithStaticCache``): ``forward(input_ids [B, T], cache_position [T]) -> logits``
+with the keys and values kept in buffers, so the same program serves prefill (T tokens) and
+one-token decode steps. The capture goes through the same canonicalise / analyse / fuse passes,
+then receives the sliced model's weights module by module and its widths position by position.
+The result is exported beside the sliced program (``generate.pt2``) and needs no model code.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.fx import CodeGen, GraphModule
+
+from .analyse import analyse
+from .canonicalise import canonicalise
+from .errors import FxSliceError, GraphStructureError
+from .fuse import fuse
+from .rotate import Rotator
+
+PREFIX = "model."  # the static-cache wrapper keeps the model as its ``model`` attribute
+
+
+def capture_with_cache(model: nn.Module, batch_size: int, max_cache_len: int) -> GraphModule:
+    """Export ``model`` with a static KV cache: ``forward(input_ids, cache_position) -> logits``."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    saved_config = copy.deepcopy(model.generation_config)
+    model.generation_config.use_cache = True
+    model.generation_config.cache_implementation = "static"
+    try:
+        wrapper = TorchExportableModuleWithStaticCache(model, batch_size=batch_size, max_cache_len=max_cache_len)
+        length = Dim("length", min=1, max=max_cache_len)
+        example = torch.zeros(batch_size, 4, dtype=torch.long, device=next(model.parameters()).device)
+        with torch.no_grad():
+            program = torch.export.export(
+                wrapper, (), kwargs={"input_ids": example, "cache_position": torch.arange(4, device=example.device)},
+                dynamic_shapes={"input_ids": {1: length}, "cache_position": {0: length}}, strict=False)
+    except Exception as exc:
+        raise GraphStructureError(f"cannot capture {type(model).__name__} with a static KV cache: {exc}") from exc
+    finally:
+        model.generation_config = saved_config
+    gm = program.module()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = torch.utils._pytree.tree_leaves(output.args[0])
+    if len(leaves) != 1:
+        raise GraphStructureError(f"the static-cache capture returns {len(leaves)} values, expected the logits only")
+    output.args = (leaves[0],)
+    gm.graph._codegen = CodeGen()
+    return GraphModule(gm, gm.graph, class_name="SlicedCausalLMWithCache")
+
+
+def with_cache(model: nn.Module, sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 1024) -> GraphModule:
+    """A KV-cache program of ``model`` carrying the weights and widths of ``sliced`` (from ``compress(model, ...)``)."""
+    result = getattr(sliced, "fxslice", None)
+    if result is None:
+        raise FxSliceError("with_cache needs the GraphModule returned by fxslice.compress (it carries .fxslice)")
+    gm = canonicalise(capture_with_cache(model, batch_size, max_cache_len))
+    structure = analyse(gm)
+    plan = fuse(structure)
+    if len(structure.positions) != len(result.widths):
+        raise GraphStructureError(
+            f"the cached capture has {len(structure.positions)} stream positions, the sliced model {len(result.widths)}")
+    transfer_weights(gm, sliced, strip=PREFIX)
+    for index, nodes in plan.reshapes.items():
+        for node in nodes:
+            Rotator._narrow_reshape(node, structure.hidden_size, result.widths[index])
+    if plan.tied is not None and plan.tied.width_slice is not None:
+        node = plan.tied.width_slice
+        node.args = (node.args[0], -1, 0, result.widths[plan.tied.position])
+    gm.recompile()
+    gm.cache_batch_size, gm.max_cache_len = batch_size, max_cache_len
+    return gm
+
+
+def retarget(generator: nn.Module, weights: nn.Module) -> GraphModule:
+    """A copy of a loaded KV-cache program carrying the weights of ``weights`` (e.g. after fine-tuning)."""
+    target = canonicalise(copy.deepcopy(generator))
+    transfer_weights(target, weights)
+    target.recompile()
+    target.cache_batch_size, target.max_cache_len = generator.cache_batch_size, generator.max_cache_len
+    return target
+
+
+def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "") -> None:
+    """Give every Linear/Embedding of ``target`` the parameters of the same-named module of ``source``
+    (``strip`` removed from target names), keeping parameters that ``source`` shares shared."""
+    modules = dict(source.named_modules())
+    shared: dict[int, nn.Parameter] = {}
+    for name, module in target.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        twin = modules.get(name[len(strip):] if strip and name.startswith(strip) else name)
+        if twin is None or not isinstance(twin, type(module)):
+            raise GraphStructureError(f"module '{name}' has no counterpart in the model that holds the weights")
+        for attr in ("weight", "bias"):
+            param = getattr(twin, attr, None)
+            if param is not None:
+                if id(param) not in shared:
+                    shared[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+                setattr(module, attr, shared[id(param)])
+        if isinstance(module, nn.Linear):
+            module.in_features, module.out_features = module.weight.shape[1], module.weight.shape[0]
+        else:
+            module.embedding_dim = module.weight.shape[1]
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+          generator: Optional[torch.Generator]) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-6)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        remove = cumulative - ordered.softmax(-1) > top_p
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def generate(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
+             seed: Optional[int] = None) -> torch.Tensor:
+    """Prefill ``input_ids`` ``[B, T]`` once, then decode one token per step from the KV cache.
+
+    ``program`` is a cache program (:func:`with_cache`, or ``generate.pt2`` loaded by :func:`fxslice.load`).
+    Greedy by default; ``do_sample`` with temperature / top-k / top-p (seeded by ``seed``).
+    Returns the prompt followed by the generated tokens.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise FxSliceError(f"input_ids must have shape [B, T] with T > 0, got {list(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise FxSliceError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+    tokens = input_ids
+    length = input_ids.shape[1]
+    device = input_ids.device
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    with torch.no_grad():
+        logits = program(input_ids, torch.arange(length, device=device))
+        for step in range(max_new_tokens):
+            nxt = _pick(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            logits = program(nxt[:, None], torch.tensor([length + step], device=device))
+    return tokens
