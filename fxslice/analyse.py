@@ -236,9 +236,8 @@ class Analyser:
         positions: list[Position] = []
         current = Position(0, start, writers=[start])
         while True:
-            self.collect_consumers(current, hidden)
-            add = current._adds[0] if current._adds else None
-            writer_norm = current._stream_norm
+            adds, writer_norm = self.collect_consumers(current)
+            add = adds[0] if adds else None
             has_readers = bool(current.norms or current.direct_readers)
             if writer_norm is not None:
                 # the whole position feeds one norm whose output continues the stream: a raw position
@@ -264,7 +263,6 @@ class Analyser:
             current = nxt
         for i, p in enumerate(positions):
             p.index = i
-            del p._adds, p._stream_norm
         for p in positions:
             if p.skip is not None:
                 p.skip.source = positions.index(next(q for q in positions if p.skip.operand in q.aliases))
@@ -272,8 +270,9 @@ class Analyser:
         self.check(structure)
         return structure
 
-    def collect_consumers(self, position: Position, hidden: int) -> None:
-        """Fill aliases, readers, reshapes of ``position``; note its residual add(s) and stream norm."""
+    def collect_consumers(self, position: Position) -> tuple[list[Node], Optional[NormSite]]:
+        """Fill aliases, readers, reshapes of ``position``; return its residual add (at most one) and
+        the norm whose output continues the stream (a writer-side norm), if any."""
         aliases, frontier = [position.root], [position.root]
         adds: list[Node] = []
         sites: list[NormSite] = []
@@ -325,7 +324,7 @@ class Analyser:
                 site.readers = readers
                 position.norms.append(site)
                 position.reshapes.extend(site.reshapes)
-        position._adds, position._stream_norm = adds, stream_norm
+        return adds, stream_norm
 
     def norm_readers(self, site: NormSite) -> tuple[list[Node], bool]:
         """Linears reading a norm's output; ``continues`` when the output is used as the stream instead."""

@@ -83,12 +83,11 @@ def _ranges(widths: list[int]) -> str:
 
 def prepare_batches(calib_loader: Iterable, vocab_size: int, device: torch.device) -> list[Batch]:
     """Validate and materialise the calibration batches (before anything is captured or changed)."""
-    if calib_loader is None or isinstance(calib_loader, (str, bytes)) or isinstance(calib_loader, torch.Tensor) and calib_loader.dim() != 3:
-        if isinstance(calib_loader, torch.Tensor) and calib_loader.dim() == 2:
-            raise CalibrationError(
-                "calib_loader is a single [B, T] tensor; pass an iterable of batches, e.g. [input_ids] "
-                "or input_ids.split(8)"
-            )
+    if isinstance(calib_loader, torch.Tensor) and calib_loader.dim() == 2:
+        raise CalibrationError(
+            "calib_loader is a single [B, T] tensor; pass an iterable of batches, e.g. [input_ids] or input_ids.split(8)"
+        )
+    if calib_loader is None or isinstance(calib_loader, (str, bytes)):
         raise CalibrationError(f"calib_loader must be an iterable of batches, got {type(calib_loader).__name__}")
     try:
         iterator = iter(calib_loader)

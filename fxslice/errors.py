@@ -29,9 +29,7 @@ def module_path(node: Node) -> tuple[str, str]:
 
 def describe(node: Node) -> str:
     """``node 'name' (op) in module 'path' (Class)`` — the way every error names a node."""
-    op = node.target if node.op != "call_function" else getattr(node.target, "__name__", str(node.target))
-    if node.op == "call_function":
-        op = str(node.target)
+    op = str(node.target)
     path, cls = module_path(node)
     where = f" in module '{path}' ({cls})" if path else " (no module path)"
     return f"node '{node.name}' ({node.op}: {op}){where}"

@@ -149,7 +149,7 @@ def test_cli_help_documents_every_option():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"compress", "eval", "inspect"}
+    assert set(commands.choices) == {"compress", "eval", "finetune", "generate", "inspect"}
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, f"fxslice {name} {action.option_strings or action.dest} has no help text"
