@@ -23,7 +23,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .errors import GraphStructureError, describe, module_path
+from .errors import GraphStructureError, describe
 from .registry import NormSpec, Region, match_norm, module_index, region_of
 
 CASTS = ("aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.device", "aten.type_as.default")

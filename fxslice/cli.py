@@ -139,7 +139,7 @@ def cmd_eval(args) -> int:
     from tabulate import tabulate
 
     from .assets import load_model
-    from .data import Protocol, batches, protocol_data
+    from .data import batches, protocol_data
     from .evaluate import perplexity
     from .export import RECORD, load
     from .pipeline import DTYPES

@@ -13,7 +13,6 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

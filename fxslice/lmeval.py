@@ -8,7 +8,6 @@ offline, fxslice ships ``kjv_verse_end`` (choose the true end of a KJV verse amo
 
 from __future__ import annotations
 
-import shutil
 from importlib.resources import files
 from pathlib import Path
 from typing import Optional
