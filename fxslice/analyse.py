@@ -23,7 +23,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .errors import GraphStructureError, describe
+from .errors import GraphStructureError, describe, module_path
 from .registry import NormSpec, Region, match_norm, module_index, region_of
 
 CASTS = ("aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.device", "aten.type_as.default")
@@ -101,6 +101,28 @@ class Structure:
                 if self.module(reader).weight is embedding.weight:
                     return writer, reader
         return None
+
+    def block_groups(self) -> list[list[int]]:
+        """Rotated positions grouped by the block that reads them.
+
+        A position belongs to the module holding the residual add it feeds (the add of the position
+        whose skip starts there). Consecutive positions fed into the same module, such as the
+        attention input and the MLP input of one pre-norm decoder layer, form one group; the last
+        position and positions whose add has no module path stand alone.
+        """
+        consumer = {p.skip.source: module_path(p.skip.add)[0] for p in self.positions if p.skip is not None}
+        groups: list[list[int]] = []
+        for p in self.positions:
+            if not p.rotated:
+                continue
+            block = consumer.get(p.index) or None
+            previous = groups[-1][-1] if groups else None
+            follows = previous is not None and p.skip is not None and p.skip.source == previous
+            if follows and block is not None and consumer.get(previous) == block:
+                groups[-1].append(p.index)
+            else:
+                groups.append([p.index])
+        return groups
 
     def table(self) -> str:
         rows = []

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--pca-signal", choices=["stream", "norm_output"], default="stream",
                       help="PCA of the stream value (reference code) or of the norm output (paper Eq. 8)")
     comp.add_argument("--slice-head", action="store_true", help="also slice the head's input position")
+    comp.add_argument("--basis", choices=["position", "block"], default="position",
+                      help="one PCA basis per stream position (paper), or one per block: the block's inner "
+                           "shortcut becomes the identity and is removed (smaller, faster)")
     comp.add_argument("--round-to", type=int, default=8, help="round slice widths down to a multiple of this")
     comp.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     comp.add_argument("--no-eval", action="store_true", help="skip all perplexity evaluation")
@@ -115,7 +118,8 @@ def cmd_compress(args) -> int:
                   batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                   evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
                   overwrite=args.overwrite, progress=not args.no_progress, pca_signal=args.pca_signal,
-                  slice_head=args.slice_head, round_to=args.round_to, max_cache_len=args.max_cache_len)
+                  slice_head=args.slice_head, basis=args.basis, round_to=args.round_to,
+                  max_cache_len=args.max_cache_len)
     print()
     print(table(figures["rows"], figures["eval_names"]))
     result = figures["result"]

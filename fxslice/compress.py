@@ -22,6 +22,7 @@ from .fuse import Plan, fuse
 from .rotate import Rotator, pca_basis, slice_width
 
 PCA_SIGNALS = ("stream", "norm_output")
+BASES = ("position", "block")
 
 
 @dataclass
@@ -135,7 +136,7 @@ def prepare_batches(calib_loader: Iterable, vocab_size: int, device: torch.devic
     return batches
 
 
-def _check_options(sparsity, round_to, pca_signal, slice_head):
+def _check_options(sparsity, round_to, pca_signal, slice_head, basis):
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0):
         raise FxSliceError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -144,6 +145,8 @@ def _check_options(sparsity, round_to, pca_signal, slice_head):
         raise FxSliceError(f"pca_signal must be one of {PCA_SIGNALS}, got {pca_signal!r}")
     if not isinstance(slice_head, bool):
         raise FxSliceError(f"slice_head must be True or False, got {slice_head!r}")
+    if basis not in BASES:
+        raise FxSliceError(f"basis must be one of {BASES}, got {basis!r}")
 
 
 def prepare(model: nn.Module) -> tuple[GraphModule, Structure, int]:
@@ -169,6 +172,7 @@ def compress(
     round_to: int = 8,
     pca_signal: str = "stream",
     slice_head: bool = False,
+    basis: str = "position",
     progress: bool = True,
 ) -> GraphModule:
     """Slice ``model`` with SliceGPT and return the sliced ``torch.fx.GraphModule``.
@@ -182,13 +186,16 @@ def compress(
         pca_signal: ``"stream"`` (PCA of the residual stream itself, the reference code's choice) or
             ``"norm_output"`` (PCA of the normalised stream, Eq. 8 of the paper).
         slice_head: also slice the last position (the head's input); by default it keeps full width.
+        basis: ``"position"`` (a PCA basis per stream position, as in the paper) or ``"block"`` (one
+            basis for the positions a block reads, from their summed covariances: the block's inner
+            shortcut ``Q_aᵀ Q_b`` is then the identity and is removed — fewer parameters and FLOPs).
         progress: show a tqdm bar.
 
     Returns:
         A GraphModule ``forward(input_ids) -> CausalLMOutput``; ``result.fxslice`` holds a
         :class:`SliceResult` (widths, true parameter counts, timings, eigenvalues).
     """
-    _check_options(sparsity, round_to, pca_signal, slice_head)
+    _check_options(sparsity, round_to, pca_signal, slice_head, basis)
     started = time.perf_counter()
     device = next(model.parameters()).device
     batches = prepare_batches(calib_loader, vocab_size_of(model), device)
@@ -210,7 +217,8 @@ def compress(
             widths.append(cap)
         else:
             widths.append(min(width, cap))
-    eigenvalues = calibrate_and_slice(plan, batches, widths, pca_signal, timings, progress)
+    groups = structure.block_groups() if basis == "block" else [[p.index] for p in structure.positions if p.rotated]
+    eigenvalues = calibrate_and_slice(plan, batches, widths, groups, pca_signal, timings, progress)
     release_source_storage(gm, model)
     gm.recompile()
     added = sum(p.numel() for name in plan.added for p in gm.get_submodule(name).parameters())
@@ -224,7 +232,7 @@ def compress(
         added_param_count=added,
         tied_embeddings=plan.tied is not None,
         centered=plan.centered,
-        options={"round_to": round_to, "pca_signal": pca_signal, "slice_head": slice_head},
+        options={"round_to": round_to, "pca_signal": pca_signal, "slice_head": slice_head, "basis": basis},
         calibration_tokens=sum(
             int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel() for b in batches
         ),
@@ -246,12 +254,19 @@ def layout_of(plan: Plan) -> dict[str, tuple[Optional[int], Optional[int]]]:
     return {name: (reads.get(name), writes.get(name)) for name in sorted(set(reads) | set(writes))}
 
 
-def calibrate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], pca_signal: str,
-                        timings: dict, progress: bool) -> list[Optional[torch.Tensor]]:
-    """Position by position: run the block once per batch, PCA, rotate and slice, rotate the cache."""
+def calibrate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups: list[list[int]],
+                        pca_signal: str, timings: dict, progress: bool) -> list[Optional[torch.Tensor]]:
+    """Group by group of positions (one basis each): run their blocks once per batch, PCA of the
+    summed covariance, rotate and slice, rotate the cached values. Shortcuts inside a group are then
+    ``Q_dᵀ Q_d = I`` and are removed.
+
+    Within a group the later positions are computed before the group is sliced, so the next group
+    calibrates on values that saw no slicing inside this one (each block still runs once per batch).
+    """
     structure = plan.structure
     gm, hidden = structure.gm, structure.hidden_size
     rotated = [p for p in structure.positions if p.rotated]
+    segment_of = {p.index: k for k, p in enumerate(rotated)}
     runner = SegmentRunner(gm, [plan.roots[p.index] for p in rotated])
     rotator = Rotator(plan)
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
@@ -260,42 +275,55 @@ def calibrate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], pca
     timings.update({"calibration forward": 0.0, "pca": 0.0, "rewrite": 0.0})
     bar = tqdm(total=len(rotated), desc="fxslice: rotate & slice", unit="pos", disable=not progress)
     with torch.no_grad():
-        for k, position in enumerate(rotated):
+        for group in groups:
             covariance = torch.zeros(hidden, hidden, dtype=torch.float64, device=batches[0].input_ids.device)
-            eps = plan.norm_eps.get(position.index, 0.0)
             for b, (batch, env) in enumerate(zip(batches, envs)):
-                t0 = time.perf_counter()
-                value = runner.run_segment(k, env)
-                timings["calibration forward"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                if not torch.isfinite(value).all():
-                    raise CalibrationError(
-                        f"non-finite activations at stream position {position.index} ({describe(position.root)}) "
-                        f"for calibration batch {b}; the model or its dtype overflows on this data"
-                    )
-                signal = value.to(torch.float64)
-                if pca_signal == "norm_output":
-                    signal = signal * torch.rsqrt(signal.pow(2).sum(-1, keepdim=True) / hidden + eps)
-                rows = signal[batch.attention_mask] if batch.attention_mask is not None else signal.reshape(-1, hidden)
-                covariance += rows.T @ rows
-                timings["pca"] += time.perf_counter() - t0
+                for index in group:
+                    t0 = time.perf_counter()
+                    value = runner.run_segment(segment_of[index], env)
+                    timings["calibration forward"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    covariance += _covariance(value, batch, b, structure.positions[index], pca_signal,
+                                              plan.norm_eps.get(index, 0.0))
+                    timings["pca"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             basis, spectrum = pca_basis(covariance, plan.centered)
-            eigenvalues[position.index] = spectrum.cpu()
             timings["pca"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            width = widths[position.index]
-            rotator.apply(position.index, basis, width)
-            root = runner.boundaries[k]
-            projection = basis[:, :width].to(torch.float32)
-            for env in envs:
-                env[root] = (env[root].to(torch.float32) @ projection).to(env[root].dtype)
+            for index in group:
+                eigenvalues[index] = spectrum.cpu()
+                rotator.apply(index, basis, widths[index])
+                root = runner.boundaries[segment_of[index]]
+                projection = basis[:, :widths[index]].to(torch.float32)
+                for env in envs:
+                    if root in env:
+                        env[root] = (env[root].to(torch.float32) @ projection).to(env[root].dtype)
             timings["rewrite"] += time.perf_counter() - t0
-            bar.update(1)
+            bar.update(len(group))
     bar.close()
     if plan.tied is not None and not structure.positions[plan.tied.position].rotated:
         rotator.retie(None, hidden)
+    for group in groups:
+        for index in group[1:]:
+            skip = structure.positions[index].skip
+            if skip is not None and skip.source in group and widths[index] == widths[skip.source]:
+                rotator.remove_shortcut(index)
     return eigenvalues
+
+
+def _covariance(value: torch.Tensor, batch: Batch, number: int, position, pca_signal: str,
+                eps: float) -> torch.Tensor:
+    """``XᵀX`` in float64 over the unmasked tokens of one batch at one position (Sec. 3.3)."""
+    if not torch.isfinite(value).all():
+        raise CalibrationError(
+            f"non-finite activations at stream position {position.index} ({describe(position.root)}) "
+            f"for calibration batch {number}; the model or its dtype overflows on this data"
+        )
+    signal = value.to(torch.float64)
+    if pca_signal == "norm_output":
+        signal = signal * torch.rsqrt(signal.pow(2).sum(-1, keepdim=True) / signal.shape[-1] + eps)
+    rows = signal[batch.attention_mask] if batch.attention_mask is not None else signal.reshape(-1, signal.shape[-1])
+    return rows.T @ rows
 
 
 def release_source_storage(gm: GraphModule, model: nn.Module) -> None:

@@ -70,6 +70,11 @@ def with_cache(model: nn.Module, sliced: GraphModule, batch_size: int = 1, max_c
     if len(structure.positions) != len(result.widths):
         raise GraphStructureError(
             f"the cached capture has {len(structure.positions)} stream positions, the sliced model {len(result.widths)}")
+    present = dict(sliced.named_modules())
+    rotator = Rotator(plan)
+    for index, name in list(plan.shortcuts.items()):
+        if name.removeprefix(PREFIX) not in present:  # removed as the identity (basis="block")
+            rotator.remove_shortcut(index)
     transfer_weights(gm, sliced, strip=PREFIX)
     for index, nodes in plan.reshapes.items():
         for node in nodes:

@@ -54,6 +54,16 @@ def pca_basis(covariance: torch.Tensor, centered: bool) -> tuple[torch.Tensor, t
     return basis * signs, eigenvalues
 
 
+def remove_module_call(gm, name: str) -> None:
+    """Replace the single call of module ``name`` (one input, same shape out) by its input; drop the module."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == name:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.delete_submodule(name)
+    gm.recompile()
+
+
 def _f64(t):
     return None if t is None else t.detach().to(torch.float64)
 
@@ -110,6 +120,17 @@ class Rotator:
         embedding.embedding_dim = head.weight.shape[1]
         if tied.width_slice is not None:
             tied.width_slice.args = (tied.width_slice.args[0], -1, 0, width)
+
+    def remove_shortcut(self, index: int) -> None:
+        """Delete the shortcut into position ``index`` (its matrix is the identity: both ends share a
+        basis and a width); the residual add reads the stream directly again."""
+        plan = self.plan
+        name = plan.shortcuts.pop(index)
+        remove_module_call(self.gm, name)
+        for names in plan.readers.values():
+            if name in names:
+                names.remove(name)
+        plan.added.remove(name)
 
     @staticmethod
     def _narrow_reshape(node: Node, hidden: int, width: int) -> None:

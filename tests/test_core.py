@@ -70,6 +70,21 @@ def test_round_to_and_slice_head_options(llama):
     assert torch.isfinite(head(IDS).logits).all()
 
 
+def test_block_basis_shares_one_basis_per_layer(llama):
+    per_position = fxslice.compress(llama, calibration(), 0.25, progress=False)
+    per_block = fxslice.compress(llama, calibration(), 0.25, basis="block", progress=False)
+    result = per_block.fxslice
+    assert sorted(n for n in result.layout if ".skip_" in n) == ["model.layers.0.skip_0_1", "model.layers.1.skip_0_1"]
+    assert per_position.fxslice.param_count - result.param_count == 2 * 48 * 48  # two 48x48 shortcuts fewer
+    # attention input and MLP input of a layer: one spectrum, one basis
+    assert torch.equal(result.eigenvalues[0], result.eigenvalues[1])
+    assert not torch.equal(result.eigenvalues[1], result.eigenvalues[2])
+    q = per_block.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert q.shape == (64, 48) and torch.isfinite(per_block(IDS).logits).all()
+    with pytest.raises(FxSliceError, match="basis must be one of"):
+        fxslice.compress(llama, calibration(), 0.25, basis="layer", progress=False)
+
+
 def test_pca_signal_norm_output_is_an_alternative(llama):
     stream = fxslice.compress(llama, calibration(), 0.25, progress=False)
     normed = fxslice.compress(llama, calibration(), 0.25, pca_signal="norm_output", progress=False)

@@ -67,3 +67,16 @@ def test_quarter_sparsity_slices_every_stream_weight(family):
     assert torch.isfinite(logits).all()
     assert rotated
     assert result.param_count == sum(p.numel() for p in sliced.parameters())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_block_basis_is_exact_and_drops_the_inner_shortcuts(family):
+    model = tiny_model(family)
+    sliced = fxslice.compress(model, calibration(), 0.0, basis="block", progress=False)
+    with torch.no_grad():
+        assert (sliced(INPUTS[1]).logits - model(INPUTS[1]).logits).abs().max().item() < 1e-4
+    structure = fxslice.inspect(model, show=False)
+    shared = sum(len(group) - 1 for group in structure.block_groups())
+    skips = sum(1 for p in structure.positions if p.skip is not None)
+    shortcuts = [name for name in sliced.fxslice.added if not name.endswith("_affine")]
+    assert len(shortcuts) == skips - shared

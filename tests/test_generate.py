@@ -25,6 +25,15 @@ def test_greedy_tokens_equal_the_dense_model_at_sparsity_zero(family):
     assert torch.equal(ours, reference)
 
 
+def test_cache_program_follows_the_block_basis():
+    model = tiny_model("llama_tied")
+    sliced = fxslice.compress(model, calibration(), 0.25, basis="block", progress=False)
+    program = with_cache(model, sliced, max_cache_len=64)
+    assert not any(".skip_0." in n or n.endswith("skip_0") for n, _ in program.named_modules())
+    with torch.no_grad():
+        assert (program(PROMPT, torch.arange(PROMPT.shape[1])) - sliced(PROMPT).logits).abs().max() < 1e-4
+
+
 @pytest.fixture(scope="module")
 def tied():
     model = tiny_model("llama_tied")
