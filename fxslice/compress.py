@@ -303,10 +303,9 @@ def calibrate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], gro
     bar.close()
     if plan.tied is not None and not structure.positions[plan.tied.position].rotated:
         rotator.retie(None, hidden)
-    for group in groups:
-        for index in group[1:]:
-            skip = structure.positions[index].skip
-            if skip is not None and skip.source in group and widths[index] == widths[skip.source]:
+    for group in groups:  # each member after the first is fed by the one before it (block_groups)
+        for previous, index in zip(group, group[1:]):
+            if widths[index] == widths[previous]:
                 rotator.remove_shortcut(index)
     return eigenvalues
 

@@ -55,13 +55,13 @@ def pca_basis(covariance: torch.Tensor, centered: bool) -> tuple[torch.Tensor, t
 
 
 def remove_module_call(gm, name: str) -> None:
-    """Replace the single call of module ``name`` (one input, same shape out) by its input; drop the module."""
+    """Replace the call of module ``name`` (one input, same shape out) by its input; drop the module.
+    The caller recompiles ``gm`` once its edits are done."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == name:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     gm.delete_submodule(name)
-    gm.recompile()
 
 
 def _f64(t):
