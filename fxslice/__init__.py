@@ -3,21 +3,30 @@
     import fxslice
     sliced = fxslice.compress(model, calib_batches, sparsity=0.25)
     sliced(input_ids).logits
-    print(sliced.fxslice)          # widths, true parameter counts, timings
+    print(sliced.fxslice)          # widths, true parameter counts, inserted modules, timings
     fxslice.inspect(model)         # the residual-stream structure fxslice finds
+    fxslice.save(sliced, "out", tokenizer); model, tokenizer = fxslice.load("out")
+
+Layout: ``passes/`` (the graph pass, one module per step), ``graph/`` (helpers the passes share),
+``runtime/`` (saving, loading and running the sliced program), ``jobs/`` (what users run around it:
+shipped models and texts, perplexity, fine-tuning, zero-shot tasks), ``hf.py`` (every Hugging Face
+assumption), ``cli.py`` (argument parsing and printing only).
 """
 
-from .analyse import Structure
-from .compress import SliceResult, compress, inspect
+from .compress import compress, inspect
 from .errors import CalibrationError, FxSliceError, GraphStructureError
-from .registry import NormSpec, Region, LinearMatch, register_linear_pattern, register_norm_pattern, unregister_pattern
+from .graph.inserted import InsertedModule
+from .passes.p3_analyse import Structure
+from .registry import LinearMatch, NormSpec, Region, register_linear_pattern, register_norm_pattern, unregister_pattern
+from .result import SliceResult
+from .runtime.export import load, save
 
 __version__ = "0.1.0"
 
 from . import patterns  # noqa: E402,F401  (registers the built-in patterns from the top-level patterns/ folder)
 
 __all__ = [
-    "compress", "inspect", "SliceResult", "Structure", "NormSpec", "Region", "LinearMatch",
-    "register_norm_pattern", "register_linear_pattern", "unregister_pattern",
+    "compress", "inspect", "save", "load", "SliceResult", "Structure", "InsertedModule", "NormSpec", "Region",
+    "LinearMatch", "register_norm_pattern", "register_linear_pattern", "unregister_pattern",
     "FxSliceError", "GraphStructureError", "CalibrationError", "__version__",
 ]

@@ -1,4 +1,8 @@
-"""Command line: ``fxslice compress | eval | inspect`` (``fxslice COMMAND --help`` for the options)."""
+"""Command line: ``fxslice compress | eval | finetune | generate | inspect`` (``fxslice COMMAND --help``).
+
+Parses arguments, calls a job of :mod:`fxslice.jobs`, prints its typed result. Option choices and
+defaults come from the library's constants.
+"""
 
 from __future__ import annotations
 
@@ -10,47 +14,63 @@ from pathlib import Path
 import torch
 
 from .errors import FxSliceError
+from .jobs.assets import DTYPES, SHIPPED
+from .jobs.data import CORPORA, Protocol
+from .passes.p5_rotate import BASES, PCA_SIGNALS
+
+PROTOCOL = Protocol()  # the default data protocol
 
 
-def _protocol_args(parser: argparse.ArgumentParser, evaluation_default=("shakespeare", "kjv")) -> None:
+def _protocol_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data protocol")
-    group.add_argument("--calibration", default="shakespeare",
-                       help="calibration text: shakespeare, kjv, stdlib, file:PATH or hf:NAME[:CONFIG]:SPLIT:COLUMN (default: %(default)s)")
-    group.add_argument("--calibration-windows", type=int, default=128, help="number of calibration windows (default: %(default)s)")
-    group.add_argument("--eval", nargs="+", default=list(evaluation_default), metavar="CORPUS",
+    corpora = ", ".join(CORPORA)
+    group.add_argument("--calibration", default=PROTOCOL.calibration,
+                       help=f"calibration text: {corpora}, file:PATH or hf:NAME[:CONFIG]:SPLIT:COLUMN (default: %(default)s)")
+    group.add_argument("--calibration-windows", type=int, default=PROTOCOL.calibration_windows,
+                       help="number of calibration windows (default: %(default)s)")
+    group.add_argument("--eval", nargs="+", default=list(PROTOCOL.evaluation), metavar="CORPUS",
                        help="evaluation texts; the calibration text is evaluated on its last windows (default: %(default)s)")
-    group.add_argument("--eval-windows", type=int, default=40, help="windows per evaluation text (default: %(default)s)")
-    group.add_argument("--length", type=int, default=512, help="tokens per window (default: %(default)s)")
+    group.add_argument("--eval-windows", type=int, default=PROTOCOL.evaluation_windows,
+                       help="windows per evaluation text (default: %(default)s)")
+    group.add_argument("--length", type=int, default=PROTOCOL.length, help="tokens per window (default: %(default)s)")
     group.add_argument("--eval-batch-size", type=int, default=4, help="windows per evaluation batch (default: %(default)s)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _protocol(args):
-    from .data import Protocol
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
+
+def _protocol(args) -> Protocol:
     return Protocol(args.calibration, args.calibration_windows, tuple(args.eval), args.eval_windows, args.length)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxslice", description="SliceGPT for any Hugging Face causal LM, as a torch.fx graph pass.")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     comp = commands.add_parser("compress", help="slice a model, print dense vs sliced perplexity, save the result",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    comp.add_argument("--model", default="smollm2-135m",
-                      help="smollm2-135m or gemma3-270m (shipped, offline), a hub id or a local folder")
+    comp.add_argument("--model", default=next(iter(SHIPPED)),
+                      help=f"{' or '.join(SHIPPED)} (shipped, offline), a hub id or a local folder")
     comp.add_argument("--sparsity", type=float, default=0.25, help="fraction of the stream width to delete, in [0, 1)")
     comp.add_argument("--output", default=None, help="folder to save the sliced model to (default: runs/MODEL-SPARSITY)")
     comp.add_argument("--no-save", action="store_true", help="do not save the sliced model")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.add_argument("--batch-size", type=int, default=8, help="calibration windows per batch")
-    comp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="model dtype")
+    comp.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype")
     comp.add_argument("--device", default="cpu", help="torch device for model and calibration")
-    comp.add_argument("--pca-signal", choices=["stream", "norm_output"], default="stream",
+    comp.add_argument("--pca-signal", choices=PCA_SIGNALS, default=PCA_SIGNALS[0],
                       help="PCA of the stream value (reference code) or of the norm output (paper Eq. 8)")
     comp.add_argument("--slice-head", action="store_true", help="also slice the head's input position")
-    comp.add_argument("--basis", choices=["position", "block"], default="position",
+    comp.add_argument("--basis", choices=BASES, default=BASES[0],
                       help="one PCA basis per stream position (paper), or one per block: the block's inner "
                            "shortcut becomes the identity and is removed (smaller, faster)")
     comp.add_argument("--round-to", type=int, default=8, help="round slice widths down to a multiple of this")
@@ -65,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="perplexity (default) or lm-eval zero-shot tasks of a dense model or a saved sliced folder",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("model", help="a folder saved by fxslice, a shipped name, a hub id or a HF folder")
-    ev.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dense model dtype")
+    ev.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dense model dtype")
     ev.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                     help="run lm-eval on these tasks instead of perplexity (e.g. kjv_verse_end, piqa, arc_easy, hellaswag)")
     ev.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction)")
@@ -111,149 +131,79 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compress(args) -> int:
-    from .pipeline import run, table
+    from .jobs.compress import compress_job
 
     output = None if args.no_save else (args.output or f"runs/{Path(args.model).name}-{args.sparsity:g}")
-    figures = run(args.model, args.sparsity, _protocol(args), dtype=args.dtype, device=args.device,
-                  batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                  evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
-                  overwrite=args.overwrite, progress=not args.no_progress, pca_signal=args.pca_signal,
-                  slice_head=args.slice_head, basis=args.basis, round_to=args.round_to,
-                  max_cache_len=args.max_cache_len)
+    job = compress_job(args.model, args.sparsity, _protocol(args), dtype=args.dtype, device=args.device,
+                       batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                       evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
+                       overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,
+                       plot_spectra=args.plot_spectra, pca_signal=args.pca_signal, slice_head=args.slice_head,
+                       basis=args.basis, round_to=args.round_to)
     print()
-    print(table(figures["rows"], figures["eval_names"]))
-    result = figures["result"]
+    print(job.table())
+    result = job.result
     print(f"\nshortcut/affine parameters included above: {result.added_param_count:,}; "
           f"compression time split: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
-    print(f"peak RSS: {figures['peak_rss_mb']:.0f} MiB")
-    if figures["saved"]:
-        print(f"saved to {figures['saved']}  (load with fxslice.load or torch.export.load('{figures['saved']}/model.pt2'))")
-    if args.plot_spectra:
-        from .plots import plot_spectra
-
-        plot_spectra(result.eigenvalues, args.plot_spectra, title=f"{args.model}: PCA spectra per stream position")
-        print(f"spectra plot: {args.plot_spectra}")
+    print(f"peak RSS: {job.peak_rss_mb:.0f} MiB")
+    if job.saved:
+        print(f"saved to {job.saved}  (load with fxslice.load or torch.export.load('{job.saved}/model.pt2'))")
+    if job.spectra_plot:
+        print(f"spectra plot: {job.spectra_plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps({**figures["record"], "seconds": figures["rows"][-1].seconds,
-                                               "peak_rss_mb": figures["peak_rss_mb"]}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(job.to_json(), indent=2, default=str))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from tabulate import tabulate
+    from .jobs.evaluate import evaluate_job
 
-    from .assets import load_model
-    from .data import batches, protocol_data
-    from .evaluate import perplexity
-    from .export import RECORD, load
-    from .pipeline import DTYPES
-
-    folder = Path(args.model)
-    if (folder / RECORD).exists():
-        model, tokenizer = load(folder)
-        label, params = f"sliced ({model.record.get('source_model')}, {model.record.get('sparsity')})", model.record.get("param_count")
-    else:
-        model, tokenizer = load_model(args.model, DTYPES[args.dtype])
-        label, params = f"dense {args.model}", sum(p.numel() for p in model.parameters())
-    if tokenizer is None:
-        raise FxSliceError(f"{folder} has no tokenizer files")
-    if args.tasks:
-        from .lmeval import evaluate_tasks, results_table
-
-        results = evaluate_tasks(model, tokenizer, args.tasks, batch_size=args.batch_size, limit=args.limit,
-                                 num_fewshot=args.num_fewshot, max_length=args.max_length)
-        print(f"\n{label}")
-        print(results_table(results))
-        return 0
-    protocol = _protocol(args)
-    _, evaluations = protocol_data(tokenizer, protocol)
-    rows = [[name, f"{perplexity(model, batches(w, args.eval_batch_size), f'ppl {name}', not args.no_progress):.3f}",
-             len(w), protocol.length] for name, w in evaluations.items()]
-    print(f"\n{label}: {params:,} parameters" if params else f"\n{label}")
-    print(tabulate(rows, ["text", "perplexity", "windows", "tokens/window"], tablefmt="github"))
+    result = evaluate_job(args.model, _protocol(args), dtype=args.dtype, eval_batch_size=args.eval_batch_size,
+                          tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                          batch_size=args.batch_size, max_length=args.max_length, progress=not args.no_progress)
+    print(f"\n{result.title}")
+    print(result.table())
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from tabulate import tabulate
+    from .jobs.finetune import finetune_job
 
-    from .data import batches, finetune_data, protocol_data
-    from .evaluate import perplexity
-    from .export import load, save
-    from .finetune import finetune
-
-    sliced, tokenizer = load(args.model)
-    if tokenizer is None:
-        raise FxSliceError(f"{args.model} has no tokenizer files")
-    output = Path(args.output or f"{str(args.model).rstrip('/')}-ft")
-    if output.exists() and not args.overwrite:
-        raise FxSliceError(f"{output} already exists (pass --overwrite to replace it)")
-    protocol = _protocol(args)
-    train, val = finetune_data(tokenizer, protocol, args.train_windows, args.val_windows)
-    progress = not args.no_progress
-    merged, report = finetune(sliced, batches(train, args.batch_size), batches(val, args.batch_size),
-                              lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lr=args.lr,
-                              epochs=args.epochs, eval_every=args.eval_every, patience=args.patience,
-                              include_shortcuts=args.include_shortcuts, progress=progress)
-    record = {k: v for k, v in sliced.record.items() if k not in ("program_sha256",)}
-    perplexities = {}
-    if not args.no_eval:
-        _, evaluations = protocol_data(tokenizer, protocol)
-        rows = []
-        for name, windows in evaluations.items():
-            before = perplexity(sliced, batches(windows, args.eval_batch_size), f"sliced ppl {name}", progress)
-            after = perplexity(merged, batches(windows, args.eval_batch_size), f"fine-tuned ppl {name}", progress)
-            perplexities[name] = after
-            rows.append([name, f"{before:.2f}", f"{after:.2f}"])
-        print(tabulate(rows, ["text", "ppl sliced", "ppl sliced + LoRA"], tablefmt="github"))
-    record.update({"perplexity_before_finetune": record.get("perplexity"), "perplexity": perplexities,
-                   "finetune": {**report.to_dict(), "train_windows": args.train_windows, "val_windows": args.val_windows,
-                                "lr": args.lr, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-                                "batch_size": args.batch_size, "epochs": args.epochs}})
-    generator = None
-    if sliced.generator is not None:
-        from .generate import retarget
-
-        generator = retarget(sliced.generator, merged)
-    save(merged, output, tokenizer, record, overwrite=args.overwrite, generator=generator)
-    print(f"fine-tuned {report.steps} steps in {report.seconds:.0f}s (best at step {report.best_step}, "
-          f"validation ppl {report.to_dict()['initial_val_ppl']:.2f} -> {report.to_dict()['best_val_ppl']:.2f}); saved to {output}")
+    result = finetune_job(args.model, _protocol(args), output=args.output, overwrite=args.overwrite,
+                          train_windows=args.train_windows, val_windows=args.val_windows, batch_size=args.batch_size,
+                          eval_batch_size=args.eval_batch_size, evaluate=not args.no_eval,
+                          progress=not args.no_progress, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                          lora_dropout=args.lora_dropout, lr=args.lr, epochs=args.epochs, eval_every=args.eval_every,
+                          patience=args.patience, include_shortcuts=args.include_shortcuts)
+    if result.perplexities_after:
+        print(result.table())
+    print(result.summary)
     if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(result.record, indent=2, default=str))
     return 0
 
 
 def cmd_generate(args) -> int:
-    import time
+    from .jobs.generation import generate_job
 
-    from .export import load
-
-    model, tokenizer = load(args.model)
-    if tokenizer is None:
-        raise FxSliceError(f"{args.model} has no tokenizer files")
-    prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    started = time.perf_counter()
-    tokens = model.generate(prompt, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
-    seconds = time.perf_counter() - started
-    print(tokenizer.decode(tokens[0], skip_special_tokens=True))
-    new = tokens.shape[1] - prompt.shape[1]
-    print(f"\n[{new} tokens in {seconds:.2f}s, {new / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    result = generate_job(args.model, args.prompt, args.max_new_tokens, do_sample=args.sample,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(result.text)
+    print(f"\n[{result.new_tokens} tokens in {result.seconds:.2f}s, {result.tokens_per_second:.1f} tokens/s]",
+          file=sys.stderr)
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .assets import load_model
-    from .compress import inspect
+    from .jobs.compress import inspect_job
 
-    model, _ = load_model(args.model)
-    inspect(model)
+    print(inspect_job(args.model).table())
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         commands = {"compress": cmd_compress, "eval": cmd_eval, "finetune": cmd_finetune, "generate": cmd_generate,

@@ -26,7 +26,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .errors import module_path
+from .graph.nodes import fetch_attr, module_path
 
 
 @dataclass(frozen=True)
@@ -83,18 +83,20 @@ class Region:
     def dtype(self) -> torch.dtype:
         return self.input.meta["val"].dtype
 
-    def uses(self, *ops: str) -> bool:
-        """Whether any node of the region calls one of these ops (by name, e.g. ``aten.rsqrt.default``)."""
+    def uses(self, *ops) -> bool:
+        """Whether any node of the region calls one of these ops (``torch.ops.aten.rsqrt.default`` or its
+        name ``"aten.rsqrt.default"``)."""
         names = {str(n.target) for n in self.nodes if n.op == "call_function"}
-        return any(op in names for op in ops)
+        return any(str(op) in names for op in ops)
 
-    def nodes_calling(self, op: str) -> list[Node]:
-        return [n for n in self.nodes if n.op == "call_function" and str(n.target) == op]
+    def nodes_calling(self, op) -> list[Node]:
+        """The region's calls of ``op`` (an overload or its name), in graph order."""
+        return [n for n in self.nodes if n.op == "call_function" and str(n.target) == str(op)]
 
     def tensor(self, node_or_none) -> Optional[torch.Tensor]:
         if node_or_none is None:
             return None
-        return _fetch(self.gm, str(node_or_none.target)).detach()
+        return fetch_attr(self.gm, str(node_or_none.target)).detach()
 
     def param(self, name: str) -> Optional[torch.Tensor]:
         """A parameter read by the region, by its last name; None when absent."""
@@ -111,13 +113,6 @@ class Region:
             kwargs = map_arg(n.kwargs, lambda a: env[a])
             env[n] = n.target(*args, **kwargs)
         return env[self.output]
-
-
-def _fetch(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def module_index(gm: GraphModule) -> dict[str, list[Node]]:

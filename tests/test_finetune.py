@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fxslice
-from fxslice.export import load, save
-from fxslice.finetune import finetune, lora_targets, merge, train_adapters
-from fxslice.lmeval import FxSliceLM, evaluate_tasks
+from fxslice.runtime.export import load, save
+from fxslice.jobs.finetune import finetune, lora_targets, merge, train_adapters
+from fxslice.jobs.lmeval import FxSliceLM, evaluate_tasks
 from tiny_models import VOCAB, calibration, tiny_model, tiny_tokenizer
 
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(9))
@@ -26,10 +26,11 @@ def _data():
 
 
 def test_lora_targets_attention_and_mlp_not_head_or_shortcuts(sliced):
-    targets = lora_targets(sliced)
+    record = sliced.fxslice.to_record()
+    targets = lora_targets(sliced, record)
     assert "model.layers.0.self_attn.q_proj" in targets and "model.layers.1.mlp.down_proj" in targets
     assert "lm_head" not in targets and not [t for t in targets if ".skip_" in t or t.endswith("_affine")]
-    with_shortcuts = lora_targets(sliced, include_shortcuts=True)
+    with_shortcuts = lora_targets(sliced, record, include_shortcuts=True)
     assert set(with_shortcuts) - set(targets) == set(sliced.fxslice.added)
 
 

@@ -8,9 +8,9 @@ import torch
 
 import fxslice
 from fxslice.errors import FxSliceError
-from fxslice.export import load, save
-from fxslice.finetune import finetune
-from fxslice.generate import generate, retarget, with_cache
+from fxslice.runtime.export import load, save
+from fxslice.jobs.finetune import finetune
+from fxslice.runtime.generate import generate, retarget, with_cache
 from tiny_models import VOCAB, calibration, tiny_model, tiny_tokenizer
 
 PROMPT = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
@@ -29,7 +29,9 @@ def test_cache_program_follows_the_block_basis():
     model = tiny_model("llama_tied")
     sliced = fxslice.compress(model, calibration(), 0.25, basis="block", progress=False)
     program = with_cache(model, sliced, max_cache_len=64)
-    assert not any(".skip_0." in n or n.endswith("skip_0") for n, _ in program.named_modules())
+    shortcuts = sorted(n.removeprefix("model.") for n, _ in program.named_modules() if ".shortcut_" in n)
+    assert shortcuts == sorted(m.name for m in sliced.fxslice.inserted if m.kind == "shortcut")
+    assert shortcuts == ["model.layers.0.shortcut_2", "model.layers.1.shortcut_4"]
     with torch.no_grad():
         assert (program(PROMPT, torch.arange(PROMPT.shape[1])) - sliced(PROMPT).logits).abs().max() < 1e-4
 

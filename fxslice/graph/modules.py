@@ -1,10 +1,9 @@
-"""The few modules fxslice puts into a rewritten graph."""
+"""The parameter-free module fxslice puts into a rewritten graph (see :mod:`fxslice.graph.inserted` for the rest)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutput
 
 
 class StreamNorm(nn.Module):
@@ -37,7 +36,3 @@ class StreamNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"full_width={self.full_width}, eps={self.eps}, center={self.center}"
 
-
-def causal_lm_output(logits: torch.Tensor) -> CausalLMOutput:
-    """Output node of every fxslice graph: an object with ``.logits`` like a Hugging Face model's."""
-    return CausalLMOutput(logits=logits)

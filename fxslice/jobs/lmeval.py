@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import FxSliceError
+from ..errors import FxSliceError
+from ..hf import logits_of
 
 LOCAL_TASKS = ("kjv_verse_end",)
 
@@ -54,8 +55,7 @@ class FxSliceLM(_lm_base()):
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = self.model(ids.to(self._device))
-        return (out.logits if hasattr(out, "logits") else out).float()
+            return logits_of(self.model, ids.to(self._device)).float()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Sum of log p(continuation | context) and whether greedy decoding reproduces it, per request."""
@@ -95,7 +95,7 @@ class FxSliceLM(_lm_base()):
         return scores
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding, re-running the prompt each step (simple; see fxslice.generate for a KV cache)."""
+        """Greedy decoding, re-running the prompt each step (simple; see fxslice.runtime.generate for a KV cache)."""
         outputs = []
         for request in tqdm(requests, desc="lm-eval generate", disable=disable_tqdm):
             context, options = request.args
@@ -125,7 +125,7 @@ def task_manager():
 
     from .assets import cache_dir
 
-    source = files("fxslice").joinpath("tasks")
+    source = files("fxslice.jobs").joinpath("tasks")
     include = cache_dir() / "lm_eval_tasks"
     include.mkdir(parents=True, exist_ok=True)
     for name in LOCAL_TASKS:

@@ -1,11 +1,12 @@
 """Text generation with a KV cache from a sliced model.
 
-The original model is captured a second time wrapped in transformers' exportable static cache
-(``TorchExportableModuleWithStaticCache``): ``forward(input_ids [B, T], cache_position [T]) -> logits``
-with the keys and values kept in buffers, so the same program serves prefill (T tokens) and
-one-token decode steps. The capture goes through the same canonicalise / analyse / fuse passes,
-then receives the sliced model's weights module by module and its widths position by position.
-The result is exported beside the sliced program (``generate.pt2``) and needs no model code.
+The original model is captured a second time with a static KV cache (:func:`fxslice.hf.export_with_static_cache`):
+``forward(input_ids [B, T], cache_position [T]) -> logits`` with the keys and values kept in
+buffers, so the same program serves prefill (T tokens) and one-token decode steps. The capture goes
+through the same canonicalise / analyse / fuse passes, then receives the sliced model's weights
+module by module (the inserted modules are named alike in both captures, :mod:`fxslice.graph.inserted`)
+and its widths position by position (:meth:`Rotator.resize`). The result is exported beside the
+sliced program (``generate.pt2``) and needs no model code.
 """
 
 from __future__ import annotations
@@ -14,49 +15,32 @@ import copy
 from typing import Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
-from torch.export import Dim
-from torch.fx import CodeGen, GraphModule
+from torch.fx import GraphModule
 
-from .analyse import analyse
-from .canonicalise import canonicalise
-from .errors import FxSliceError, GraphStructureError
-from .fuse import fuse
-from .rotate import Rotator
+from ..errors import FxSliceError, GraphStructureError
+from ..graph.edit import plain_graph_module, strip_guards
+from ..graph.inserted import SHORTCUT
+from ..hf import STATIC_CACHE_PREFIX, export_with_static_cache
+from ..passes.p2_canonicalise import canonicalise
+from ..passes.p3_analyse import analyse
+from ..passes.p4_fuse import fuse
+from ..passes.p5_rotate import Rotator
 
-PREFIX = "model."  # the static-cache wrapper keeps the model as its ``model`` attribute
+GRAPH_CLASS = "SlicedCausalLMWithCache"
 
 
 def capture_with_cache(model: nn.Module, batch_size: int, max_cache_len: int) -> GraphModule:
     """Export ``model`` with a static KV cache: ``forward(input_ids, cache_position) -> logits``."""
-    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
-
-    saved_config = copy.deepcopy(model.generation_config)
-    model.generation_config.use_cache = True
-    model.generation_config.cache_implementation = "static"
-    try:
-        wrapper = TorchExportableModuleWithStaticCache(model, batch_size=batch_size, max_cache_len=max_cache_len)
-        length = Dim("length", min=1, max=max_cache_len)
-        example = torch.zeros(batch_size, 4, dtype=torch.long, device=next(model.parameters()).device)
-        with torch.no_grad():
-            program = torch.export.export(
-                wrapper, (), kwargs={"input_ids": example, "cache_position": torch.arange(4, device=example.device)},
-                dynamic_shapes={"input_ids": {1: length}, "cache_position": {0: length}}, strict=False)
-    except Exception as exc:
-        raise GraphStructureError(f"cannot capture {type(model).__name__} with a static KV cache: {exc}") from exc
-    finally:
-        model.generation_config = saved_config
-    gm = program.module()
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith("_guards"):
-            gm.graph.erase_node(node)
+    gm = export_with_static_cache(model, batch_size, max_cache_len).module()
+    strip_guards(gm.graph)
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    leaves = torch.utils._pytree.tree_leaves(output.args[0])
+    leaves = pytree.tree_leaves(output.args[0])
     if len(leaves) != 1:
         raise GraphStructureError(f"the static-cache capture returns {len(leaves)} values, expected the logits only")
     output.args = (leaves[0],)
-    gm.graph._codegen = CodeGen()
-    return GraphModule(gm, gm.graph, class_name="SlicedCausalLMWithCache")
+    return plain_graph_module(gm, gm.graph, GRAPH_CLASS)
 
 
 def with_cache(model: nn.Module, sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 1024) -> GraphModule:
@@ -65,23 +49,18 @@ def with_cache(model: nn.Module, sliced: GraphModule, batch_size: int = 1, max_c
     if result is None:
         raise FxSliceError("with_cache needs the GraphModule returned by fxslice.compress (it carries .fxslice)")
     gm = canonicalise(capture_with_cache(model, batch_size, max_cache_len))
-    structure = analyse(gm)
-    plan = fuse(structure)
-    if len(structure.positions) != len(result.widths):
+    plan = fuse(analyse(gm))
+    if len(plan.positions) != len(result.widths):
         raise GraphStructureError(
-            f"the cached capture has {len(structure.positions)} stream positions, the sliced model {len(result.widths)}")
-    present = dict(sliced.named_modules())
+            f"the cached capture has {len(plan.positions)} stream positions, the sliced model {len(result.widths)}")
+    kept = {STATIC_CACHE_PREFIX + m.name for m in result.inserted}
     rotator = Rotator(plan)
-    for index, name in list(plan.shortcuts.items()):
-        if name.removeprefix(PREFIX) not in present:  # removed as the identity (basis="block")
-            rotator.remove_shortcut(index)
-    transfer_weights(gm, sliced, strip=PREFIX)
-    for index, nodes in plan.reshapes.items():
-        for node in nodes:
-            Rotator._narrow_reshape(node, structure.hidden_size, result.widths[index])
-    if plan.tied is not None and plan.tied.width_slice is not None:
-        node = plan.tied.width_slice
-        node.args = (node.args[0], -1, 0, result.widths[plan.tied.position])
+    for module in list(plan.inserted):
+        if module.kind == SHORTCUT and module.name not in kept:  # removed as the identity (basis="block")
+            rotator.remove_shortcut(module.writes)
+    transfer_weights(gm, sliced, strip=STATIC_CACHE_PREFIX)
+    for index, width in enumerate(result.widths):
+        rotator.resize(index, width)
     gm.recompile()
     gm.cache_batch_size, gm.max_cache_len = batch_size, max_cache_len
     return gm
@@ -90,7 +69,7 @@ def with_cache(model: nn.Module, sliced: GraphModule, batch_size: int = 1, max_c
 def retarget(generator: nn.Module, weights: nn.Module) -> GraphModule:
     """A copy of a loaded KV-cache program carrying the weights of ``weights`` (e.g. after fine-tuning)."""
     target = canonicalise(copy.deepcopy(generator))
-    transfer_weights(target, weights)
+    transfer_weights(target, weights, strip=STATIC_CACHE_PREFIX)
     target.recompile()
     target.cache_batch_size, target.max_cache_len = generator.cache_batch_size, generator.max_cache_len
     return target

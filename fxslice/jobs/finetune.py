@@ -13,13 +13,16 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from .errors import FxSliceError
+from ..errors import FxSliceError
+from .evaluate import next_token_loss
 
 
 @dataclass
@@ -50,9 +53,9 @@ class FinetuneReport:
 
 def trainable_copy(model: nn.Module) -> torch.fx.GraphModule:
     """A private GraphModule with real ``nn.Linear`` layers: a copy of a sliced graph, or a loaded
-    ``.pt2`` program canonicalised back into modules."""
-    from .canonicalise import canonicalise
-    from .export import LoadedModel
+    ``.pt2`` program canonicalised back into modules (its module names are the sliced graph's)."""
+    from ..passes.p2_canonicalise import canonicalise
+    from ..runtime.export import LoadedModel
 
     if isinstance(model, LoadedModel):
         return canonicalise(copy.deepcopy(model.program))
@@ -61,35 +64,33 @@ def trainable_copy(model: nn.Module) -> torch.fx.GraphModule:
     raise FxSliceError(f"finetune expects a sliced GraphModule or a model loaded with fxslice.load, got {type(model).__name__}")
 
 
-def lora_targets(model: nn.Module, include_shortcuts: bool = False) -> list[str]:
-    """Names of the Linear modules that get adapters: attention and MLP (and optionally fxslice's own)."""
-    vocab = max((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), default=None)
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module.out_features == vocab:
-            continue
-        added = ".skip_" in name or name.endswith("_affine")
-        if added and not include_shortcuts:
-            continue
-        names.append(name)
+def sliced_record(model: nn.Module) -> dict:
+    """The compression record of a sliced graph (``.fxslice``) or a loaded folder (``.record``)."""
+    result = getattr(model, "fxslice", None)
+    record = result.to_record() if result is not None else getattr(model, "record", None)
+    if not isinstance(record, dict) or "inserted" not in record or "head" not in record:
+        raise FxSliceError(
+            f"{type(model).__name__} carries no record of the modules fxslice inserted and of the head "
+            "(not returned by fxslice.compress, or saved by an older fxslice): compress the model again"
+        )
+    return record
+
+
+def lora_targets(model: nn.Module, record: dict, include_shortcuts: bool = False) -> list[str]:
+    """Names of the Linear modules that get adapters: every Linear but the head and the modules
+    fxslice inserted (those too with ``include_shortcuts``), as listed in the compression ``record``."""
+    head = set(record["head"])
+    inserted = {m["name"] if isinstance(m, dict) else m.name for m in record["inserted"]}
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name not in head and (include_shortcuts or name not in inserted)]
     if not names:
         raise FxSliceError("the model has no Linear module to put LoRA adapters on")
     return names
 
 
-def _logits(model, ids):
-    out = model(ids)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def _loss(model, ids: torch.Tensor) -> torch.Tensor:
-    logits = _logits(model, ids)[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
 def _validation_loss(model, batches) -> float:
     with torch.no_grad():
-        losses = [(_loss(model, ids).item(), ids[:, 1:].numel()) for ids in batches]
+        losses = [(next_token_loss(model, ids).item(), ids[:, 1:].numel()) for ids in batches]
     return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
 
 
@@ -121,8 +122,9 @@ def train_adapters(model: nn.Module, train_batches: list[torch.Tensor], val_batc
     if lora_r < 1 or epochs < 1 or eval_every < 1 or patience < 1 or lr <= 0:
         raise FxSliceError("lora_r, epochs, eval_every and patience must be positive, and lr > 0")
     torch.manual_seed(seed)
+    record = sliced_record(model)
     base = trainable_copy(model)
-    targets = lora_targets(base, include_shortcuts)
+    targets = lora_targets(base, record, include_shortcuts)
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, bias="none")
     peft_model = get_peft_model(base, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -138,7 +140,7 @@ def train_adapters(model: nn.Module, train_batches: list[torch.Tensor], val_batc
     bar = tqdm(total=total, desc="fxslice: LoRA fine-tune", unit="step", disable=not progress)
     for _ in range(epochs):
         for ids in train_batches:
-            loss = _loss(peft_model, ids)
+            loss = next_token_loss(peft_model, ids)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -163,3 +165,65 @@ def train_adapters(model: nn.Module, train_batches: list[torch.Tensor], val_batc
     peft_model.load_state_dict(best_state, strict=False)
     report.seconds = time.perf_counter() - started
     return peft_model.eval(), report
+
+
+@dataclass
+class FinetuneJobResult:
+    """What ``fxslice finetune`` measured and wrote."""
+
+    report: FinetuneReport
+    output: Path
+    record: dict  # the fine-tuned folder's fxslice.json content (without versions and checksums)
+    perplexities_before: dict[str, float] = field(default_factory=dict)
+    perplexities_after: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [[name, f"{self.perplexities_before[name]:.2f}", f"{after:.2f}"]
+                for name, after in self.perplexities_after.items()]
+        return tabulate(rows, ["text", "ppl sliced", "ppl sliced + LoRA"], tablefmt="github")
+
+    @property
+    def summary(self) -> str:
+        figures = self.report.to_dict()
+        return (f"fine-tuned {self.report.steps} steps in {self.report.seconds:.0f}s (best at step "
+                f"{self.report.best_step}, validation ppl {figures['initial_val_ppl']:.2f} -> "
+                f"{figures['best_val_ppl']:.2f}); saved to {self.output}")
+
+
+def finetune_job(folder: str, protocol, *, output: Optional[str] = None, overwrite: bool = False,
+                 train_windows: int = 64, val_windows: int = 8, batch_size: int = 4, eval_batch_size: int = 4,
+                 evaluate: bool = True, progress: bool = True, **options) -> FinetuneJobResult:
+    """LoRA-fine-tune a saved sliced folder on the windows after its calibration windows, evaluate
+    before and after, save the merged model (and its KV-cache program) to ``output``."""
+    from ..runtime.export import load, save
+    from .data import batches, finetune_data, protocol_data
+    from .evaluate import perplexity
+
+    sliced, tokenizer = load(folder)
+    if tokenizer is None:
+        raise FxSliceError(f"{folder} has no tokenizer files")
+    target = Path(output or f"{str(folder).rstrip('/')}-ft")
+    if target.exists() and not overwrite:
+        raise FxSliceError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
+    train, val = finetune_data(tokenizer, protocol, train_windows, val_windows)
+    merged, report = finetune(sliced, batches(train, batch_size), batches(val, batch_size), progress=progress, **options)
+    result = FinetuneJobResult(report, target, {k: v for k, v in sliced.record.items() if k != "program_sha256"})
+    if evaluate:
+        _, evaluations = protocol_data(tokenizer, protocol)
+        for name, windows in evaluations.items():
+            chunks = batches(windows, eval_batch_size)
+            result.perplexities_before[name] = perplexity(sliced, chunks, f"sliced ppl {name}", progress)
+            result.perplexities_after[name] = perplexity(merged, chunks, f"fine-tuned ppl {name}", progress)
+    result.record.update({
+        "perplexity_before_finetune": result.record.get("perplexity"),
+        "perplexity": result.perplexities_after,
+        "finetune": {**report.to_dict(), "train_windows": train_windows, "val_windows": val_windows,
+                     "batch_size": batch_size, **options},
+    })
+    generator = None
+    if sliced.generator is not None:
+        from ..runtime.generate import retarget
+
+        generator = retarget(sliced.generator, merged)
+    save(merged, target, tokenizer, result.record, overwrite=overwrite, generator=generator)
+    return result

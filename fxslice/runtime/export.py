@@ -1,14 +1,16 @@
-"""Pass 6 — export: save a sliced graph as a self-contained ``torch.export`` program.
+"""Saving and loading a sliced graph as a self-contained ``torch.export`` program.
 
 A saved folder holds ``model.pt2`` (the re-exported program, dynamic batch and length, returning
-the logits tensor), the tokenizer files, and ``fxslice.json`` (source model, sparsity, widths,
-parameter counts, calibration protocol, versions, the program's SHA-256). ``torch.export.load``
+the logits tensor), optionally ``generate.pt2`` (the KV-cache program), the tokenizer files, and
+``fxslice.json`` (source model, sparsity, widths, parameter counts, inserted modules, the head,
+calibration protocol, versions, the programs' SHA-256). ``torch.export.load``
 on ``model.pt2`` needs plain torch only. Saving is atomic: the folder is assembled beside the
 target and renamed into place.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -20,9 +22,10 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.fx import GraphModule, Node
 
-from .errors import FxSliceError
-from .modules import causal_lm_output
+from ..errors import FxSliceError
+from ..hf import causal_lm_output, logits, vocab_size_of
 
 FORMAT = "fxslice-sliced-model"
 FORMAT_VERSION = 1
@@ -37,8 +40,22 @@ class _LogitsOnly(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids)
-        return out.logits if hasattr(out, "logits") else out
+        return logits(self.model(input_ids))
+
+
+def logits_module(model: nn.Module) -> nn.Module:
+    """``input_ids -> logits tensor``. A GraphModule gets a graph copy returning the logits node (its
+    parameter names, which the saved program keeps, stay the sliced graph's own); any other model a
+    wrapper (names then start with ``model.``)."""
+    if not isinstance(model, GraphModule):
+        return _LogitsOnly(model)
+    graph = copy.deepcopy(model.graph)
+    output = next(n for n in graph.nodes if n.op == "output")
+    value = output.args[0]
+    if isinstance(value, Node) and value.op == "call_function" and value.target is causal_lm_output:
+        output.args = (value.args[0],)
+        graph.erase_node(value)
+    return GraphModule(model, graph, class_name=type(model).__name__)
 
 
 def export_program(model: nn.Module, vocab_size: int) -> torch.export.ExportedProgram:
@@ -46,9 +63,8 @@ def export_program(model: nn.Module, vocab_size: int) -> torch.export.ExportedPr
     device = next(model.parameters()).device
     example = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
-        return torch.export.export(
-            _LogitsOnly(model).eval(), (example,), dynamic_shapes={"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}}, strict=False
-        )
+        return torch.export.export(logits_module(model).eval(), (example,),
+                                   dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},), strict=False)
 
 
 def _sha256(path: Path) -> str:
@@ -73,13 +89,18 @@ def export_generator(program: nn.Module) -> torch.export.ExportedProgram:
 
 def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Optional[dict] = None,
          overwrite: bool = False, generator: Optional[nn.Module] = None) -> Path:
-    """Export ``model`` (and the KV-cache ``generator`` program, if given) and write the folder atomically."""
-    from . import __version__
+    """Export ``model`` (and the KV-cache ``generator`` program, if given) and write the folder atomically.
+
+    ``fxslice.json`` holds the model's :class:`~fxslice.result.SliceResult` record (when it has one),
+    updated by ``record``."""
+    from .. import __version__
 
     target = Path(folder)
     if target.exists() and not overwrite:
         raise FxSliceError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
-    vocab = int(record.get("vocab_size")) if record and record.get("vocab_size") else _vocab_of(model)
+    result = getattr(model, "fxslice", None)
+    record = {**(result.to_record() if result is not None else {}), **(record or {})}
+    vocab = int(record["vocab_size"]) if record.get("vocab_size") else vocab_size_of(model)
     program = export_program(model, vocab)
     generator_program = export_generator(generator) if generator is not None else None
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +118,7 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
             "torch_version": torch.__version__,
             "vocab_size": vocab,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            **(record or {}),
+            **record,
             "program_sha256": _sha256(staging / PROGRAM),
         }
         if generator_program is not None:
@@ -116,13 +137,6 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
     return target
 
 
-def _vocab_of(model: nn.Module) -> int:
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    if not embeddings:
-        raise FxSliceError("cannot tell the vocabulary size of the model to export (no nn.Embedding)")
-    return int(embeddings[0].num_embeddings)
-
-
 class LoadedModel(nn.Module):
     """A loaded sliced program: ``forward(input_ids) -> CausalLMOutput`` with its ``record``, and
     ``generator`` (the KV-cache program, or None) behind :meth:`generate`."""
@@ -134,7 +148,7 @@ class LoadedModel(nn.Module):
         self.generator = generator
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **options) -> torch.Tensor:
-        """KV-cache generation (see :func:`fxslice.generate.generate` for the options)."""
+        """KV-cache generation (see :func:`fxslice.runtime.generate.generate` for the options)."""
         from .generate import generate
 
         if self.generator is None:
@@ -195,9 +209,9 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tok
     model = LoadedModel(program, record, generator).to(device)
     tokenizer = None
     if with_tokenizer and (path / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
+        from ..hf import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         if len(tokenizer) > record["vocab_size"]:
             raise FxSliceError(
                 f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocabulary is {record['vocab_size']}"

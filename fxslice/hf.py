@@ -1,0 +1,166 @@
+"""What fxslice assumes about Hugging Face transformers, in one place.
+
+The passes see a graph and a :class:`ModelSpec`; only this module knows how a causal LM is called
+(``input_ids``, ``use_cache``), what it returns (``CausalLMOutput`` with ``.logits``), how its
+static KV cache is exported, and how checkpoints and tokenizers are loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.export import Dim
+from transformers.modeling_outputs import CausalLMOutput
+
+from .errors import FxSliceError, GraphStructureError
+from .graph.weights import count_parameters
+
+STATIC_CACHE_PREFIX = "model."
+"""transformers' exportable static-cache wrapper keeps the model as its ``model`` attribute."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the passes need to know about a model besides its graph."""
+
+    class_name: str
+    vocab_size: int
+    dtype: torch.dtype
+    device: torch.device
+    param_count: int  # unique parameters, tied weights once
+    accepts_use_cache: bool
+
+    def example_input_ids(self, batch: int = 2, length: int = 16) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, self.vocab_size, (batch, length), generator=generator).to(self.device)
+
+    def export_inputs(self) -> tuple[dict, dict]:
+        """``(kwargs, dynamic_shapes)`` for ``torch.export``: dynamic batch and length, no KV cache."""
+        kwargs = {"input_ids": self.example_input_ids()}
+        dynamic = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}}
+        if self.accepts_use_cache:
+            kwargs["use_cache"], dynamic["use_cache"] = False, None
+        return kwargs, dynamic
+
+
+def model_spec(model: nn.Module) -> ModelSpec:
+    """Check that ``model`` is a module with parameters and an embedding; describe it."""
+    if not isinstance(model, nn.Module):
+        raise FxSliceError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())
+    if not params:
+        raise FxSliceError(f"model {type(model).__name__} has no parameters")
+    floats = [p for p in params if p.is_floating_point()]
+    return ModelSpec(
+        class_name=type(model).__name__,
+        vocab_size=vocab_size_of(model),
+        dtype=floats[0].dtype if floats else torch.float32,
+        device=params[0].device,
+        param_count=count_parameters(model),
+        accepts_use_cache=_accepts(model, "use_cache"),
+    )
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    """Rows of the input embedding (``get_input_embeddings``, else ``config.vocab_size``, else the first
+    ``nn.Embedding``)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    if isinstance(embeddings, nn.Embedding):
+        return int(embeddings.num_embeddings)
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if size is not None:
+        return int(size)
+    first = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if first is None:
+        raise FxSliceError(
+            f"cannot tell the vocabulary size of {type(model).__name__}: it has no get_input_embeddings(), "
+            "no config.vocab_size and no nn.Embedding"
+        )
+    return int(first.num_embeddings)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def logits_leaf(output) -> int:
+    """Index of the logits tensor among the flattened leaves of a model's output."""
+    if isinstance(output, torch.Tensor):
+        return 0
+    leaves = pytree.tree_leaves(output)
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    for i, leaf in enumerate(leaves):
+        if leaf is logits:
+            return i
+    raise FxSliceError(f"the model's output {type(output).__name__} has no logits tensor")
+
+
+def logits(output) -> torch.Tensor:
+    """The logits of a model output: a ``CausalLMOutput`` (HF models, sliced graphs) or a bare tensor
+    (exported programs)."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``model(input_ids)``'s logits, whatever kind of causal LM ``model`` is."""
+    return logits(model(input_ids))
+
+
+def causal_lm_output(logits: torch.Tensor) -> CausalLMOutput:
+    """Output node of every fxslice graph: an object with ``.logits`` like a Hugging Face model's."""
+    return CausalLMOutput(logits=logits)
+
+
+def export_with_static_cache(model: nn.Module, batch_size: int, max_cache_len: int) -> torch.export.ExportedProgram:
+    """Export ``model`` wrapped in transformers' static KV cache:
+    ``forward(input_ids [B, T], cache_position [T]) -> logits`` with dynamic ``T``. The model's
+    generation config is restored afterwards."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    saved_config = copy.deepcopy(model.generation_config)
+    model.generation_config.use_cache = True
+    model.generation_config.cache_implementation = "static"
+    try:
+        wrapper = TorchExportableModuleWithStaticCache(model, batch_size=batch_size, max_cache_len=max_cache_len)
+        length = Dim("length", min=1, max=max_cache_len)
+        example = torch.zeros(batch_size, 4, dtype=torch.long, device=next(model.parameters()).device)
+        with torch.no_grad():
+            return torch.export.export(
+                wrapper, (), kwargs={"input_ids": example, "cache_position": torch.arange(4, device=example.device)},
+                dynamic_shapes={"input_ids": {1: length}, "cache_position": {0: length}}, strict=False)
+    except Exception as exc:
+        raise GraphStructureError(f"cannot capture {type(model).__name__} with a static KV cache: {exc}") from exc
+    finally:
+        model.generation_config = saved_config
+
+
+def load_pretrained(path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """``(AutoModelForCausalLM, AutoTokenizer)`` from a hub id or a local folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise FxSliceError(f"cannot load model '{path}': {exc}") from exc
+    return model, tokenizer
+
+
+def load_tokenizer(path) -> object:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

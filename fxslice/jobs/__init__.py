@@ -1,0 +1,9 @@
+"""What users run around the graph pass, each job returning a typed result the CLI prints:
+
+- :func:`.compress.compress_job` (``fxslice compress``), :func:`.compress.inspect_job` (``fxslice inspect``),
+- :func:`.evaluate.evaluate_job` (``fxslice eval``: perplexity, or lm-eval tasks via :mod:`.lmeval`),
+- :func:`.finetune.finetune_job` (``fxslice finetune``: LoRA recovery),
+- :func:`.generation.generate_job` (``fxslice generate``),
+
+and their inputs: shipped models (:mod:`.assets`), texts and windows (:mod:`.data`), plots (:mod:`.plots`).
+"""

@@ -1,0 +1,137 @@
+"""The main job: compress a model on a text protocol, measure perplexity, save the result."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tabulate import tabulate
+from torch.fx import GraphModule
+
+from ..compress import check_options, compress, inspect
+from ..errors import FxSliceError
+from ..graph.weights import count_parameters
+from ..passes.p3_analyse import Structure
+from ..result import SliceResult
+from ..runtime.export import save
+from .assets import DTYPES, load_model
+from .data import Protocol, batches, protocol_data
+from .evaluate import perplexity
+
+
+@dataclass
+class Row:
+    """One line of the before/after table."""
+
+    label: str
+    params: int
+    dense_params: int
+    widths: str
+    perplexities: dict[str, float] = field(default_factory=dict)
+    seconds: Optional[float] = None
+
+    def cells(self, names: list[str]) -> list:
+        return [self.label, f"{self.params / 1e6:.2f}M", f"{100 * self.params / self.dense_params:.1f}%", self.widths,
+                *[f"{self.perplexities[n]:.2f}" if n in self.perplexities else "-" for n in names],
+                "-" if self.seconds is None else f"{self.seconds:.0f}"]
+
+
+def table(rows: list[Row], names: list[str]) -> str:
+    head = ["model", "params (true)", "of dense", "stream widths", *[f"ppl {n}" for n in names], "time (s)"]
+    return tabulate([r.cells(names) for r in rows], head, tablefmt="github")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class CompressJobResult:
+    """What ``fxslice compress`` measured and wrote."""
+
+    rows: list[Row]  # dense (when evaluated) and sliced
+    eval_names: list[str]
+    record: dict  # what fxslice.json holds besides versions and checksums
+    sliced: GraphModule
+    result: SliceResult
+    seconds: float  # compression wall time
+    peak_rss_mb: float
+    saved: Optional[Path] = None
+    spectra_plot: Optional[str] = None
+
+    def table(self) -> str:
+        return table(self.rows, self.eval_names)
+
+    def to_json(self) -> dict:
+        return {**self.record, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb}
+
+
+def distinct_widths(widths: list[int]) -> str:
+    """``576/432``: the distinct widths, widest first."""
+    return "/".join(str(w) for w in sorted(set(widths), reverse=True))
+
+
+def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype: str = "float32", device: str = "cpu",
+                 batch_size: int = 8, eval_batch_size: int = 4, evaluate_dense: bool = True, evaluate: bool = True,
+                 output: Optional[str] = None, overwrite: bool = False, progress: bool = True,
+                 max_cache_len: int = 1024, plot_spectra: Optional[str] = None, **options) -> CompressJobResult:
+    """Compress ``model_name`` at ``sparsity`` on ``protocol``; evaluate dense and sliced; save to ``output``."""
+    check_options(sparsity, options.get("round_to", 8), options.get("pca_signal", "stream"),
+                  options.get("slice_head", False), options.get("basis", "position"))
+    if dtype not in DTYPES:
+        raise FxSliceError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if output and Path(output).exists() and not overwrite:
+        raise FxSliceError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
+    model, tokenizer = load_model(model_name, DTYPES[dtype], device)
+    calibration, evaluations = protocol_data(tokenizer, protocol)
+    if not evaluate:
+        evaluations = {}
+    dense_params = count_parameters(model)
+    rows = []
+    if evaluate_dense:
+        dense = Row("dense", dense_params, dense_params, "")
+        for name, windows in evaluations.items():
+            dense.perplexities[name] = perplexity(model, batches(windows, eval_batch_size), f"dense ppl {name}", progress)
+        rows.append(dense)
+    started = time.perf_counter()
+    sliced = compress(model, batches(calibration, batch_size), sparsity, progress=progress, **options)
+    seconds = time.perf_counter() - started
+    result = sliced.fxslice
+    if evaluate_dense:
+        rows[0].widths = str(result.hidden_size)
+    row = Row(f"sliced {sparsity:g}", result.param_count, dense_params, distinct_widths(result.widths), seconds=seconds)
+    for name, windows in evaluations.items():
+        row.perplexities[name] = perplexity(sliced, batches(windows, eval_batch_size), f"sliced ppl {name}", progress)
+    rows.append(row)
+    record = {
+        "source_model": model_name,
+        **result.to_record(),
+        "calibration": {**protocol.to_dict(), "batch_size": batch_size, "tokens": result.calibration_tokens},
+        "perplexity": row.perplexities,
+        "dense_perplexity": rows[0].perplexities if evaluate_dense else {},
+        "timings": result.timings,
+    }
+    job = CompressJobResult(rows, list(evaluations), record, sliced, result, seconds, peak_rss_mb())
+    if output:
+        generator = None
+        if max_cache_len > 0:
+            from ..runtime.generate import with_cache
+
+            generator = with_cache(model, sliced, batch_size=1, max_cache_len=max_cache_len)
+        job.saved = save(sliced, output, tokenizer, record, overwrite=overwrite, generator=generator)
+    if plot_spectra:
+        from .plots import plot_spectra as plot
+
+        plot(result.eigenvalues, plot_spectra, title=f"{model_name}: PCA spectra per stream position")
+        job.spectra_plot = plot_spectra
+    job.peak_rss_mb = peak_rss_mb()
+    return job
+
+
+def inspect_job(model_name: str) -> Structure:
+    """The residual-stream structure of a shipped, hub or local model (printed by ``fxslice inspect``)."""
+    model, _ = load_model(model_name)
+    return inspect(model, show=False)

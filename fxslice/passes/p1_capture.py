@@ -1,0 +1,67 @@
+"""Pass 1 — capture: a causal LM becomes one flat ``torch.fx.GraphModule``.
+
+``torch.export`` (non-strict, dynamic batch and sequence length) traces the model; the resulting
+graph is cleaned into ``forward(input_ids) -> CausalLMOutput`` (no guards, no ``use_cache``
+placeholder, only the logits as output). The caller's model is only run (in eval mode, restored
+afterwards), never modified; the graph's parameters still share its storage.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.fx import GraphModule
+
+from ..errors import FxSliceError, GraphStructureError
+from ..graph.edit import plain_graph_module, strip_guards
+from ..hf import ModelSpec, causal_lm_output, logits_leaf
+
+GRAPH_CLASS = "SlicedCausalLM"
+
+
+def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
+    """Export ``model`` (described by ``spec``) into a clean graph ``forward(input_ids) -> CausalLMOutput``."""
+    kwargs, dynamic = spec.export_inputs()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            leaf = logits_leaf(model(**kwargs))
+            program = torch.export.export(model, (), kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
+    except FxSliceError:
+        raise
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise GraphStructureError(
+            f"torch.export could not capture {spec.class_name} with input_ids only: {type(exc).__name__}: {first_line}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    gm = program.module()
+    graph = gm.graph
+    strip_guards(graph)
+    _keep_only_input_ids(graph)
+    output = next(n for n in graph.nodes if n.op == "output")
+    logits = pytree.tree_leaves(output.args[0])[leaf]
+    with graph.inserting_before(output):
+        wrapped = graph.call_function(causal_lm_output, (logits,))
+    output.args = (wrapped,)
+    graph.eliminate_dead_code()
+    return plain_graph_module(gm, graph, GRAPH_CLASS)
+
+
+def _keep_only_input_ids(graph) -> None:
+    """Drop unused placeholders (``use_cache``); refuse a graph that reads any input but ``input_ids``."""
+    found = False
+    for node in list(graph.nodes):
+        if node.op != "placeholder":
+            continue
+        if node.target == "input_ids":
+            found = True
+        elif node.users:
+            raise GraphStructureError(f"the captured graph reads input '{node.target}', expected input_ids only")
+        else:
+            graph.erase_node(node)
+    if not found:
+        raise GraphStructureError("the captured graph has no input_ids placeholder")

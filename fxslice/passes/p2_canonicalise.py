@@ -1,0 +1,157 @@
+"""Pass 2 — canonicalise: no-op nodes go, linears and embeddings become real modules.
+
+After this pass every weight that can touch the residual stream lives in an ``nn.Linear`` or
+``nn.Embedding`` submodule named after the original module path (``model.layers.0.self_attn.q_proj``),
+so that later passes change weights, not graph structure, and peft can find the layers. Which
+subgraphs are linear layers is the registered linear patterns' decision (``patterns/linears.py``).
+The parameters still share storage with the caller's model; nothing here writes to them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from ..errors import GraphStructureError
+from ..graph import ops
+from ..graph.edit import mark_module_call
+from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, module_path
+from ..registry import REGISTRY, LinearMatch
+
+GRAPH_CLASS = "SlicedCausalLM"
+INT64_MAX = 2**63 - 1
+
+
+def canonicalise(gm: GraphModule) -> GraphModule:
+    """A new GraphModule over ``gm``'s graph whose linears and embeddings are ``call_module`` nodes."""
+    graph = gm.graph
+    remove_noops(graph)
+    modules = ModuleBuilder(gm)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.graph is not graph or not node.users:
+            continue
+        if node.target is ops.EMBEDDING:
+            modules.embedding(node)
+            continue
+        for _, pattern in REGISTRY.linears:
+            match = pattern(gm, node)
+            if match is not None:
+                modules.linear(match)
+                break
+    drop_dead_nodes(graph)
+    canonical = GraphModule(modules.root(graph), graph, class_name=GRAPH_CLASS)
+    canonical.graph.lint()
+    return canonical
+
+
+def _same_layout(node: Node) -> bool:
+    src, dst = (example_value(node.args[0]) if node.args else None), example_value(node)
+    return (
+        src is not None and dst is not None and src.dtype == dst.dtype and src.device == dst.device
+        and tuple(src.shape) == tuple(dst.shape) and tuple(src.stride()) == tuple(dst.stride())
+    )
+
+
+def _full_slice(node: Node) -> bool:
+    """``x[..., 0:INT64_MAX:1]`` along any dim; a symbolic end (a graph value) is not a no-op."""
+    start, end, step = (list(node.args) + [None] * 5)[2:5]
+    full_end = end is None or (isinstance(end, int) and end >= INT64_MAX)
+    return start in (0, None) and full_end and step in (1, None)
+
+
+def is_noop(node: Node) -> bool:
+    """Same-layout casts and copies, eval-mode dropout, full slices."""
+    if ops.calls(node, ops.IDENTITIES | ops.CASTS):
+        return _same_layout(node)
+    if ops.calls(node, ops.DROPOUT):
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return train is False
+    if ops.calls(node, ops.SLICE):
+        return _full_slice(node)
+    return False
+
+
+def remove_noops(graph) -> None:
+    """Drop identity nodes and metadata asserts; make ``add_`` on a temporary functional."""
+    for node in list(graph.nodes):
+        if ops.calls(node, ops.ASSERT_METADATA):
+            graph.erase_node(node)
+        elif is_noop(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif ops.calls(node, ops.ADD_INPLACE):
+            mutated = node.args[0]
+            if len(mutated.users) == 1 and mutated.op == "call_function":  # a temporary: same as a functional add
+                node.target = ops.ADD
+
+
+def drop_dead_nodes(graph) -> None:
+    """Dead-code elimination that does not need the owning module to be consistent yet."""
+    for node in reversed(list(graph.nodes)):
+        if not node.users and node.op not in ("output", "placeholder") and not node.is_impure():
+            graph.erase_node(node)
+
+
+class ModuleBuilder:
+    """Creates the ``nn.Linear`` / ``nn.Embedding`` modules of the canonical graph.
+
+    One ``nn.Parameter`` per distinct source tensor, so that tied weights stay one object; one
+    module name per HF module path (``_1``, ``_2`` for a module called twice).
+    """
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.modules: dict[str, nn.Module] = {}
+        self._parameters: dict[tuple, nn.Parameter] = {}
+
+    def parameter(self, tensor: torch.Tensor) -> nn.Parameter:
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key not in self._parameters:
+            self._parameters[key] = nn.Parameter(tensor.detach(), requires_grad=False)
+        return self._parameters[key]
+
+    def _name(self, path: str) -> str:
+        name, k = path, 1
+        while name in self.modules:
+            name, k = f"{path}_{k}", k + 1
+        return name
+
+    def _install(self, path: str, module: nn.Module, replaced: Node, args: tuple) -> None:
+        name = self._name(path)
+        self.modules[name] = module
+        graph = replaced.graph
+        with graph.inserting_after(replaced):
+            node = graph.create_node("call_module", name, args)
+        copy_meta(node, replaced)
+        mark_module_call(node, name, module)
+        replaced.replace_all_uses_with(node)
+
+    def linear(self, match: LinearMatch) -> None:
+        out_features, in_features = match.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=match.bias is not None, device="meta")
+        linear.weight = self.parameter(match.weight)
+        if match.bias is not None:
+            linear.bias = self.parameter(match.bias)
+        self._install(match.name, linear, match.output, (match.input,))
+        for dead in reversed(match.nodes):
+            if not dead.users:
+                match.output.graph.erase_node(dead)
+
+    def embedding(self, node: Node) -> None:
+        weight_node, ids = node.args[0], node.args[1]
+        if weight_node.op != "get_attr":
+            raise GraphStructureError(f"{describe(node)} looks up an embedding table that is not a parameter")
+        weight = fetch_attr(self.gm, str(weight_node.target)).detach()
+        embedding = nn.Embedding(weight.shape[0], weight.shape[1], device="meta")
+        embedding.weight = self.parameter(weight)
+        self._install(module_path(node)[0] or str(weight_node.target).rsplit(".", 1)[0], embedding, node, (ids,))
+        node.graph.erase_node(node)
+
+    def root(self, graph) -> dict[str, object]:
+        """Everything the canonical graph reads: the new modules, remaining attributes and submodules."""
+        root: dict[str, object] = dict(self.modules)
+        for node in graph.nodes:
+            if node.op == "get_attr" or (node.op == "call_module" and node.target not in root):
+                root[str(node.target)] = fetch_attr(self.gm, str(node.target))
+        return root

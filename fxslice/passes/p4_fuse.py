@@ -1,0 +1,258 @@
+"""Pass 4 — fuse: an exactly equivalent graph whose stream algebra lives in module weights.
+
+- Reader-side norms become weightless :class:`StreamNorm` modules; their scale ``γ`` and shift
+  ``β`` fold into the linears behind them: ``W ← W diag(γ)``, ``b ← b + W β`` (Eq. 3 of the paper).
+- Writer-side norms (Gemma 2/3 and OLMo 2 post-norms, Bloom's embedding norm) have no weight
+  behind them to absorb a rotation: they become a weightless norm followed by a new Linear
+  ``diag(γ)`` (+ ``β``), which later becomes ``diag(γ) Q[:, :d]``.
+- Every residual add gets a shortcut Linear on its skip edge, the identity for now and
+  ``Q_aᵀ Q_b`` once both sides are rotated.
+- LayerNorm models: every writer is centred, ``W_out ← M W_out`` with ``M = I - 11ᵀ/D``, and so is
+  every embedding, so that the stream is mean-free and each LayerNorm is an RMSNorm.
+- A head tied to the embedding keeps its weight: the final norm's ``diag(γ)`` (+ ``β``) becomes a
+  Linear in front of the head instead, and the embedding gets a private copy until rotation
+  re-ties the two.
+
+Inserted modules are named by the rule of :mod:`fxslice.graph.inserted`. Nothing here depends on
+calibration; the result computes the same logits (to float rounding). The returned :class:`Plan`
+describes the graph as fuse leaves it: module names and live nodes only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from ..errors import GraphStructureError
+from ..graph.edit import call_module_after, call_module_on_edge, drop_attribute, submodule_exists
+from ..graph.inserted import (HEAD_AFFINE, NORM_AFFINE, SHORTCUT, InsertedModule, affine_name, shortcut_name,
+                              stream_norm_name)
+from ..graph.modules import StreamNorm
+from ..graph.nodes import copy_meta, describe, module_path
+from ..graph.weights import f64, new_linear, set_embedding, set_linear
+from ..registry import NormSpec
+from .p3_analyse import NormSite, Position, Structure
+
+
+# --- the hand-over value --------------------------------------------------------------------------
+@dataclass
+class TiedHead:
+    embedding: str  # nn.Embedding writing the first position
+    head: str  # nn.Linear sharing its weight
+    affine: str  # Linear in front of the head holding the final norm's diag(γ), β
+    position: int  # the position the embedding writes
+    width_slice: Optional[Node] = None  # ``emb[..., :d]`` after the embedding (rotated positions only)
+
+
+@dataclass
+class PlannedPosition:
+    """What rotation touches at one stream position of the fused graph."""
+
+    index: int
+    root: Node  # the node holding the position's value in the fused graph
+    label: str  # how errors name the position (its original node and module)
+    rotated: bool
+    writers: list[str] = field(default_factory=list)  # output side rotated by Q_p (not the shortcut)
+    readers: list[str] = field(default_factory=list)  # input side rotated by Q_p (the shortcut out included)
+    shortcut: Optional[str] = None  # the skip Linear producing this position
+    skip_source: Optional[int] = None
+    reshapes: list[Node] = field(default_factory=list)  # reshapes carrying the width (last dim)
+    norm_eps: float = 0.0  # epsilon of the norms reading it (for the ``norm_output`` PCA signal)
+
+
+@dataclass
+class Plan:
+    """The fused graph and, per stream position, the modules and nodes rotation must touch."""
+
+    gm: GraphModule
+    hidden_size: int
+    centered: bool
+    positions: list[PlannedPosition]
+    block_groups: list[list[int]]  # rotated positions read by one block (``Structure.block_groups``)
+    head: list[str]  # the Linear(s) reading the last position (the LM head)
+    inserted: list[InsertedModule] = field(default_factory=list)
+    tied: Optional[TiedHead] = None
+
+    @property
+    def last(self) -> PlannedPosition:
+        return self.positions[-1]
+
+    @property
+    def rotated(self) -> list[PlannedPosition]:
+        return [p for p in self.positions if p.rotated]
+
+    def layout(self) -> dict[str, tuple[Optional[int], Optional[int]]]:
+        """module name -> (position its input reads, position its output writes); None: not the stream."""
+        reads = {name: p.index for p in self.positions for name in p.readers}
+        writes = {name: p.index for p in self.positions for name in p.writers}
+        writes.update({p.shortcut: p.index for p in self.positions if p.shortcut})
+        if self.tied is not None:
+            writes.pop(self.tied.embedding, None)
+        return {name: (reads.get(name), writes.get(name)) for name in sorted(set(reads) | set(writes))}
+
+
+# --- the algebra ------------------------------------------------------------------------------------
+def fold_norm(linear: nn.Linear, spec: NormSpec) -> None:
+    """``W ← W diag(γ)``, ``b ← b + W β``: the norm's affine moves into a reader."""
+    weight, bias = f64(linear.weight), f64(linear.bias)
+    if spec.shift is not None:
+        extra = weight @ f64(spec.shift)
+        bias = extra if bias is None else bias + extra
+    set_linear(linear, weight * f64(spec.scale)[None, :], bias)
+
+
+def affine_linear(spec: NormSpec, like: torch.Tensor) -> nn.Linear:
+    """``Linear(diag(γ), β)``: a norm's affine as a module that rotation can act on."""
+    return new_linear(torch.diag(f64(spec.scale)), f64(spec.shift), like)
+
+
+def center(module: nn.Module) -> None:
+    """``W_out ← M W_out``, ``b ← b M``, ``E ← E M`` with ``M = I - 11ᵀ/D``: the written value is mean-free."""
+    if isinstance(module, nn.Embedding):
+        weight = f64(module.weight)
+        set_embedding(module, weight - weight.mean(1, keepdim=True))
+    else:
+        weight, bias = f64(module.weight), f64(module.bias)
+        set_linear(module, weight - weight.mean(0, keepdim=True), None if bias is None else bias - bias.mean())
+
+
+# --- the rewrite --------------------------------------------------------------------------------------
+class Fuser:
+    """Rewrites a graph described by a :class:`Structure` into the fused graph of a :class:`Plan`."""
+
+    def __init__(self, structure: Structure):
+        self.structure = structure
+        self.gm = structure.gm
+        self.hidden = structure.hidden_size
+        self.like = next(self.gm.parameters())  # dtype and device of new parameters
+        self.replaced: dict[Node, Node] = {}  # erased or rerouted nodes -> the nodes now standing for them
+        self.inserted: list[InsertedModule] = []
+
+    def resolve(self, node: Node) -> Node:
+        while node in self.replaced:
+            node = self.replaced[node]
+        return node
+
+    def add_module(self, name: str, module: nn.Module) -> str:
+        module.to(self.like.device)
+        self.gm.add_submodule(name, module)
+        return name
+
+    def stream_norm(self, site: NormSite, center_input: bool) -> Node:
+        """Swap a norm region for a weightless StreamNorm at the norm's path; its parameters, folded
+        elsewhere, leave the graph. Returns the new node."""
+        region = site.region
+        module = StreamNorm(self.hidden, site.spec.eps, center=center_input)
+        name = stream_norm_name(region.path, region.output.name)
+        node = call_module_after(self.gm, name, module, self.resolve(region.input), region.output, region.output)
+        region.output.replace_all_uses_with(node)
+        self.replaced[region.output] = node
+        for dead in reversed(region.nodes):
+            if not dead.users:
+                self.gm.graph.erase_node(dead)
+        for param in region.params.values():
+            if not param.users:
+                drop_attribute(self.gm, param)
+        if submodule_exists(self.gm, name) and any(True for _ in self.gm.get_submodule(name).named_parameters()):
+            raise GraphStructureError(f"a parameter of norm '{site.path}' is also used outside it; it cannot be folded")
+        self.add_module(name, module)
+        return node
+
+    def affine_after(self, site: NormSite, norm: Node, writes: int) -> str:
+        """``diag(γ)`` (+ ``β``) after a writer-side norm's weightless node, rerouting its users."""
+        affine = affine_linear(site.spec, self.like)
+        name = self.add_module(affine_name(site.path), affine)
+        users = list(norm.users)
+        node = call_module_after(self.gm, name, affine, norm, norm, norm)
+        for user in users:
+            user.replace_input_with(norm, node)
+        self.replaced[norm] = node
+        self.inserted.append(InsertedModule(name, NORM_AFFINE, None, writes))
+        return name
+
+    def affine_before_head(self, site: NormSite, head: Node, reads: int) -> str:
+        """``diag(γ)`` (+ ``β``) on the input edge of a tied head (its weight must stay the embedding's)."""
+        affine = affine_linear(site.spec, self.like)
+        name = self.add_module(affine_name(site.path), affine)
+        call_module_on_edge(self.gm, name, affine, head.args[0], head)
+        self.inserted.append(InsertedModule(name, HEAD_AFFINE, reads, None))
+        return name
+
+    def shortcut(self, position: Position) -> str:
+        """An identity Linear on the skip edge of the residual add producing ``position``."""
+        add = position.skip.add
+        shortcut = new_linear(torch.eye(self.hidden, dtype=torch.float64), None, self.like)
+        name = self.add_module(shortcut_name(module_path(add)[0], position.index), shortcut)
+        call_module_on_edge(self.gm, name, shortcut, self.resolve(position.skip.operand), add)
+        self.inserted.append(InsertedModule(name, SHORTCUT, position.skip.source, position.index))
+        return name
+
+    def width_slice(self, embedding: Node) -> Node:
+        """``emb[..., :D]`` after a tied embedding; rotation narrows it to the position's width."""
+        users = list(embedding.users)
+        with self.gm.graph.inserting_after(embedding):
+            node = self.gm.graph.call_function(torch.ops.aten.slice.Tensor, (embedding, -1, 0, self.hidden))
+        copy_meta(node, embedding, ("val", "nn_module_stack"))
+        for user in users:
+            user.replace_input_with(embedding, node)
+        self.replaced[embedding] = node
+        return node
+
+    def untie(self) -> Optional[tuple[Node, Node, Optional[Node]]]:
+        """(embedding, head, width slice) of a tied head; the embedding gets a private copy until
+        rotation re-ties it."""
+        tie = self.structure.tied_head()
+        if tie is None:
+            return None
+        embedding = self.gm.get_submodule(str(tie[0].target))
+        set_embedding(embedding, f64(embedding.weight))
+        width_slice = self.width_slice(tie[0]) if self.structure.positions[0].rotated else None
+        return tie[0], tie[1], width_slice
+
+    def run(self) -> Plan:
+        s = self.structure
+        tie = self.untie()
+        tied: Optional[TiedHead] = None
+        planned = [PlannedPosition(p.index, p.root, describe(p.root), p.rotated, reshapes=list(p.reshapes))
+                   for p in s.positions]
+        for p, plan_p in zip(s.positions, planned):
+            plan_p.writers = [str(w.target) for w in p.writers]
+            plan_p.readers = [str(r.target) for r in p.direct_readers]
+            for site in p.writer_norms:
+                norm = self.stream_norm(site, center_input=site.spec.centered)
+                plan_p.writers.append(self.affine_after(site, norm, p.index))
+            for site in p.norms:
+                self.stream_norm(site, center_input=False)
+                if plan_p.norm_eps == 0.0:
+                    plan_p.norm_eps = site.spec.eps
+                for reader in site.readers:
+                    if tie is not None and reader is tie[1]:
+                        affine = self.affine_before_head(site, reader, p.index)
+                        tied = TiedHead(str(tie[0].target), str(reader.target), affine, s.positions[0].index, tie[2])
+                        plan_p.readers.append(affine)
+                    else:
+                        fold_norm(self.gm.get_submodule(str(reader.target)), site.spec)
+                        plan_p.readers.append(str(reader.target))
+            if p.skip is not None:
+                plan_p.shortcut = self.shortcut(p)
+                plan_p.skip_source = p.skip.source
+                planned[p.skip.source].readers.append(plan_p.shortcut)
+        if s.centered:
+            for plan_p in planned:
+                if plan_p.rotated:
+                    for name in plan_p.writers:
+                        center(self.gm.get_submodule(name))
+        for plan_p in planned:
+            plan_p.root = self.resolve(plan_p.root)
+        self.gm.recompile()
+        return Plan(self.gm, self.hidden, s.centered, planned, s.block_groups(),
+                    [str(r.target) for r in s.last.readers], self.inserted, tied)
+
+
+def fuse(structure: Structure) -> Plan:
+    """Rewrite ``structure.gm`` in place into its fused form (see module docstring); returns the plan."""
+    return Fuser(structure).run()

@@ -1,0 +1,322 @@
+"""Pass 5 — rotate and slice: calibrate, PCA, rotate every weight touching a position, keep ``d`` columns.
+
+For a position with calibration signal ``X`` (tokens × D, original basis), ``C = Σ XᵀX`` is
+accumulated in float64 and ``C = Q Λ Qᵀ`` with eigenvalues sorted in descending order (the PCA of
+SliceGPT, Sec. 3.3). With ``Q_d = Q[:, :d]``:
+
+- writers (linears, embeddings, writer-norm affines, the shortcut into the position):
+  ``W ← Q_dᵀ W``, ``b ← b Q_d``, ``E ← E Q_d``;
+- readers (linears behind the norms, the shortcut out of the position, the tied head's affine):
+  ``W ← W Q_d``;
+- the shortcut between positions a and b therefore ends as ``Q_a[:, :d_a]ᵀ Q_b[:, :d_b]``.
+
+In a centred (LayerNorm) stream every value is orthogonal to ``u = 1/√D``; the basis puts ``u``
+last so that slicing drops that always-zero coordinate first.
+
+The module holds the whole pass, in the order it runs: the width policy (:func:`plan_widths`), the
+block-wise runner that computes each position from the cached, already rotated previous one
+(:class:`SegmentRunner`), the covariance and its eigenbasis (:func:`covariance`, :func:`pca_basis`),
+the weight rewrite (:class:`Rotator`) and the loop that ties them together (:func:`rotate_and_slice`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Interpreter, Node
+from tqdm.auto import tqdm
+
+from ..calibration import Batch
+from ..errors import CalibrationError, FxSliceError, GraphStructureError
+from ..graph.edit import remove_module_call
+from ..graph.nodes import describe
+from ..graph.weights import f64, set_embedding, set_linear, share_embedding
+from ..result import Stopwatch
+from .p4_fuse import Plan
+
+PCA_SIGNALS = ("stream", "norm_output")
+BASES = ("position", "block")
+
+
+# --- widths -----------------------------------------------------------------------------------------
+def slice_width(hidden: int, sparsity: float, round_to: int) -> int:
+    """``d = floor(D (1 - sparsity))`` rounded down to a multiple of ``round_to``."""
+    width = math.floor(hidden * (1.0 - sparsity) + 1e-9)
+    if round_to > 1:
+        width -= width % round_to
+    return width
+
+
+def plan_widths(plan: Plan, sparsity: float, round_to: int, slice_head: bool) -> list[int]:
+    """The width of every stream position: ``d`` for rotated positions, ``D`` for raw ones, the head's
+    input kept whole unless ``slice_head``. A centred stream never keeps more than ``D - 1``
+    coordinates (the last one, along ``1/√D``, is always zero)."""
+    hidden = plan.hidden_size
+    width = slice_width(hidden, sparsity, round_to)
+    if width < 1:
+        raise FxSliceError(f"sparsity {sparsity} leaves no column of the hidden size {hidden} (round_to={round_to})")
+    cap = hidden - 1 if plan.centered else hidden
+    widths = []
+    for p in plan.positions:
+        if not p.rotated:
+            widths.append(hidden)
+        elif p is plan.last and not slice_head:
+            widths.append(cap)
+        else:
+            widths.append(min(width, cap))
+    return widths
+
+
+def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
+    """Positions sharing one PCA basis: each rotated position alone, or the plan's block groups."""
+    return plan.block_groups if basis == "block" else [[p.index] for p in plan.rotated]
+
+
+# --- block-wise execution -----------------------------------------------------------------------------
+class SegmentRunner(Interpreter):
+    """Runs a flat graph segment by segment, cut at the nodes holding the rotated positions.
+
+    Segment ``k`` computes position ``k`` from position ``k-1`` (segment 0: the embeddings and
+    everything that depends only on ``input_ids``, such as masks and rotary tables). Each batch
+    keeps an environment with just the values later segments still need, so calibration runs every
+    block once per batch: position ``k`` is computed from the cached, already rotated position
+    ``k-1``, never by re-running the prefix. Parameters (``get_attr``) are fetched afresh on every
+    run because rotation replaces them.
+    """
+
+    def __init__(self, gm: GraphModule, boundaries: list[Node]):
+        super().__init__(gm, garbage_collect_values=False)
+        self.boundaries = boundaries
+        segment = self._segments(gm, boundaries)
+        count = len(boundaries)
+        self.nodes: list[list[Node]] = [[] for _ in range(count)]
+        for node in gm.graph.nodes:
+            seg = segment.get(node)
+            if seg is None or seg >= count or node.op == "output":
+                continue
+            for arg in node.all_input_nodes:
+                if arg.op == "get_attr" and arg not in self.nodes[seg]:
+                    self.nodes[seg].append(arg)
+            self.nodes[seg].append(node)
+        last_use: dict[Node, int] = {}
+        for node, seg in segment.items():
+            for arg in node.all_input_nodes:
+                last_use[arg] = max(last_use.get(arg, -1), seg)
+        # values to drop after segment k: produced by segments <= k and not used after k
+        self.drop: list[list[Node]] = [[] for _ in range(count)]
+        for node, seg in segment.items():
+            if seg < count:
+                self.drop[min(max(last_use.get(node, seg), seg), count - 1)].append(node)
+        self.drop[count - 1] = []  # nothing after the last boundary is run here
+
+    @staticmethod
+    def _segments(gm: GraphModule, boundaries: list[Node]) -> dict[Node, int]:
+        """The segment of every computed node: how many boundaries lie on its deepest input path."""
+        index = {node: i for i, node in enumerate(boundaries)}
+        level: dict[Node, int] = {}
+        segment: dict[Node, int] = {}
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                level[node] = 0
+                continue
+            lv = max((level[a] for a in node.all_input_nodes if a.op != "get_attr"), default=0)
+            segment[node] = lv
+            if node in index and lv != index[node]:
+                raise GraphStructureError(
+                    f"stream position {index[node]} at {describe(node)} is computed from position {lv - 1}; "
+                    "the positions are not in order"
+                )
+            level[node] = lv + 1 if node in index else lv
+        return segment
+
+    def run_segment(self, k: int, env: dict) -> torch.Tensor:
+        """Run segment ``k`` on one batch's environment; returns the value of boundary ``k``."""
+        self.env = env
+        for node in self.nodes[k]:
+            env[node] = self.run_node(node)
+        value = env[self.boundaries[k]]
+        for node in self.drop[k]:
+            if node is not self.boundaries[k]:
+                env.pop(node, None)
+        for node in self.nodes[k]:
+            if node.op == "get_attr":
+                env.pop(node, None)
+        return value
+
+
+# --- PCA ------------------------------------------------------------------------------------------------
+def covariance(value: torch.Tensor, batch: Batch, pca_signal: str, eps: float) -> torch.Tensor:
+    """``XᵀX`` in float64 over the unmasked tokens of one batch (Sec. 3.3). ``X`` is the stream value
+    itself (``"stream"``) or its RMS-normalised form (``"norm_output"``, the paper's Eq. 8)."""
+    signal = value.to(torch.float64)
+    if pca_signal == "norm_output":
+        signal = signal * torch.rsqrt(signal.pow(2).sum(-1, keepdim=True) / signal.shape[-1] + eps)
+    rows = signal[batch.attention_mask] if batch.attention_mask is not None else signal.reshape(-1, signal.shape[-1])
+    return rows.T @ rows
+
+
+def pca_basis(covariance: torch.Tensor, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors of ``C`` by decreasing eigenvalue (columns), signs fixed (largest entry positive)."""
+    c = covariance.to(torch.float64)
+    c = (c + c.T) / 2
+    size = c.shape[0]
+    if centered:
+        u = torch.full((size,), size ** -0.5, dtype=torch.float64, device=c.device)
+        m = torch.eye(size, dtype=torch.float64, device=c.device) - torch.outer(u, u)
+        c = m @ c @ m - (torch.trace(c) + 1.0) * torch.outer(u, u)
+    eigenvalues, eigenvectors = torch.linalg.eigh(c)
+    order = torch.argsort(eigenvalues, descending=True)
+    eigenvalues, basis = eigenvalues[order], eigenvectors[:, order]
+    if centered:
+        basis[:, -1] = u
+        eigenvalues[-1] = 0.0
+    pivot = basis.abs().argmax(0)
+    signs = torch.sign(basis[pivot, torch.arange(size, device=c.device)])
+    signs[signs == 0] = 1.0
+    return basis * signs, eigenvalues
+
+
+# --- the rewrite -------------------------------------------------------------------------------------------
+class Rotator:
+    """Rewrites the weights and width-carrying nodes of a fused graph position by position."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.gm = plan.gm
+
+    def module(self, name: str) -> nn.Module:
+        return self.gm.get_submodule(name)
+
+    def rotate_writer(self, name: str, basis: torch.Tensor) -> None:
+        """``W ← Qᵀ W``, ``b ← b Q`` (``E ← E Q`` for an embedding)."""
+        module = self.module(name)
+        q = basis.to(module.weight.device)
+        if isinstance(module, nn.Embedding):
+            set_embedding(module, f64(module.weight) @ q)
+        else:
+            bias = f64(module.bias)
+            set_linear(module, q.T @ f64(module.weight), None if bias is None else bias @ q)
+
+    def rotate_reader(self, name: str, basis: torch.Tensor) -> None:
+        """``W ← W Q``."""
+        module = self.module(name)
+        set_linear(module, f64(module.weight) @ basis.to(module.weight.device), f64(module.bias))
+
+    def rotate(self, index: int, basis: torch.Tensor, width: int) -> None:
+        """Rotate every weight touching position ``index`` into ``basis`` and keep ``width`` coordinates."""
+        position, tied, q = self.plan.positions[index], self.plan.tied, basis[:, :width]
+        tied_here = tied is not None and tied.position == index
+        for name in position.writers:
+            if not (tied_here and name == tied.embedding):
+                self.rotate_writer(name, q)
+        if position.shortcut is not None:
+            self.rotate_writer(position.shortcut, q)
+        for name in position.readers:
+            self.rotate_reader(name, q)
+        if tied_here:
+            self.rotate_tied_head(basis)
+        self.resize(index, width)
+
+    def rotate_tied_head(self, basis: torch.Tensor) -> None:
+        """A head tied to the embedding reads the whole rotated basis: ``H ← H Q`` (``= E Q``, the
+        rotated embedding table), and the affine in front of it maps into that basis: ``A ← Qᵀ A``,
+        ``β ← β Q``."""
+        head = self.module(self.plan.tied.head)
+        set_linear(head, f64(head.weight) @ basis.to(head.weight.device), f64(head.bias))
+        self.rotate_writer(self.plan.tied.affine, basis)
+
+    def resize(self, index: int, width: int) -> None:
+        """Give the nodes that carry position ``index``'s width (reshapes, a tied embedding's column
+        slice) the width ``width``, and re-tie a tied embedding to its head. Weights are not touched:
+        this is also how a second capture of the model (the KV-cache program) takes the widths of
+        weights it receives."""
+        hidden = self.plan.hidden_size
+        for node in self.plan.positions[index].reshapes:
+            shape = list(node.args[1])
+            if shape and shape[-1] == hidden:
+                shape[-1] = width
+                node.args = (node.args[0], shape) + tuple(node.args[2:])
+        tied = self.plan.tied
+        if tied is not None and tied.position == index:
+            share_embedding(self.module(tied.embedding), self.module(tied.head).weight)
+            if tied.width_slice is not None:
+                tied.width_slice.args = (tied.width_slice.args[0], -1, 0, width)
+
+    def remove_shortcut(self, index: int) -> None:
+        """Delete the shortcut into position ``index`` (its matrix is the identity: both ends share a
+        basis and a width); the residual add reads the stream directly again."""
+        plan = self.plan
+        position = plan.positions[index]
+        name, position.shortcut = position.shortcut, None
+        remove_module_call(self.gm, name)
+        for p in plan.positions:
+            if name in p.readers:
+                p.readers.remove(name)
+        plan.inserted[:] = [m for m in plan.inserted if m.name != name]
+
+
+# --- the pass -------------------------------------------------------------------------------------------------
+def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups: list[list[int]], *,
+                     pca_signal: str = "stream", stopwatch: Optional[Stopwatch] = None,
+                     progress: bool = True) -> list[Optional[torch.Tensor]]:
+    """Group by group of positions (one basis each): run their blocks once per batch, PCA of the
+    summed covariance, rotate and slice, rotate the cached values. Shortcuts inside a group are then
+    ``Q_dᵀ Q_d = I`` and are removed. Returns the eigenvalues of every rotated position.
+
+    Within a group the later positions are computed before the group is sliced, so the next group
+    calibrates on values that saw no slicing inside this one (each block still runs once per batch).
+    """
+    watch = stopwatch or Stopwatch()
+    gm, hidden = plan.gm, plan.hidden_size
+    rotated = plan.rotated
+    segment_of = {p.index: k for k, p in enumerate(rotated)}
+    runner = SegmentRunner(gm, [p.root for p in rotated])
+    rotator = Rotator(plan)
+    input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    envs = [{input_node: b.input_ids} for b in batches]
+    eigenvalues: list[Optional[torch.Tensor]] = [None] * len(plan.positions)
+    bar = tqdm(total=len(rotated), desc="fxslice: rotate & slice", unit="pos", disable=not progress)
+    with torch.no_grad():
+        for group in groups:
+            summed = torch.zeros(hidden, hidden, dtype=torch.float64, device=batches[0].input_ids.device)
+            for number, (batch, env) in enumerate(zip(batches, envs)):
+                for index in group:
+                    with watch("calibration forward"):
+                        value = runner.run_segment(segment_of[index], env)
+                    with watch("pca"):
+                        _check_finite(value, plan.positions[index].index, plan.positions[index].label, number)
+                        summed += covariance(value, batch, pca_signal, plan.positions[index].norm_eps)
+            with watch("pca"):
+                basis, spectrum = pca_basis(summed, plan.centered)
+            with watch("rewrite"):
+                for index in group:
+                    eigenvalues[index] = spectrum.cpu()
+                    rotator.rotate(index, basis, widths[index])
+                    root = runner.boundaries[segment_of[index]]
+                    projection = basis[:, :widths[index]].to(torch.float32)
+                    for env in envs:
+                        if root in env:
+                            env[root] = (env[root].to(torch.float32) @ projection).to(env[root].dtype)
+            bar.update(len(group))
+    bar.close()
+    with watch("rewrite"):
+        tied = plan.tied
+        if tied is not None and not plan.positions[tied.position].rotated:
+            rotator.resize(tied.position, hidden)
+        for group in groups:  # each member after the first is fed by the one before it (block_groups)
+            for previous, index in zip(group, group[1:]):
+                if widths[index] == widths[previous]:
+                    rotator.remove_shortcut(index)
+        gm.recompile()
+    return eigenvalues
+
+
+def _check_finite(value: torch.Tensor, index: int, label: str, batch_number: int) -> None:
+    if not torch.isfinite(value).all():
+        raise CalibrationError(
+            f"non-finite activations at stream position {index} ({label}) for calibration batch {batch_number}; "
+            "the model or its dtype overflows on this data"
+        )

@@ -1,0 +1,102 @@
+"""What ``compress`` hands back: :class:`SliceResult` (attached as ``sliced.fxslice``) and its timings."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from tabulate import tabulate
+
+from .graph.inserted import InsertedModule
+
+
+class Stopwatch:
+    """Seconds per label, accumulated: ``with watch("pca"): ...``; labels keep their first-use order."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, label: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - started
+
+
+@dataclass
+class SliceResult:
+    """What ``compress`` did: widths per stream position, true parameter counts, timings, spectra."""
+
+    hidden_size: int
+    sparsity: float
+    widths: list[int]  # per stream position (raw positions keep the full width)
+    dense_param_count: int
+    param_count: int  # unique parameters of the sliced graph, inserted modules included
+    tied_embeddings: bool
+    centered: bool
+    options: dict
+    calibration_tokens: int
+    inserted: list[InsertedModule] = field(default_factory=list)
+    """modules fxslice inserted (shortcuts, norm affines), named by :mod:`fxslice.graph.inserted`."""
+    head: list[str] = field(default_factory=list)
+    """the Linear module(s) reading the last stream position (the LM head)."""
+    layout: dict[str, tuple[Optional[int], Optional[int]]] = field(default_factory=dict)
+    """module name -> (stream position its input reads, stream position its output writes)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    eigenvalues: list[Optional[torch.Tensor]] = field(default_factory=list)
+    added_param_count: int = 0  # parameters of the inserted modules
+
+    @property
+    def param_fraction(self) -> float:
+        return self.param_count / self.dense_param_count
+
+    @property
+    def added(self) -> list[str]:
+        """Names of the inserted modules."""
+        return [m.name for m in self.inserted]
+
+    def to_record(self) -> dict:
+        """The JSON-ready part of the result (what ``fxslice.json`` keeps)."""
+        return {
+            "hidden_size": self.hidden_size,
+            "sparsity": self.sparsity,
+            "widths": self.widths,
+            "param_count": self.param_count,
+            "dense_param_count": self.dense_param_count,
+            "added_param_count": self.added_param_count,
+            "tied_embeddings": self.tied_embeddings,
+            "options": self.options,
+            "inserted": [m.to_dict() for m in self.inserted],
+            "head": self.head,
+        }
+
+    def table(self) -> str:
+        rows = [
+            ["hidden size D", self.hidden_size],
+            ["sparsity", self.sparsity],
+            ["slice widths", _ranges(self.widths)],
+            ["dense parameters", f"{self.dense_param_count:,}"],
+            ["sliced parameters (true)", f"{self.param_count:,} ({100 * self.param_fraction:.1f}%)"],
+            ["  of which shortcuts/affines", f"{self.added_param_count:,}"],
+            ["tied embeddings kept tied", self.tied_embeddings],
+            ["calibration tokens", f"{self.calibration_tokens:,}"],
+        ] + [[f"time {k} (s)", f"{v:.2f}"] for k, v in self.timings.items()]
+        return tabulate(rows, tablefmt="simple")
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _ranges(widths: list[int]) -> str:
+    """``432 x60, 576`` for runs of equal widths."""
+    parts, start = [], 0
+    for i in range(1, len(widths) + 1):
+        if i == len(widths) or widths[i] != widths[start]:
+            parts.append(f"{widths[start]}" + (f" x{i - start}" if i - start > 1 else ""))
+            start = i
+    return ", ".join(parts)
