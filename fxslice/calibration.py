@@ -65,6 +65,18 @@ def _check_mask(mask, ids: torch.Tensor, i: int) -> None:
         raise CalibrationError(f"calibration batch {i}: attention_mask must contain only 0 and 1")
 
 
+def check_lengths(batches: list[Batch], max_positions: Optional[int]) -> None:
+    """Refuse sequences longer than a learned position table of ``max_positions`` rows."""
+    if max_positions is None:
+        return
+    for i, batch in enumerate(batches):
+        if batch.input_ids.shape[1] > max_positions:
+            raise CalibrationError(
+                f"calibration batch {i} has sequences of {batch.input_ids.shape[1]} tokens but the model's position "
+                f"table holds {max_positions} (config.max_position_embeddings): use shorter windows"
+            )
+
+
 def prepare_batches(calib_loader: Iterable, vocab_size: int, device: torch.device) -> list[Batch]:
     """Validate and materialise the calibration batches (before anything is captured or changed)."""
     if isinstance(calib_loader, torch.Tensor) and calib_loader.dim() == 2:

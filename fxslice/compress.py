@@ -14,7 +14,7 @@ from typing import Iterable
 from torch import nn
 from torch.fx import GraphModule
 
-from .calibration import prepare_batches, token_count
+from .calibration import check_lengths, prepare_batches, token_count
 from .errors import FxSliceError
 from .graph.weights import count_parameters, release_shared_storage
 from .hf import model_spec
@@ -90,6 +90,7 @@ def compress(
             gm = canonicalise(gm)
         with watch("analyse"):
             structure = analyse(gm)
+        check_lengths(batches, spec.max_positions if structure.has_position_table() else None)
         with watch("fuse"):
             plan = fuse(structure)
         widths = plan_widths(plan, float(sparsity), round_to, slice_head)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -34,6 +35,7 @@ class ModelSpec:
     device: torch.device
     param_count: int  # unique parameters, tied weights once
     accepts_use_cache: bool
+    max_positions: Optional[int] = None  # config.max_position_embeddings, when the model says
 
     def example_input_ids(self, batch: int = 2, length: int = 16) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
@@ -55,6 +57,9 @@ def model_spec(model: nn.Module) -> ModelSpec:
     params = list(model.parameters())
     if not params:
         raise FxSliceError(f"model {type(model).__name__} has no parameters")
+    if any(p.is_meta for p in params):
+        raise FxSliceError(f"model {type(model).__name__} has parameters on the meta device (no weights): load "
+                           "its weights before compressing it")
     floats = [p for p in params if p.is_floating_point()]
     return ModelSpec(
         class_name=type(model).__name__,
@@ -63,6 +68,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
         device=params[0].device,
         param_count=count_parameters(model),
         accepts_use_cache=_accepts(model, "use_cache"),
+        max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
     )
 
 
@@ -91,6 +97,21 @@ def _accepts(model: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):
         return True
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def check_causal(model: nn.Module, spec: ModelSpec, logits_index: int) -> None:
+    """Refuse a model whose outputs at a position depend on later tokens (an encoder such as BERT)."""
+    ids = spec.example_input_ids(1, 8)
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % spec.vocab_size
+    kwargs = {"use_cache": False} if spec.accepts_use_cache else {}
+    with torch.no_grad():
+        first = pytree.tree_leaves(model(input_ids=ids, **kwargs))[logits_index][:, :-1].float()
+        second = pytree.tree_leaves(model(input_ids=changed, **kwargs))[logits_index][:, :-1].float()
+    # in a causal model the earlier rows are computed by the same ops on the same values: equal to rounding
+    if float((first - second).abs().max()) > 1e-5 * (1.0 + float(first.abs().max())):
+        raise FxSliceError(f"{spec.class_name} is not a causal language model: its logits at a position change "
+                           "with later tokens (an encoder such as BERT? set config.is_decoder=True where supported)")
 
 
 def logits_leaf(output) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 from tabulate import tabulate
 from torch.fx import GraphModule
 
@@ -16,7 +17,7 @@ from ..errors import FxSliceError
 from ..graph.weights import count_parameters
 from ..passes.p3_analyse import Structure
 from ..result import SliceResult
-from ..runtime.export import save
+from ..runtime.export import check_destination, save
 from .assets import DTYPES, load_model
 from .data import Protocol, batches, protocol_data
 from .evaluate import perplexity
@@ -69,6 +70,18 @@ class CompressJobResult:
         return {**self.record, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb}
 
 
+def check_device(device: str) -> None:
+    """A torch device name that exists on this machine."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FxSliceError(f"device must be a torch device such as cpu or cuda, got {device!r}") from exc
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise FxSliceError(f"device {device!r} requested but CUDA is not available on this machine")
+    if where.type not in ("cpu", "cuda") and not getattr(torch, where.type, None):
+        raise FxSliceError(f"device {device!r} is not available on this machine")
+
+
 def distinct_widths(widths: list[int]) -> str:
     """``576/432``: the distinct widths, widest first."""
     return "/".join(str(w) for w in sorted(set(widths), reverse=True))
@@ -83,8 +96,9 @@ def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype:
                   options.get("slice_head", False), options.get("basis", "position"))
     if dtype not in DTYPES:
         raise FxSliceError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    if output and Path(output).exists() and not overwrite:
-        raise FxSliceError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_device(device)
+    if output:
+        check_destination(Path(output), overwrite)
     model, tokenizer = load_model(model_name, DTYPES[dtype], device)
     calibration, evaluations = protocol_data(tokenizer, protocol)
     if not evaluate:

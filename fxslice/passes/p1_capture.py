@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import plain_graph_module, strip_guards
-from ..hf import ModelSpec, causal_lm_output, logits_leaf
+from ..hf import ModelSpec, causal_lm_output, check_causal, logits_leaf
 
 GRAPH_CLASS = "SlicedCausalLM"
 
@@ -28,6 +28,7 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
     try:
         with torch.no_grad():
             leaf = logits_leaf(model(**kwargs))
+            check_causal(model, spec, leaf)
             program = torch.export.export(model, (), kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
     except FxSliceError:
         raise

@@ -105,6 +105,11 @@ class Structure:
                     return writer, reader
         return None
 
+    def has_position_table(self) -> bool:
+        """Whether an embedding besides the token embedding writes the first position (learned
+        positions: inputs longer than the table cannot run)."""
+        return any(isinstance(self.module(w), nn.Embedding) for w in self.positions[0].writers[1:])
+
     def block_groups(self) -> list[list[int]]:
         """Rotated positions grouped by the block that reads them.
 
@@ -454,7 +459,7 @@ def check_structure(structure: Structure) -> None:
                 raise GraphStructureError(
                     f"position {p.index} is read by linears without a norm "
                     f"({short_names([str(r.target) for r in p.direct_readers])}) in a LayerNorm model; the stream "
-                    "cannot be centred"
+                    "cannot be centred (a post-norm architecture, which SliceGPT does not cover?)"
                 )
             plain = [s.path for s in p.norms if not s.spec.centered]
             if plain:

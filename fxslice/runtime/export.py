@@ -87,24 +87,101 @@ def export_generator(program: nn.Module) -> torch.export.ExportedProgram:
                                    dynamic_shapes=({1: length}, {0: length}), strict=False)
 
 
+def check_destination(target: Path, overwrite: bool) -> None:
+    """A folder may be written to ``target`` if nothing is there, or, with ``overwrite``, an empty folder
+    or one fxslice saved. Anything else (a file, a folder of other files) is refused untouched."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not overwrite:
+        raise FxSliceError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not target.is_dir() or target.is_symlink():
+        raise FxSliceError(f"{target} exists and is not a folder; fxslice will not replace it")
+    if any(target.iterdir()) and not is_saved_folder(target):
+        raise FxSliceError(f"{target} is a folder fxslice did not write (no valid {RECORD}); "
+                           "refusing to delete it: choose another output folder")
+
+
+def is_saved_folder(path: Path) -> bool:
+    try:
+        read_record(path)
+    except FxSliceError:
+        return False
+    return True
+
+
+def _check_save_inputs(model, tokenizer, record, generator) -> None:
+    if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
+        raise FxSliceError(f"save: model must be a torch.nn.Module with parameters (a sliced GraphModule), "
+                           f"got {type(model).__name__}")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise FxSliceError(f"save: tokenizer must be a Hugging Face tokenizer (with save_pretrained) or None, "
+                           f"got {type(tokenizer).__name__}")
+    if record is not None and not isinstance(record, dict):
+        raise FxSliceError(f"save: record must be a dict or None, got {type(record).__name__}")
+    if generator is not None and not (isinstance(generator, nn.Module) and hasattr(generator, "max_cache_len")
+                                      and hasattr(generator, "cache_batch_size")):
+        raise FxSliceError("save: generator must be a KV-cache program from fxslice.runtime.generate.with_cache")
+
+
+def _staging_folder(target: Path) -> Path:
+    """An empty folder on the target's file system (so that it can be renamed into place), outside the
+    target's parent when the temporary directory shares that file system: a save killed midway then
+    leaves nothing beside the target. Created with the user's umask, like any folder."""
+    parent = target.parent
+    temporary = Path(tempfile.gettempdir())
+    where = temporary if temporary.exists() and os.stat(temporary).st_dev == os.stat(parent).st_dev else parent
+    staging = Path(tempfile.mkdtemp(dir=where, prefix=f".{target.name}.fxslice-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """``staging`` becomes ``target``; a previous ``target`` is swapped out in one step and deleted."""
+    if not target.exists():
+        os.replace(staging, target)
+    elif _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous folder
+    else:
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old / "previous")
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Optional[dict] = None,
          overwrite: bool = False, generator: Optional[nn.Module] = None) -> Path:
     """Export ``model`` (and the KV-cache ``generator`` program, if given) and write the folder atomically.
 
     ``fxslice.json`` holds the model's :class:`~fxslice.result.SliceResult` record (when it has one),
-    updated by ``record``."""
+    updated by ``record``. With ``overwrite`` only an empty folder or one fxslice saved is replaced; a
+    save that fails or is killed leaves the previous folder as it was."""
     from .. import __version__
 
+    _check_save_inputs(model, tokenizer, record, generator)
     target = Path(folder)
-    if target.exists() and not overwrite:
-        raise FxSliceError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_destination(target, overwrite)
     result = getattr(model, "fxslice", None)
     record = {**(result.to_record() if result is not None else {}), **(record or {})}
     vocab = int(record["vocab_size"]) if record.get("vocab_size") else vocab_size_of(model)
     program = export_program(model, vocab)
     generator_program = export_generator(generator) if generator is not None else None
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    staging = _staging_folder(target)
     try:
         torch.export.save(program, staging / PROGRAM)
         if generator_program is not None:
@@ -125,13 +202,8 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
             full["generator"] = {"max_cache_len": generator.max_cache_len, "batch_size": generator.cache_batch_size,
                                  "program_sha256": _sha256(staging / GENERATOR)}
         (staging / RECORD).write_text(json.dumps(full, indent=2, default=str))
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "previous")
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        check_destination(target, overwrite)  # nothing else appeared there meanwhile
+        _move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -164,7 +236,11 @@ class LoadedModel(nn.Module):
         return self
 
 
+REQUIRED = {"vocab_size": int, "program_sha256": str}
+
+
 def read_record(folder: str | os.PathLike) -> dict:
+    """``fxslice.json`` of a saved folder, checked: format, version and the keys loading needs."""
     path = Path(folder)
     if not path.is_dir():
         raise FxSliceError(f"{path} is not a folder saved by fxslice")
@@ -173,14 +249,23 @@ def read_record(folder: str | os.PathLike) -> dict:
         raise FxSliceError(f"{path} has no {RECORD}: not a folder saved by fxslice.save")
     try:
         record = json.loads(record_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FxSliceError(f"{record_path} is corrupted: {exc}") from exc
+    if not isinstance(record, dict):
+        raise FxSliceError(f"{record_path} is corrupted: expected a JSON object, found a {type(record).__name__}")
     if record.get("format") != FORMAT:
         raise FxSliceError(f"{record_path} describes format {record.get('format')!r}, expected {FORMAT!r}")
     if record.get("format_version") != FORMAT_VERSION:
         raise FxSliceError(
             f"{record_path} has format version {record.get('format_version')}, this fxslice reads {FORMAT_VERSION}"
         )
+    for key, kind in REQUIRED.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            raise FxSliceError(f"{record_path} is corrupted: '{key}' is missing or not a {kind.__name__}")
+    generator = record.get("generator")
+    if generator is not None and not (isinstance(generator, dict) and isinstance(generator.get("max_cache_len"), int)
+                                      and isinstance(generator.get("program_sha256"), str)):
+        raise FxSliceError(f"{record_path} is corrupted: 'generator' lacks max_cache_len or program_sha256")
     return record
 
 

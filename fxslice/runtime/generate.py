@@ -98,6 +98,23 @@ def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "") -> N
             module.embedding_dim = module.weight.shape[1]
 
 
+def check_generation(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """Refuse what the static cache cannot hold: a batch other than the cache's, more tokens than its length."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0 \
+            or input_ids.is_floating_point():
+        raise FxSliceError(f"input_ids must be an integer tensor of shape [B, T] with T > 0, got "
+                           f"{list(getattr(input_ids, 'shape', [])) or type(input_ids).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise FxSliceError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    batch, length = getattr(program, "cache_batch_size", None), getattr(program, "max_cache_len", None)
+    if batch is not None and input_ids.shape[0] != batch:
+        raise FxSliceError(f"the KV-cache program was built for batch size {batch}, got input_ids with "
+                           f"{input_ids.shape[0]} rows")
+    if length is not None and input_ids.shape[1] + max_new_tokens > length:
+        raise FxSliceError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                           f"KV cache length {length}")
+
+
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
           generator: Optional[torch.Generator]) -> torch.Tensor:
     if not do_sample:
@@ -123,10 +140,7 @@ def generate(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 
     Greedy by default; ``do_sample`` with temperature / top-k / top-p (seeded by ``seed``).
     Returns the prompt followed by the generated tokens.
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise FxSliceError(f"input_ids must have shape [B, T] with T > 0, got {list(input_ids.shape)}")
-    if max_new_tokens < 0:
-        raise FxSliceError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_generation(program, input_ids, max_new_tokens)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     tokens = input_ids
     length = input_ids.shape[1]
