@@ -221,14 +221,14 @@ def fuzz_cases(draw, families: Optional[list[str]] = None, dtypes: tuple[str, ..
 
     # sizes: hidden = heads * head_dim in [32, 96], head_dim a multiple of the family's step
     heads = draw(st.integers(1, 8))
-    head_dims = [h for h in range(spec.min_head_dim, 97, spec.head_dim_step)
-                 if h % spec.head_dim_step == 0 and 32 <= heads * h <= 96]
+    head_dims = [h for h in range(spec.min_head_dim, 97) if h % spec.head_dim_step == 0 and 32 <= heads * h <= 96]
     head_dim = draw(st.sampled_from(head_dims))
     hidden = heads * head_dim
     if spec.head_dim is not None:
         overrides[spec.head_dim] = head_dim
-        if draw(st.booleans()):  # o_proj maps heads * head_dim back to any width
-            hidden = draw(st.integers(32, 96))
+        if draw(st.booleans()):  # o_proj maps heads * head_dim back to another width (the configs
+            # still require a multiple of the head count)
+            hidden = draw(st.sampled_from([h for h in range(32, 97) if h % heads == 0]))
     overrides[spec.hidden] = hidden
     overrides[spec.heads] = heads
     overrides[spec.layers] = draw(st.integers(1, 3))

@@ -242,3 +242,49 @@ def test_sliced_graph_names_linears_after_the_model():
     assert {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"} <= names
     # q/k norms inside attention are not stream norms: left alone
     assert "q_norm" in sliced.code
+
+
+def test_masked_calibration_of_a_flattened_stream():
+    """OPT flattens the stream to [B·T, D] around its MLP: masks must follow that layout."""
+    model = tiny_model("opt")
+    ids = calibration(batches=1)[0]
+    mask = torch.ones_like(ids)
+    mask[:, 12:] = 0
+    with_mask = fxslice.compress(model, [{"input_ids": ids, "attention_mask": mask}], 0.25, progress=False)
+    truncated = fxslice.compress(model, [ids[:, :12]], 0.25, progress=False)
+    name = "model.decoder.layers.1.fc1"
+    assert torch.allclose(with_mask.get_submodule(name).weight, truncated.get_submodule(name).weight, atol=1e-4)
+
+
+def test_sparsity_zero_is_exact_for_a_width_that_is_no_multiple_of_round_to():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_models import COMMON
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**COMMON, "hidden_size": 60, "head_dim": 16,
+                                                                                  "num_attention_heads": 4})).eval()
+    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
+    assert exact.fxslice.widths == [60] * 5
+    assert (exact(IDS).logits - model(IDS).logits).abs().max() < 1e-4
+    assert fxslice.compress(model, calibration(), 0.25, progress=False).fxslice.widths[:4] == [40] * 4  # 45 -> 40
+
+
+def test_embedding_projected_to_the_stream_width():
+    """OPT with word_embed_proj_dim != hidden_size: the stream starts after project_in."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("opt", vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, ffn_dim=128,
+                                  word_embed_proj_dim=32, num_hidden_layers=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    structure = fxslice.inspect(model, show=False)
+    assert structure.hidden_size == 64 and len(structure.positions) == 5
+    assert [str(w.target) for w in structure.positions[0].writers] == ["model.decoder.project_in",
+                                                                      "model.decoder.embed_positions"]
+    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
+    assert (exact(IDS).logits - model(IDS).logits).abs().max() < 1e-4
+    sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
+    assert sliced.fxslice.widths == [48, 48, 48, 48, 63]
+    assert sliced.get_submodule("model.decoder.project_in").out_features == 48
+    assert sliced.fxslice.param_count < sliced.fxslice.dense_param_count

@@ -276,7 +276,7 @@ class StreamWalk:
         self.kinds = NodeKinds(gm)
 
     def run(self) -> Structure:
-        start = self.kinds.token_embedding()
+        start = self.projected(self.kinds.token_embedding())
         hidden = int(example_value(start).shape[-1])
         positions: list[Position] = []
         current = Position(0, start, writers=[start])
@@ -304,6 +304,23 @@ class StreamWalk:
             if p.skip is not None:
                 p.skip.source = next(i for i, q in enumerate(positions) if p.skip.operand in q.aliases)
         return Structure(self.gm, hidden, positions)
+
+    def projected(self, embedding: Node) -> Node:
+        """Where the stream starts: the embedding, or the one Linear projecting it to another width
+        (OPT's ``project_in`` when ``word_embed_proj_dim`` differs from the hidden size)."""
+        users, frontier = [], [embedding]
+        while frontier:
+            src = frontier.pop()
+            for user in src.users:
+                if self.kinds.walks_through(user, src):
+                    frontier.append(user)
+                else:
+                    users.append(user)
+        if len(users) == 1 and self.kinds.is_linear(users[0]):
+            width = example_value(embedding).shape[-1]
+            if self.kinds.module_of(users[0]).out_features != width:
+                return users[0]
+        return embedding
 
     def _branch(self, add: Node, current: Position) -> tuple[Node, Node]:
         """(branch, stream operand) of a residual add."""

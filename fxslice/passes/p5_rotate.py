@@ -43,9 +43,10 @@ BASES = ("position", "block")
 
 # --- widths -----------------------------------------------------------------------------------------
 def slice_width(hidden: int, sparsity: float, round_to: int) -> int:
-    """``d = floor(D (1 - sparsity))`` rounded down to a multiple of ``round_to``."""
+    """``d = floor(D (1 - sparsity))`` rounded down to a multiple of ``round_to`` when it deletes
+    anything (``d = D`` stays ``D``: sparsity 0 is exact whatever the hidden size)."""
     width = math.floor(hidden * (1.0 - sparsity) + 1e-9)
-    if round_to > 1:
+    if round_to > 1 and width < hidden:
         width -= width % round_to
     return width
 
@@ -154,7 +155,9 @@ def covariance(value: torch.Tensor, batch: Batch, pca_signal: str, eps: float) -
     signal = value.to(torch.float64)
     if pca_signal == "norm_output":
         signal = signal * torch.rsqrt(signal.pow(2).sum(-1, keepdim=True) / signal.shape[-1] + eps)
-    rows = signal[batch.attention_mask] if batch.attention_mask is not None else signal.reshape(-1, signal.shape[-1])
+    rows = signal.reshape(-1, signal.shape[-1])  # [B, T, D] or a flattened [B·T, D] (OPT), B-major either way
+    if batch.attention_mask is not None:
+        rows = rows[batch.attention_mask.reshape(-1)]
     return rows.T @ rows
 
 
