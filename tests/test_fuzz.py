@@ -97,11 +97,8 @@ def check_case(case: FuzzCase) -> None:
     model = case.build()
     before = _snapshot(model)
     calib, ids = case.calibration(), case.eval_input()
-    # round_to=8 rounds every width down to a multiple of 8, at sparsity 0 too (README, options of
-    # compress): a hidden size that is no multiple of 8 is only kept whole with round_to=1.
     hidden = _hidden_size(model)
-    options = {} if hidden % 8 == 0 else {"round_to": 1}
-    exact = fxslice.compress(model, calib, 0.0, progress=False, **options)
+    exact = fxslice.compress(model, calib, 0.0, progress=False)  # whole widths whatever D is (no rounding)
     assert exact.fxslice.hidden_size == hidden
     check_exact(case, model, exact, ids)
     del exact
