@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,6 +197,10 @@ def test_a_save_killed_midway_leaves_the_previous_folder_intact(sliced, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["model"], "a partial folder was left beside the target"
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert fxslice.load(target)[0].record["sparsity"] == 0.25
+    fxslice.save(sliced, target, overwrite=True, record={"sparsity": 0.5})  # cleans up after the killed save
+    leftovers = [p for where in (tmp_path, Path(tempfile.gettempdir())) for p in where.glob(".model.fxslice-*")
+                 if p.name.split("fxslice-")[1].split("-")[0] == str(process.pid)]
+    assert not leftovers and fxslice.load(target)[0].record["sparsity"] == 0.5
 
 
 # --- generation --------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 SHORTCUT, NORM_AFFINE, HEAD_AFFINE = "shortcut", "norm_affine", "head_affine"
-KINDS = (SHORTCUT, NORM_AFFINE, HEAD_AFFINE)
 
 
 def shortcut_name(block_path: str, position: int) -> str:
@@ -52,7 +51,3 @@ class InsertedModule:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "InsertedModule":
-        return cls(str(data["name"]), str(data["kind"]), data.get("reads"), data.get("writes"))

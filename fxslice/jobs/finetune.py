@@ -80,7 +80,7 @@ def lora_targets(model: nn.Module, record: dict, include_shortcuts: bool = False
     """Names of the Linear modules that get adapters: every Linear but the head and the modules
     fxslice inserted (those too with ``include_shortcuts``), as listed in the compression ``record``."""
     head = set(record["head"])
-    inserted = {m["name"] if isinstance(m, dict) else m.name for m in record["inserted"]}
+    inserted = {m["name"] for m in record["inserted"]}
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and name not in head and (include_shortcuts or name not in inserted)]
     if not names:

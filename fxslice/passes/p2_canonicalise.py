@@ -18,8 +18,8 @@ from ..graph import ops
 from ..graph.edit import mark_module_call
 from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, module_path
 from ..registry import REGISTRY, LinearMatch
+from .p1_capture import GRAPH_CLASS
 
-GRAPH_CLASS = "SlicedCausalLM"
 INT64_MAX = 2**63 - 1
 
 

@@ -130,11 +130,36 @@ def _staging_folder(target: Path) -> Path:
     parent = target.parent
     temporary = Path(tempfile.gettempdir())
     where = temporary if temporary.exists() and os.stat(temporary).st_dev == os.stat(parent).st_dev else parent
-    staging = Path(tempfile.mkdtemp(dir=where, prefix=f".{target.name}.fxslice-"))
+    remove_stale_staging(where, target.name)
+    staging = Path(tempfile.mkdtemp(dir=where, prefix=f"{_staging_prefix(target.name)}{os.getpid()}-"))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)
     return staging
+
+
+def _staging_prefix(name: str) -> str:
+    return f".{name}.fxslice-"
+
+
+def remove_stale_staging(where: Path, name: str) -> None:
+    """Delete what saves of a folder called ``name`` that were killed midway left in ``where``
+    (staging folders whose writing process no longer exists)."""
+    prefix = _staging_prefix(name)
+    for path in where.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:
