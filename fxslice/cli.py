@@ -26,14 +26,14 @@ def _protocol_args(parser: argparse.ArgumentParser) -> None:
     corpora = ", ".join(CORPORA)
     group.add_argument("--calibration", default=PROTOCOL.calibration,
                        help=f"calibration text: {corpora}, file:PATH or hf:NAME[:CONFIG]:SPLIT:COLUMN (default: %(default)s)")
-    group.add_argument("--calibration-windows", type=int, default=PROTOCOL.calibration_windows,
+    group.add_argument("--calibration-windows", type=_positive_int, default=PROTOCOL.calibration_windows,
                        help="number of calibration windows (default: %(default)s)")
     group.add_argument("--eval", nargs="+", default=list(PROTOCOL.evaluation), metavar="CORPUS",
                        help="evaluation texts; the calibration text is evaluated on its last windows (default: %(default)s)")
-    group.add_argument("--eval-windows", type=int, default=PROTOCOL.evaluation_windows,
+    group.add_argument("--eval-windows", type=_positive_int, default=PROTOCOL.evaluation_windows,
                        help="windows per evaluation text (default: %(default)s)")
     group.add_argument("--length", type=int, default=PROTOCOL.length, help="tokens per window (default: %(default)s)")
-    group.add_argument("--eval-batch-size", type=int, default=4, help="windows per evaluation batch (default: %(default)s)")
+    group.add_argument("--eval-batch-size", type=_positive_int, default=4, help="windows per evaluation batch (default: %(default)s)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--output", default=None, help="folder to save the sliced model to (default: runs/MODEL-SPARSITY)")
     comp.add_argument("--no-save", action="store_true", help="do not save the sliced model")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    comp.add_argument("--batch-size", type=int, default=8, help="calibration windows per batch")
+    comp.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per batch")
     comp.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype")
     comp.add_argument("--device", default="cpu", help="torch device for model and calibration")
     comp.add_argument("--pca-signal", choices=PCA_SIGNALS, default=PCA_SIGNALS[0],
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run lm-eval on these tasks instead of perplexity (e.g. kjv_verse_end, piqa, arc_easy, hellaswag)")
     ev.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction)")
     ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
-    ev.add_argument("--batch-size", type=int, default=4, help="lm-eval: sequences per batch")
-    ev.add_argument("--max-length", type=int, default=2048, help="lm-eval: longest context in tokens")
+    ev.add_argument("--batch-size", type=_positive_int, default=4, help="lm-eval: sequences per batch")
+    ev.add_argument("--max-length", type=_positive_int, default=2048, help="lm-eval: longest context in tokens")
     _protocol_args(ev)
 
     ft = commands.add_parser("finetune", help="LoRA recovery fine-tuning of a saved sliced model; saves the merged result",
@@ -99,16 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("model", help="a folder saved by fxslice compress")
     ft.add_argument("--output", default=None, help="folder for the fine-tuned model (default: MODEL-ft)")
     ft.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    ft.add_argument("--train-windows", type=int, default=64, help="training windows (after the calibration windows)")
-    ft.add_argument("--val-windows", type=int, default=8, help="validation windows for early stopping")
-    ft.add_argument("--batch-size", type=int, default=4, help="training windows per step")
-    ft.add_argument("--epochs", type=int, default=1, help="passes over the training windows")
+    ft.add_argument("--train-windows", type=_positive_int, default=64, help="training windows (after the calibration windows)")
+    ft.add_argument("--val-windows", type=_positive_int, default=8, help="validation windows for early stopping")
+    ft.add_argument("--batch-size", type=_positive_int, default=4, help="training windows per step")
+    ft.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training windows")
     ft.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
-    ft.add_argument("--lora-r", type=int, default=32, help="LoRA rank")
+    ft.add_argument("--lora-r", type=_positive_int, default=32, help="LoRA rank")
     ft.add_argument("--lora-alpha", type=float, default=10.0, help="LoRA alpha")
     ft.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
-    ft.add_argument("--eval-every", type=int, default=4, help="steps between validation passes")
-    ft.add_argument("--patience", type=int, default=2, help="validation passes without improvement before stopping")
+    ft.add_argument("--eval-every", type=_positive_int, default=4, help="steps between validation passes")
+    ft.add_argument("--patience", type=_positive_int, default=2, help="validation passes without improvement before stopping")
     ft.add_argument("--include-shortcuts", action="store_true", help="also put adapters on shortcut matrices and norm affines")
     ft.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
     ft.add_argument("--json", default=None, help="also write the figures to this JSON file")

@@ -101,6 +101,7 @@ def compress(
     timings["total"] = timings.pop("total")  # listed last
     gm.fxslice = SliceResult(
         hidden_size=plan.hidden_size,
+        vocab_size=spec.vocab_size,
         sparsity=float(sparsity),
         widths=widths,
         dense_param_count=spec.param_count,

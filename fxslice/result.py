@@ -33,6 +33,7 @@ class SliceResult:
     """What ``compress`` did: widths per stream position, true parameter counts, timings, spectra."""
 
     hidden_size: int
+    vocab_size: int
     sparsity: float
     widths: list[int]  # per stream position (raw positions keep the full width)
     dense_param_count: int
@@ -64,6 +65,7 @@ class SliceResult:
         """The JSON-ready part of the result (what ``fxslice.json`` keeps)."""
         return {
             "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
             "sparsity": self.sparsity,
             "widths": self.widths,
             "param_count": self.param_count,

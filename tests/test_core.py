@@ -288,3 +288,14 @@ def test_embedding_projected_to_the_stream_width():
     assert sliced.fxslice.widths == [48, 48, 48, 48, 63]
     assert sliced.get_submodule("model.decoder.project_in").out_features == 48
     assert sliced.fxslice.param_count < sliced.fxslice.dense_param_count
+
+
+def test_a_tied_head_on_a_raw_position_stays_tied():
+    """Bloom's embedding feeds a norm (a raw position): the head stays tied to the unrotated table."""
+    model = tiny_model("bloom")
+    sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
+    assert sliced.fxslice.tied_embeddings
+    embedding = sliced.get_submodule("transformer.word_embeddings").weight
+    assert embedding is sliced.get_submodule("lm_head").weight
+    assert embedding.data_ptr() != model.transformer.word_embeddings.weight.data_ptr()  # not the caller's memory
+    assert sliced.fxslice.param_count == sum(p.numel() for p in sliced.parameters())

@@ -207,9 +207,13 @@ def test_a_save_killed_midway_leaves_the_previous_folder_intact(sliced, tmp_path
 def test_generation_beyond_the_cache_is_refused(llama, sliced):
     program = with_cache(llama, sliced, max_cache_len=16)
     prompt = torch.randint(0, VOCAB, (1, 10))
-    with pytest.raises(FxSliceError, match="exceeds the KV cache length 16"):
-        generate(program, prompt, 7)
-    assert generate(program, prompt, 6).shape == (1, 16)
+    with pytest.raises(FxSliceError, match="needs 17 cache slots, more than the KV cache length 16"):
+        generate(program, prompt, 8)
+    assert generate(program, prompt, 7).shape == (1, 17)  # the last new token is never fed back
+    with pytest.raises(FxSliceError, match="top_p must be in \\(0, 1\\]"):
+        generate(program, prompt, 2, do_sample=True, top_p=0.0)
+    with pytest.raises(FxSliceError, match="temperature must be > 0"):
+        generate(program, prompt, 2, do_sample=True, temperature=-1.0)
     with pytest.raises(FxSliceError, match="built for batch size 1, got input_ids with 2 rows"):
         generate(program, torch.randint(0, VOCAB, (2, 4)), 2)
     with pytest.raises(FxSliceError, match="max_new_tokens must be an integer >= 0"):
@@ -226,6 +230,8 @@ def _cli(*args):
     (["compress", "--device", "nonsense", "--no-save"], "device must be a torch device"),
     (["--threads", "-1", "inspect", "x"], "--threads: expected a positive integer, got -1"),
     (["--threads", "0", "inspect", "x"], "--threads: expected a positive integer, got 0"),
+    (["compress", "--batch-size", "0", "--no-save"], "--batch-size: expected a positive integer, got 0"),
+    (["compress", "--device", "cuda:3", "--no-save"], "is not available on this machine"),
     (["eval", "/nonexistent/folder/xyz"], "cannot load model"),
 ])
 def test_cli_refuses_bad_options_before_any_work_in_one_line(args, message):
@@ -242,7 +248,7 @@ def test_cli_generate_past_the_cache_is_one_line(sliced, llama, tmp_path):
     program = with_cache(llama, sliced, max_cache_len=16)
     folder = fxslice.save(sliced, tmp_path / "gen", tokenizer=tiny_tokenizer(), generator=program)
     done = _cli("generate", str(folder), "--prompt", "And God said", "--max-new-tokens", "40")
-    assert done.returncode == 2 and "exceeds the KV cache length 16" in done.stderr
+    assert done.returncode == 2 and "more than the KV cache length 16" in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -58,10 +58,13 @@ def release_shared_storage(gm: nn.Module, model: nn.Module) -> None:
     """Give every parameter/buffer/tensor attribute of ``gm`` still sharing memory with ``model`` its
     own copy, so that the caller's model and the sliced graph never alias."""
     source = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers()) if t.numel()}
+    copies: dict[int, nn.Parameter] = {}  # one copy per parameter: tied weights stay tied
     for module in gm.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.numel() and param.data_ptr() in source:
-                setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=False))
+                if id(param) not in copies:
+                    copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+                setattr(module, name, copies[id(param)])
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer.numel() and buffer.data_ptr() in source:
                 module.register_buffer(name, buffer.clone())

@@ -76,10 +76,15 @@ def check_device(device: str) -> None:
         where = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise FxSliceError(f"device must be a torch device such as cpu or cuda, got {device!r}") from exc
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise FxSliceError(f"device {device!r} requested but CUDA is not available on this machine")
-    if where.type not in ("cpu", "cuda") and not getattr(torch, where.type, None):
-        raise FxSliceError(f"device {device!r} is not available on this machine")
+    if where.type == "cpu":
+        return
+    backend = getattr(torch, where.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise FxSliceError(f"device {device!r} requested but {where.type} is not available on this machine")
+    count = getattr(backend, "device_count", None)
+    if where.index is not None and callable(count) and where.index >= count():
+        raise FxSliceError(f"device {device!r} requested but this machine has {count()} {where.type} device(s)")
 
 
 def distinct_widths(widths: list[int]) -> str:

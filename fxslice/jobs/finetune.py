@@ -195,16 +195,15 @@ def finetune_job(folder: str, protocol, *, output: Optional[str] = None, overwri
                  evaluate: bool = True, progress: bool = True, **options) -> FinetuneJobResult:
     """LoRA-fine-tune a saved sliced folder on the windows after its calibration windows, evaluate
     before and after, save the merged model (and its KV-cache program) to ``output``."""
-    from ..runtime.export import load, save
+    from ..runtime.export import check_destination, load, save
     from .data import batches, finetune_data, protocol_data
     from .evaluate import perplexity
 
+    target = Path(output or f"{str(folder).rstrip('/')}-ft")
+    check_destination(target, overwrite)
     sliced, tokenizer = load(folder)
     if tokenizer is None:
         raise FxSliceError(f"{folder} has no tokenizer files")
-    target = Path(output or f"{str(folder).rstrip('/')}-ft")
-    if target.exists() and not overwrite:
-        raise FxSliceError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
     train, val = finetune_data(tokenizer, protocol, train_windows, val_windows)
     merged, report = finetune(sliced, batches(train, batch_size), batches(val, batch_size), progress=progress, **options)
     result = FinetuneJobResult(report, target, {k: v for k, v in sliced.record.items() if k != "program_sha256"})

@@ -138,6 +138,11 @@ class Fuser:
         return node
 
     def add_module(self, name: str, module: nn.Module) -> str:
+        """Install an inserted module under its rule-given name; a name already taken is refused
+        (two norms sharing one module path, a norm path that is a whole block)."""
+        if submodule_exists(self.gm, name):
+            raise GraphStructureError(f"cannot insert '{name}': a module of that name is already in the graph "
+                                      "(norms without a module of their own?)")
         module.to(self.like.device)
         self.gm.add_submodule(name, module)
         return name
@@ -157,8 +162,13 @@ class Fuser:
         for param in region.params.values():
             if not param.users:
                 drop_attribute(self.gm, param)
-        if submodule_exists(self.gm, name) and any(True for _ in self.gm.get_submodule(name).named_parameters()):
-            raise GraphStructureError(f"a parameter of norm '{site.path}' is also used outside it; it cannot be folded")
+        if submodule_exists(self.gm, name):  # the norm's own module, emptied of its folded parameters
+            owner = self.gm.get_submodule(name)
+            if any(True for _ in owner.parameters()) or any(True for _ in owner.buffers()) \
+                    or any(True for _ in owner.children()):
+                raise GraphStructureError(f"norm '{site.path}' shares its module with other parameters or modules; "
+                                          "it cannot be replaced by a weightless norm")
+            self.gm.delete_submodule(name)
         self.add_module(name, module)
         return node
 

@@ -4,8 +4,8 @@ A saved folder holds ``model.pt2`` (the re-exported program, dynamic batch and l
 the logits tensor), optionally ``generate.pt2`` (the KV-cache program), the tokenizer files, and
 ``fxslice.json`` (source model, sparsity, widths, parameter counts, inserted modules, the head,
 calibration protocol, versions, the programs' SHA-256). ``torch.export.load``
-on ``model.pt2`` needs plain torch only. Saving is atomic: the folder is assembled beside the
-target and renamed into place.
+on ``model.pt2`` needs plain torch only. Saving is atomic: the folder is assembled elsewhere on the
+same file system and swapped into place.
 """
 
 from __future__ import annotations
@@ -129,13 +129,30 @@ def _staging_folder(target: Path) -> Path:
     leaves nothing beside the target. Created with the user's umask, like any folder."""
     parent = target.parent
     temporary = Path(tempfile.gettempdir())
-    where = temporary if temporary.exists() and os.stat(temporary).st_dev == os.stat(parent).st_dev else parent
+    where = temporary if _can_rename(temporary, parent) else parent
     remove_stale_staging(where, target.name)
     staging = Path(tempfile.mkdtemp(dir=where, prefix=f"{_staging_prefix(target.name)}{os.getpid()}-"))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)
     return staging
+
+
+def _can_rename(source_dir: Path, target_dir: Path) -> bool:
+    """Whether a folder made in ``source_dir`` can be renamed into ``target_dir`` (same file system and
+    mount: a probe folder is moved there and removed)."""
+    try:
+        probe = Path(tempfile.mkdtemp(dir=source_dir, prefix=".fxslice-probe-"))
+    except OSError:
+        return False
+    moved = target_dir / probe.name
+    try:
+        os.rename(probe, moved)
+    except OSError:
+        probe.rmdir()
+        return False
+    moved.rmdir()
+    return True
 
 
 def _staging_prefix(name: str) -> str:
@@ -146,7 +163,9 @@ def remove_stale_staging(where: Path, name: str) -> None:
     """Delete what saves of a folder called ``name`` that were killed midway left in ``where``
     (staging folders whose writing process no longer exists)."""
     prefix = _staging_prefix(name)
-    for path in where.glob(f"{prefix}*"):
+    for path in where.iterdir():
+        if not path.name.startswith(prefix):
+            continue
         pid = path.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
@@ -184,8 +203,13 @@ def _move_into_place(staging: Path, target: Path) -> None:
     else:
         old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
         os.replace(target, old / "previous")
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(old / "previous", target)  # put the previous folder back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Optional[dict] = None,
@@ -214,15 +238,16 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         full = {
+            **record,  # the reserved keys below win over a copied record (e.g. a fine-tuned folder's)
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "fxslice_version": __version__,
             "torch_version": torch.__version__,
             "vocab_size": vocab,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            **record,
             "program_sha256": _sha256(staging / PROGRAM),
         }
+        full.pop("generator", None)
         if generator_program is not None:
             full["generator"] = {"max_cache_len": generator.max_cache_len, "batch_size": generator.cache_batch_size,
                                  "program_sha256": _sha256(staging / GENERATOR)}

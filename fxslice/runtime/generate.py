@@ -98,6 +98,15 @@ def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "") -> N
             module.embedding_dim = module.weight.shape[1]
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise FxSliceError(f"temperature must be > 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise FxSliceError(f"top_k must be an integer >= 0 (0: all tokens), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise FxSliceError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def check_generation(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> None:
     """Refuse what the static cache cannot hold: a batch other than the cache's, more tokens than its length."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0 \
@@ -110,9 +119,9 @@ def check_generation(program: nn.Module, input_ids: torch.Tensor, max_new_tokens
     if batch is not None and input_ids.shape[0] != batch:
         raise FxSliceError(f"the KV-cache program was built for batch size {batch}, got input_ids with "
                            f"{input_ids.shape[0]} rows")
-    if length is not None and input_ids.shape[1] + max_new_tokens > length:
-        raise FxSliceError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                           f"KV cache length {length}")
+    if length is not None and input_ids.shape[1] + max_new_tokens - 1 > length:  # the last token is not fed back
+        raise FxSliceError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) needs "
+                           f"{input_ids.shape[1] + max_new_tokens - 1} cache slots, more than the KV cache length {length}")
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
@@ -141,6 +150,8 @@ def generate(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 
     Returns the prompt followed by the generated tokens.
     """
     check_generation(program, input_ids, max_new_tokens)
+    if do_sample:
+        check_sampling(temperature, top_k, top_p)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     tokens = input_ids
     length = input_ids.shape[1]
