@@ -8,7 +8,7 @@ adds an architecture's norm or linear formulation the same way::
 
     @register_norm_pattern("scale_norm")
     def scale_norm(region):
-        if not region.uses("aten.linalg_vector_norm.default"):
+        if not region.uses(torch.ops.aten.linalg_vector_norm.default):
             return None
         g = region.param("gain")
         return NormSpec(centered=False, scale=g * region.width ** 0.5 * torch.ones(region.width), eps=0.0)
@@ -84,14 +84,15 @@ class Region:
         return self.input.meta["val"].dtype
 
     def uses(self, *ops) -> bool:
-        """Whether any node of the region calls one of these ops (``torch.ops.aten.rsqrt.default`` or its
-        name ``"aten.rsqrt.default"``)."""
-        names = {str(n.target) for n in self.nodes if n.op == "call_function"}
-        return any(str(op) in names for op in ops)
+        """Whether any node of the region calls one of these ops (``torch.ops.aten.rsqrt.default``; a
+        name such as ``"aten.rsqrt.default"`` is resolved to its overload)."""
+        wanted = {as_op(op) for op in ops}
+        return any(n.op == "call_function" and n.target in wanted for n in self.nodes)
 
     def nodes_calling(self, op) -> list[Node]:
         """The region's calls of ``op`` (an overload or its name), in graph order."""
-        return [n for n in self.nodes if n.op == "call_function" and str(n.target) == str(op)]
+        target = as_op(op)
+        return [n for n in self.nodes if n.op == "call_function" and n.target is target]
 
     def tensor(self, node_or_none) -> Optional[torch.Tensor]:
         if node_or_none is None:
@@ -113,6 +114,18 @@ class Region:
             kwargs = map_arg(n.kwargs, lambda a: env[a])
             env[n] = n.target(*args, **kwargs)
         return env[self.output]
+
+
+def as_op(op):
+    """``torch.ops.aten.rsqrt.default`` for itself or for its name ``"aten.rsqrt.default"``."""
+    if not isinstance(op, str):
+        return op
+    namespace, name, *overload = op.split(".")
+    try:
+        packet = getattr(getattr(torch.ops, namespace), name)
+        return getattr(packet, overload[0] if overload else "default")
+    except (AttributeError, RuntimeError):
+        raise ValueError(f"unknown op {op!r}: expected a name like 'aten.rsqrt.default'") from None
 
 
 def module_index(gm: GraphModule) -> dict[str, list[Node]]:

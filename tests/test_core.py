@@ -191,7 +191,7 @@ def test_registering_a_norm_pattern_makes_a_rejected_model_compress():
 
     @fxslice.register_norm_pattern("toy_scale_norm")
     def toy_scale_norm(region):
-        if not region.uses("aten.linalg_vector_norm.default"):
+        if not region.uses(torch.ops.aten.linalg_vector_norm.default):
             return None
         gain = region.param("gain")
         if gain is None or gain.numel() != 1:
