@@ -31,6 +31,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 """Model dtypes by the names the command line takes."""
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The dtype called ``name`` in :data:`DTYPES`; a clear error for any other name."""
+    if name not in DTYPES:
+        raise FxSliceError(f"dtype must be one of {tuple(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def package_dir(package: str, install_hint: str) -> Path:
     """The folder of an installed data package, located without importing it (some are Python 2)."""
     spec = importlib.util.find_spec(package)

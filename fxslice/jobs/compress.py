@@ -18,7 +18,7 @@ from ..graph.weights import count_parameters
 from ..passes.p3_analyse import Structure
 from ..result import SliceResult
 from ..runtime.export import check_destination, save
-from .assets import DTYPES, load_model
+from .assets import load_model, torch_dtype
 from .data import Protocol, batches, protocol_data
 from .evaluate import perplexity
 
@@ -99,12 +99,11 @@ def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype:
     """Compress ``model_name`` at ``sparsity`` on ``protocol``; evaluate dense and sliced; save to ``output``."""
     check_options(sparsity, options.get("round_to", 8), options.get("pca_signal", "stream"),
                   options.get("slice_head", False), options.get("basis", "position"))
-    if dtype not in DTYPES:
-        raise FxSliceError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    model_dtype = torch_dtype(dtype)
     check_device(device)
     if output:
         check_destination(Path(output), overwrite)
-    model, tokenizer = load_model(model_name, DTYPES[dtype], device)
+    model, tokenizer = load_model(model_name, model_dtype, device)
     calibration, evaluations = protocol_data(tokenizer, protocol)
     if not evaluate:
         evaluations = {}

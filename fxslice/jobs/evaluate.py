@@ -62,7 +62,8 @@ def open_model(reference: str, dtype: str = "float32"):
     """``(model, tokenizer, label, parameter count)`` for a folder saved by fxslice, a shipped name, a
     hub id or a Hugging Face folder."""
     from ..runtime.export import RECORD, load
-    from .assets import DTYPES, load_model
+    from ..graph.weights import count_parameters
+    from .assets import load_model, torch_dtype
 
     if (Path(reference) / RECORD).exists():
         model, tokenizer = load(reference)
@@ -70,10 +71,8 @@ def open_model(reference: str, dtype: str = "float32"):
         label = f"sliced ({record.get('source_model')}, {record.get('sparsity')})"
         params = record.get("param_count")
     else:
-        if dtype not in DTYPES:
-            raise FxSliceError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-        model, tokenizer = load_model(reference, DTYPES[dtype])
-        label, params = f"dense {reference}", sum(p.numel() for p in model.parameters())
+        model, tokenizer = load_model(reference, torch_dtype(dtype))
+        label, params = f"dense {reference}", count_parameters(model)
     if tokenizer is None:
         raise FxSliceError(f"{reference} has no tokenizer files")
     return model, tokenizer, label, params

@@ -231,8 +231,7 @@ class Rotator:
         """A head tied to the embedding reads the whole rotated basis: ``H ← H Q`` (``= E Q``, the
         rotated embedding table), and the affine in front of it maps into that basis: ``A ← Qᵀ A``,
         ``β ← β Q``."""
-        head = self.module(self.plan.tied.head)
-        set_linear(head, f64(head.weight) @ basis.to(head.weight.device), f64(head.bias))
+        self.rotate_reader(self.plan.tied.head, basis)
         self.rotate_writer(self.plan.tied.affine, basis)
 
     def resize(self, index: int, width: int) -> None:
