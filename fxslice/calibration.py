@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .errors import CalibrationError
+from .errors import CalibrationError, FxSliceError
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
@@ -102,3 +102,20 @@ def prepare_batches(calib_loader: Iterable, vocab_size: int, device: torch.devic
     if token_count(batches) == 0:
         raise CalibrationError("every calibration token is masked out by attention_mask")
     return batches
+
+
+def check_device(device: str) -> None:
+    """A torch device name that exists on this machine."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FxSliceError(f"device must be a torch device such as cpu or cuda, got {device!r}") from exc
+    if where.type == "cpu":
+        return
+    backend = getattr(torch, where.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise FxSliceError(f"device {device!r} requested but {where.type} is not available on this machine")
+    count = getattr(backend, "device_count", None)
+    if where.index is not None and callable(count) and where.index >= count():
+        raise FxSliceError(f"device {device!r} requested but this machine has {count()} {where.type} device(s)")

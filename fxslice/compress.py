@@ -9,13 +9,21 @@ value: a captured graph, a canonical graph, a :class:`~fxslice.passes.p3_analyse
 
 from __future__ import annotations
 
-from typing import Iterable
+import os
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterable, Optional
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .calibration import check_lengths, prepare_batches, token_count
+from .calibration import check_device, check_lengths, prepare_batches, token_count
+from .checkpoint import Checkpoint, checkpoint_weights, is_checkpoint
+from .distributed import total
 from .errors import FxSliceError
+from .graph.store import memory_weights, place_unmanaged
 from .graph.weights import count_parameters, release_shared_storage
 from .hf import model_spec
 from .passes.p1_capture import capture
@@ -49,7 +57,7 @@ def inspect(model: nn.Module, show: bool = True) -> Structure:
 
 
 def compress(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     calib_loader: Iterable,
     sparsity: float,
     *,
@@ -57,14 +65,21 @@ def compress(
     pca_signal: str = "stream",
     slice_head: bool = False,
     basis: str = "position",
+    device: Optional[str | torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+    offload_dir: Optional[str | os.PathLike] = None,
     progress: bool = True,
 ) -> GraphModule:
     """Slice ``model`` with SliceGPT and return the sliced ``torch.fx.GraphModule``.
 
     Args:
-        model: a causal LM (any ``AutoModelForCausalLM``) in fp32, fp16 or bf16. Left unchanged.
+        model: a causal LM (any ``AutoModelForCausalLM``) in fp32, fp16 or bf16, left unchanged; or
+            the path of a Hugging Face checkpoint folder (``config.json`` + safetensors; a hub id when
+            a hub is reachable), which is streamed: captured without weights and read one block at a
+            time, so that the dense model is never in memory.
         calib_loader: iterable of batches: LongTensor ``[B, T]`` or mappings with ``input_ids`` and an
-            optional ``attention_mask`` (zero positions are left out of the PCA).
+            optional ``attention_mask`` (zero positions are left out of the PCA). Under
+            ``torch.distributed`` each rank passes its own share; covariances are summed over ranks.
         sparsity: fraction of the stream width to delete, in [0, 1).
         round_to: slice widths are rounded down to a multiple of this (1 disables rounding).
         pca_signal: ``"stream"`` (PCA of the residual stream itself, the reference code's choice) or
@@ -73,30 +88,58 @@ def compress(
         basis: ``"position"`` (a PCA basis per stream position, as in the paper) or ``"block"`` (one
             basis for the positions a block reads, from their summed covariances: the block's inner
             shortcut ``Q_aᵀ Q_b`` is then the identity and is removed — fewer parameters and FLOPs).
+        device: where calibration runs (default: the model's device; a checkpoint's: ``cpu``). The
+            block being calibrated and the cached activations live there, everything else on the CPU.
+        dtype: a checkpoint's compute dtype (default: the dtype its config names, else float32).
+        offload_dir: a folder where finished (sliced) weights wait until the end instead of memory;
+            a checkpoint uses a temporary folder by default.
         progress: show a tqdm bar.
 
     Returns:
-        A GraphModule ``forward(input_ids) -> CausalLMOutput``; ``result.fxslice`` holds a
-        :class:`SliceResult` (widths, true parameter counts, inserted modules, timings, eigenvalues).
+        A GraphModule ``forward(input_ids) -> CausalLMOutput`` on the CPU for a checkpoint, on the
+        model's device otherwise; ``result.fxslice`` holds a :class:`SliceResult` (widths, true
+        parameter counts, inserted modules, timings, eigenvalues).
     """
     check_options(sparsity, round_to, pca_signal, slice_head, basis)
+    if device is not None:
+        check_device(device)
     watch = Stopwatch()
-    with watch("total"):
-        spec = model_spec(model)
-        batches = prepare_batches(calib_loader, spec.vocab_size, spec.device)
+    with ExitStack() as cleanup, watch("total"):
+        if is_checkpoint(model):
+            checkpoint = Checkpoint.open(model)
+            dtype = checkpoint_dtype(checkpoint, dtype)
+            with watch("capture"):
+                module, storage_keys = checkpoint.empty_model(dtype)
+                spec = model_spec(module, weights_loaded=False)
+        else:
+            if dtype is not None:
+                raise FxSliceError("dtype applies to a checkpoint path; convert an in-memory model with model.to(dtype)")
+            module, checkpoint, spec = model, None, model_spec(model)
+        compute = torch.device(device) if device is not None else spec.device
+        batches = prepare_batches(calib_loader, spec.vocab_size, compute)
         with watch("capture"):
-            gm = capture(model, spec)
+            gm = capture(module, spec)
         with watch("canonicalise"):
             gm = canonicalise(gm)
+        if checkpoint is not None:
+            offload = Path(offload_dir) if offload_dir is not None else Path(cleanup.enter_context(
+                tempfile.TemporaryDirectory(prefix="fxslice-offload-")))
+            del module  # its parameters were never allocated; the graph reads the checkpoint from now on
+            weights = checkpoint_weights(gm, checkpoint, storage_keys, dtype, compute, offload)
+        else:
+            weights = memory_weights(gm, compute, Path(offload_dir) if offload_dir is not None else None)
         with watch("analyse"):
             structure = analyse(gm)
         check_lengths(batches, spec.max_positions if structure.has_position_table() else None)
         with watch("fuse"):
-            plan = fuse(structure)
+            plan = fuse(structure, weights)
         widths = plan_widths(plan, float(sparsity), round_to, slice_head)
+        place_unmanaged(gm, compute)
         eigenvalues = rotate_and_slice(plan, batches, widths, basis_groups(plan, basis), pca_signal=pca_signal,
                                        stopwatch=watch, progress=progress)
-        release_shared_storage(gm, model)
+        place_unmanaged(gm, weights.home)
+        if checkpoint is None:
+            release_shared_storage(gm, model)
     timings = dict(watch.seconds)
     timings["total"] = timings.pop("total")  # listed last
     gm.fxslice = SliceResult(
@@ -109,7 +152,7 @@ def compress(
         tied_embeddings=plan.tied is not None,
         centered=plan.centered,
         options={"round_to": round_to, "pca_signal": pca_signal, "slice_head": slice_head, "basis": basis},
-        calibration_tokens=token_count(batches),
+        calibration_tokens=int(total(token_count(batches))),
         inserted=list(plan.inserted),
         head=list(plan.head),
         layout=plan.layout(),
@@ -118,3 +161,14 @@ def compress(
         added_param_count=sum(p.numel() for m in plan.inserted for p in gm.get_submodule(m.name).parameters()),
     )
     return gm
+
+
+def checkpoint_dtype(checkpoint: Checkpoint, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The requested dtype, else the checkpoint config's, else float32."""
+    if dtype is None:
+        named = getattr(checkpoint.config, "dtype", None) or getattr(checkpoint.config, "torch_dtype", None)
+        dtype = getattr(torch, named, None) if isinstance(named, str) else named
+    dtype = dtype or torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FxSliceError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return dtype

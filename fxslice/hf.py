@@ -36,6 +36,7 @@ class ModelSpec:
     param_count: int  # unique parameters, tied weights once
     accepts_use_cache: bool
     max_positions: Optional[int] = None  # config.max_position_embeddings, when the model says
+    weights_loaded: bool = True  # False: a checkpoint's model, parameters unallocated until streamed in
 
     def example_input_ids(self, batch: int = 2, length: int = 16) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
@@ -50,8 +51,9 @@ class ModelSpec:
         return kwargs, dynamic
 
 
-def model_spec(model: nn.Module) -> ModelSpec:
-    """Check that ``model`` is a module with parameters and an embedding; describe it."""
+def model_spec(model: nn.Module, weights_loaded: bool = True) -> ModelSpec:
+    """Check that ``model`` is a module with parameters and an embedding; describe it.
+    ``weights_loaded=False``: a checkpoint's model whose parameters are not read yet."""
     if not isinstance(model, nn.Module):
         raise FxSliceError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     params = list(model.parameters())
@@ -69,6 +71,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
         param_count=count_parameters(model),
         accepts_use_cache=_accepts(model, "use_cache"),
         max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
+        weights_loaded=weights_loaded,
     )
 
 
@@ -121,6 +124,8 @@ def logits_leaf(output) -> int:
     """Index of the logits tensor among the flattened leaves of a model's output."""
     if isinstance(output, torch.Tensor):
         return 0
+    if isinstance(output, int):  # an output spec unflattened over leaf indices: a lone leaf
+        return output
     leaves = pytree.tree_leaves(output)
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, dict):

@@ -12,6 +12,7 @@ import torch
 from tabulate import tabulate
 from torch.fx import GraphModule
 
+from ..calibration import check_device
 from ..compress import check_options, compress, inspect
 from ..errors import FxSliceError
 from ..graph.weights import count_parameters
@@ -68,23 +69,6 @@ class CompressJobResult:
 
     def to_json(self) -> dict:
         return {**self.record, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb}
-
-
-def check_device(device: str) -> None:
-    """A torch device name that exists on this machine."""
-    try:
-        where = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise FxSliceError(f"device must be a torch device such as cpu or cuda, got {device!r}") from exc
-    if where.type == "cpu":
-        return
-    backend = getattr(torch, where.type, None)
-    available = getattr(backend, "is_available", None)
-    if not callable(available) or not available():
-        raise FxSliceError(f"device {device!r} requested but {where.type} is not available on this machine")
-    count = getattr(backend, "device_count", None)
-    if where.index is not None and callable(count) and where.index >= count():
-        raise FxSliceError(f"device {device!r} requested but this machine has {count()} {where.type} device(s)")
 
 
 def distinct_widths(widths: list[int]) -> str:

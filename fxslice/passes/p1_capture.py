@@ -2,8 +2,10 @@
 
 ``torch.export`` (non-strict, dynamic batch and sequence length) traces the model; the resulting
 graph is cleaned into ``forward(input_ids) -> CausalLMOutput`` (no guards, no ``use_cache``
-placeholder, only the logits as output). The caller's model is only run (in eval mode, restored
-afterwards), never modified; the graph's parameters still share its storage.
+placeholder, only the logits as output). Tracing needs no weight values (a checkpoint's model is
+captured with unallocated parameters); a model in memory is also run once to check that it is
+causal (in eval mode, restored afterwards). It is never modified; the graph's parameters still
+share its storage.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
     model.eval()
     try:
         with torch.no_grad():
-            leaf = logits_leaf(model(**kwargs))
-            check_causal(model, spec, leaf)
             program = torch.export.export(model, (), kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
+            out_spec = program.call_spec.out_spec
+            leaf = logits_leaf(pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec))
+            if spec.weights_loaded:  # a streamed checkpoint's model has no values to probe
+                check_causal(model, spec, leaf)
     except FxSliceError:
         raise
     except Exception as exc:

@@ -33,7 +33,8 @@ from ..graph.inserted import (HEAD_AFFINE, NORM_AFFINE, SHORTCUT, InsertedModule
                               stream_norm_name)
 from ..graph.modules import StreamNorm
 from ..graph.nodes import copy_meta, describe, module_path
-from ..graph.weights import f64, new_linear, set_embedding, set_linear
+from ..graph.store import Weights
+from ..graph.weights import f64, set_embedding, set_linear
 from ..registry import NormSpec
 from .p3_analyse import NormSite, Position, Structure
 
@@ -74,6 +75,7 @@ class Plan:
     positions: list[PlannedPosition]
     block_groups: list[list[int]]  # rotated positions read by one block (``Structure.block_groups``)
     head: list[str]  # the Linear(s) reading the last position (the LM head)
+    weights: Weights  # where the module weights are; every weight edit goes through it
     inserted: list[InsertedModule] = field(default_factory=list)
     tied: Optional[TiedHead] = None
 
@@ -100,14 +102,19 @@ def fold_norm(linear: nn.Linear, spec: NormSpec) -> None:
     """``W ← W diag(γ)``, ``b ← b + W β``: the norm's affine moves into a reader."""
     weight, bias = f64(linear.weight), f64(linear.bias)
     if spec.shift is not None:
-        extra = weight @ f64(spec.shift)
+        extra = weight @ f64(spec.shift).to(weight.device)
         bias = extra if bias is None else bias + extra
-    set_linear(linear, weight * f64(spec.scale)[None, :], bias)
+    set_linear(linear, weight * f64(spec.scale).to(weight.device)[None, :], bias)
 
 
-def affine_linear(spec: NormSpec, like: torch.Tensor) -> nn.Linear:
-    """``Linear(diag(γ), β)``: a norm's affine as a module that rotation can act on."""
-    return new_linear(torch.diag(f64(spec.scale)), f64(spec.shift), like)
+def affine_weights(spec: NormSpec) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(diag(γ), β)``: a norm's affine as the weights of a Linear that rotation can act on."""
+    return torch.diag(f64(spec.scale)), f64(spec.shift)
+
+
+def own_copy(embedding: nn.Embedding) -> None:
+    """A private copy of the table (a tied head's weight must not follow the embedding's edits)."""
+    set_embedding(embedding, f64(embedding.weight))
 
 
 def center(module: nn.Module) -> None:
@@ -124,11 +131,12 @@ def center(module: nn.Module) -> None:
 class Fuser:
     """Rewrites a graph described by a :class:`Structure` into the fused graph of a :class:`Plan`."""
 
-    def __init__(self, structure: Structure):
+    def __init__(self, structure: Structure, weights: Weights):
         self.structure = structure
         self.gm = structure.gm
         self.hidden = structure.hidden_size
-        self.like = next(self.gm.parameters())  # dtype and device of new parameters
+        self.weights = weights
+        self.like = weights.like  # dtype and device of new modules
         self.replaced: dict[Node, Node] = {}  # erased or rerouted nodes -> the nodes now standing for them
         self.inserted: list[InsertedModule] = []
 
@@ -143,7 +151,6 @@ class Fuser:
         if submodule_exists(self.gm, name):
             raise GraphStructureError(f"cannot insert '{name}': a module of that name is already in the graph "
                                       "(norms without a module of their own?)")
-        module.to(self.like.device)
         self.gm.add_submodule(name, module)
         return name
 
@@ -172,9 +179,14 @@ class Fuser:
         self.add_module(name, module)
         return node
 
+    def affine(self, site: NormSite) -> nn.Linear:
+        spec = site.spec
+        return self.weights.add_linear(affine_name(site.path), self.hidden, self.hidden, spec.shift is not None,
+                                       lambda: affine_weights(spec))
+
     def affine_after(self, site: NormSite, norm: Node, writes: int) -> str:
         """``diag(γ)`` (+ ``β``) after a writer-side norm's weightless node, rerouting its users."""
-        affine = affine_linear(site.spec, self.like)
+        affine = self.affine(site)
         name = self.add_module(affine_name(site.path), affine)
         users = list(norm.users)
         node = call_module_after(self.gm, name, affine, norm, norm, norm)
@@ -186,7 +198,7 @@ class Fuser:
 
     def affine_before_head(self, site: NormSite, head: Node, reads: int) -> str:
         """``diag(γ)`` (+ ``β``) on the input edge of a tied head (its weight must stay the embedding's)."""
-        affine = affine_linear(site.spec, self.like)
+        affine = self.affine(site)
         name = self.add_module(affine_name(site.path), affine)
         call_module_on_edge(self.gm, name, affine, head.args[0], head)
         self.inserted.append(InsertedModule(name, HEAD_AFFINE, reads, None))
@@ -195,8 +207,11 @@ class Fuser:
     def shortcut(self, position: Position) -> str:
         """An identity Linear on the skip edge of the residual add producing ``position``."""
         add = position.skip.add
-        shortcut = new_linear(torch.eye(self.hidden, dtype=torch.float64), None, self.like)
-        name = self.add_module(shortcut_name(module_path(add)[0], position.index), shortcut)
+        name = shortcut_name(module_path(add)[0], position.index)
+        hidden = self.hidden
+        shortcut = self.weights.add_linear(name, hidden, hidden, False,
+                                           lambda: (torch.eye(hidden, dtype=torch.float64), None))
+        self.add_module(name, shortcut)
         call_module_on_edge(self.gm, name, shortcut, self.resolve(position.skip.operand), add)
         self.inserted.append(InsertedModule(name, SHORTCUT, position.skip.source, position.index))
         return name
@@ -218,8 +233,7 @@ class Fuser:
         tie = self.structure.tied_head()
         if tie is None:
             return None
-        embedding = self.gm.get_submodule(str(tie[0].target))
-        set_embedding(embedding, f64(embedding.weight))
+        self.weights.edit(str(tie[0].target), own_copy)
         width_slice = self.width_slice(tie[0]) if self.structure.positions[0].rotated else None
         return tie[0], tie[1], width_slice
 
@@ -245,7 +259,7 @@ class Fuser:
                         tied = TiedHead(str(tie[0].target), str(reader.target), affine, s.positions[0].index, tie[2])
                         plan_p.readers.append(affine)
                     else:
-                        fold_norm(self.gm.get_submodule(str(reader.target)), site.spec)
+                        self.weights.edit(str(reader.target), fold_norm, site.spec)
                         plan_p.readers.append(str(reader.target))
             if p.skip is not None:
                 plan_p.shortcut = self.shortcut(p)
@@ -255,14 +269,15 @@ class Fuser:
             for plan_p in planned:
                 if plan_p.rotated:
                     for name in plan_p.writers:
-                        center(self.gm.get_submodule(name))
+                        self.weights.edit(name, center)
         for plan_p in planned:
             plan_p.root = self.resolve(plan_p.root)
         self.gm.recompile()
         return Plan(self.gm, self.hidden, s.centered, planned, s.block_groups(),
-                    [str(r.target) for r in s.last.readers], self.inserted, tied)
+                    [str(r.target) for r in s.last.readers], self.weights, self.inserted, tied)
 
 
-def fuse(structure: Structure) -> Plan:
-    """Rewrite ``structure.gm`` in place into its fused form (see module docstring); returns the plan."""
-    return Fuser(structure).run()
+def fuse(structure: Structure, weights: Optional[Weights] = None) -> Plan:
+    """Rewrite ``structure.gm`` in place into its fused form (see module docstring); returns the plan.
+    Weight edits go through ``weights`` (default: the graph's weights in memory, edited at once)."""
+    return Fuser(structure, weights or Weights(structure.gm)).run()

@@ -30,10 +30,11 @@ from torch.fx import GraphModule, Interpreter, Node
 from tqdm.auto import tqdm
 
 from ..calibration import Batch
+from ..distributed import all_reduce_sum, world_size
 from ..errors import CalibrationError, FxSliceError, GraphStructureError
 from ..graph.edit import remove_module_call
 from ..graph.nodes import describe
-from ..graph.weights import f64, set_embedding, set_linear, share_embedding
+from ..graph.weights import f64, set_embedding, set_linear
 from ..result import Stopwatch
 from .p4_fuse import Plan
 
@@ -170,7 +171,10 @@ def pca_basis(covariance: torch.Tensor, centered: bool) -> tuple[torch.Tensor, t
         u = torch.full((size,), size ** -0.5, dtype=torch.float64, device=c.device)
         m = torch.eye(size, dtype=torch.float64, device=c.device) - torch.outer(u, u)
         c = m @ c @ m - (torch.trace(c) + 1.0) * torch.outer(u, u)
-    eigenvalues, eigenvectors = torch.linalg.eigh(c)
+    try:
+        eigenvalues, eigenvectors = torch.linalg.eigh(c)
+    except (RuntimeError, NotImplementedError):  # a device without float64 eigh: the CPU's
+        eigenvalues, eigenvectors = (t.to(c.device) for t in torch.linalg.eigh(c.cpu()))
     order = torch.argsort(eigenvalues, descending=True)
     eigenvalues, basis = eigenvalues[order], eigenvectors[:, order]
     if centered:
@@ -183,30 +187,35 @@ def pca_basis(covariance: torch.Tensor, centered: bool) -> tuple[torch.Tensor, t
 
 
 # --- the rewrite -------------------------------------------------------------------------------------------
+def rotate_writer(module: nn.Module, basis: torch.Tensor) -> None:
+    """``W ← Qᵀ W``, ``b ← b Q`` (``E ← E Q`` for an embedding)."""
+    q = basis.to(module.weight.device)
+    if isinstance(module, nn.Embedding):
+        set_embedding(module, f64(module.weight) @ q)
+    else:
+        bias = f64(module.bias)
+        set_linear(module, q.T @ f64(module.weight), None if bias is None else bias @ q)
+
+
+def rotate_reader(module: nn.Module, basis: torch.Tensor) -> None:
+    """``W ← W Q``."""
+    set_linear(module, f64(module.weight) @ basis.to(module.weight.device), f64(module.bias))
+
+
 class Rotator:
-    """Rewrites the weights and width-carrying nodes of a fused graph position by position."""
+    """Rewrites the weights (through the plan's weight store) and width-carrying nodes of a fused
+    graph position by position."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.gm = plan.gm
-
-    def module(self, name: str) -> nn.Module:
-        return self.gm.get_submodule(name)
+        self.weights = plan.weights
 
     def rotate_writer(self, name: str, basis: torch.Tensor) -> None:
-        """``W ← Qᵀ W``, ``b ← b Q`` (``E ← E Q`` for an embedding)."""
-        module = self.module(name)
-        q = basis.to(module.weight.device)
-        if isinstance(module, nn.Embedding):
-            set_embedding(module, f64(module.weight) @ q)
-        else:
-            bias = f64(module.bias)
-            set_linear(module, q.T @ f64(module.weight), None if bias is None else bias @ q)
+        self.weights.edit(name, rotate_writer, basis)
 
     def rotate_reader(self, name: str, basis: torch.Tensor) -> None:
-        """``W ← W Q``."""
-        module = self.module(name)
-        set_linear(module, f64(module.weight) @ basis.to(module.weight.device), f64(module.bias))
+        self.weights.edit(name, rotate_reader, basis)
 
     def rotate(self, index: int, basis: torch.Tensor, width: int) -> None:
         """Rotate every weight touching position ``index`` into ``basis`` and keep ``width`` coordinates."""
@@ -247,7 +256,7 @@ class Rotator:
                 node.args = (node.args[0], shape) + tuple(node.args[2:])
         tied = self.plan.tied
         if tied is not None and tied.position == index:
-            share_embedding(self.module(tied.embedding), self.module(tied.head).weight)
+            self.weights.tie(tied.embedding, tied.head)
             if tied.width_slice is not None:
                 tied.width_slice.args = (tied.width_slice.args[0], -1, 0, width)
 
@@ -258,6 +267,7 @@ class Rotator:
         position = plan.positions[index]
         name, position.shortcut = position.shortcut, None
         remove_module_call(self.gm, name)
+        self.weights.drop(name)
         for p in plan.positions:
             if name in p.readers:
                 p.readers.remove(name)
@@ -265,6 +275,29 @@ class Rotator:
 
 
 # --- the pass -------------------------------------------------------------------------------------------------
+def finishing_schedule(plan: Plan, runner: "SegmentRunner", groups: list[list[int]]) -> tuple[list[list[str]], list[list[str]]]:
+    """Per segment, the managed modules it runs; per group, the modules final once it is rotated
+    (every position a module computes, reads or writes is rotated). Modules run after the last
+    position (the head) are neither: they are completed by ``weights.finalise()``."""
+    managed = set(plan.weights.sources) if hasattr(plan.weights, "sources") else None
+    layout = plan.layout()
+    segment_modules: list[list[str]] = []
+    last: dict[str, int] = {}
+    for k, nodes in enumerate(runner.nodes):
+        names = [str(n.target) for n in nodes if n.op == "call_module"
+                 and (managed is None or str(n.target) in managed)]
+        segment_modules.append(names)
+        for name in names:
+            reads, writes = layout.get(name, (None, None))
+            touched = [i for i in (reads, writes) if i is not None and plan.positions[i].rotated]
+            last[name] = max([last.get(name, -1), plan.rotated[k].index] + touched)
+    group_of = {index: g for g, group in enumerate(groups) for index in group}
+    finished: list[list[str]] = [[] for _ in groups]
+    for name, index in last.items():
+        finished[group_of[index]].append(name)
+    return segment_modules, finished
+
+
 def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups: list[list[int]], *,
                      pca_signal: str = "stream", stopwatch: Optional[Stopwatch] = None,
                      progress: bool = True) -> list[Optional[torch.Tensor]]:
@@ -274,28 +307,40 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
 
     Within a group the later positions are computed before the group is sliced, so the next group
     calibrates on values that saw no slicing inside this one (each block still runs once per batch).
+    The plan's weight store brings each segment's modules in before it runs and finishes them once
+    their positions are rotated; under ``torch.distributed`` the covariances are summed over ranks.
     """
     watch = stopwatch or Stopwatch()
-    gm, hidden = plan.gm, plan.hidden_size
+    gm, hidden, weights = plan.gm, plan.hidden_size, plan.weights
     rotated = plan.rotated
     segment_of = {p.index: k for k, p in enumerate(rotated)}
     runner = SegmentRunner(gm, [p.root for p in rotated])
+    segment_modules, finished = finishing_schedule(plan, runner, groups)
     rotator = Rotator(plan)
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
     envs = [{input_node: b.input_ids} for b in batches]
     eigenvalues: list[Optional[torch.Tensor]] = [None] * len(plan.positions)
     bar = tqdm(total=len(rotated), desc="fxslice: rotate & slice", unit="pos", disable=not progress)
     with torch.no_grad():
-        for group in groups:
-            summed = torch.zeros(hidden, hidden, dtype=torch.float64, device=batches[0].input_ids.device)
+        for number_of_group, group in enumerate(groups):
+            summed = torch.zeros(hidden, hidden, dtype=torch.float64, device=weights.device)
+            overflow = torch.zeros(2, dtype=torch.float64, device=weights.device)  # flag, first bad batch
+            for index in group:
+                with watch("load"):
+                    weights.fetch(segment_modules[segment_of[index]])
             for number, (batch, env) in enumerate(zip(batches, envs)):
                 for index in group:
                     with watch("calibration forward"):
                         value = runner.run_segment(segment_of[index], env)
                     with watch("pca"):
-                        _check_finite(value, plan.positions[index].index, plan.positions[index].label, number)
+                        if not torch.isfinite(value).all():
+                            if not overflow[0]:
+                                overflow.copy_(torch.tensor([1.0, number]))
+                            continue
                         summed += covariance(value, batch, pca_signal, plan.positions[index].norm_eps)
             with watch("pca"):
+                all_reduce_sum(summed)
+                _check_finite(all_reduce_sum(overflow), group, plan)
                 basis, spectrum = pca_basis(summed, plan.centered)
             with watch("rewrite"):
                 for index in group:
@@ -306,6 +351,8 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                     for env in envs:
                         if root in env:
                             env[root] = (env[root].to(torch.float32) @ projection).to(env[root].dtype)
+            with watch("load"):
+                weights.finish(finished[number_of_group])
             bar.update(len(group))
     bar.close()
     with watch("rewrite"):
@@ -316,13 +363,16 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
             for previous, index in zip(group, group[1:]):
                 if widths[index] == widths[previous]:
                     rotator.remove_shortcut(index)
-        gm.recompile()
+    with watch("load"):
+        weights.finalise()
+    gm.recompile()
     return eigenvalues
 
 
-def _check_finite(value: torch.Tensor, index: int, label: str, batch_number: int) -> None:
-    if not torch.isfinite(value).all():
-        raise CalibrationError(
-            f"non-finite activations at stream position {index} ({label}) for calibration batch {batch_number}; "
-            "the model or its dtype overflows on this data"
-        )
+def _check_finite(overflow: torch.Tensor, group: list[int], plan: Plan) -> None:
+    """Refuse non-finite activations (``overflow``: a flag and the first bad batch, summed over ranks)."""
+    if float(overflow[0]) > 0:
+        labels = ", ".join(f"{i} ({plan.positions[i].label})" for i in group)
+        where = f"calibration batch {int(overflow[1])}" if world_size() == 1 else "a calibration batch of some rank"
+        raise CalibrationError(f"non-finite activations at stream position {labels} for {where}; "
+                               "the model or its dtype overflows on this data")

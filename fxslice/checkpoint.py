@@ -1,0 +1,258 @@
+"""Hugging Face checkpoints read tensor by tensor: a model larger than memory is never loaded whole.
+
+A checkpoint is a folder with ``config.json`` and safetensors weights (``model.safetensors`` or
+shards listed in ``model.safetensors.index.json``), or a hub id fetched into the local cache. It
+is checked before any work: every shard must exist and be as long as its header says. The model
+is then built from its config with every parameter *unallocated* (``accelerate``'s empty-weights
+init, then untouched ``torch.empty`` storage: address space, no resident memory) so that
+``torch.export`` can trace it on real devices; tensors are read from the memory-mapped shards only
+when a pass asks for them. The checkpoint is only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import FxSliceError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+HEADER_LIMIT = 100 * 2**20  # safetensors refuses headers over 100 MB as well
+
+
+@dataclass
+class Checkpoint:
+    """A validated safetensors checkpoint: which file holds each tensor, and its config."""
+
+    folder: Path
+    config: object  # transformers.PretrainedConfig
+    files: dict[str, Path]  # tensor name -> shard
+    nbytes: int  # bytes of all shards
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        """Check ``path`` (a local folder, or a hub id when a hub is reachable) and read its config."""
+        folder = Path(path)
+        if not folder.is_dir():
+            folder = _download(str(path))
+        if not (folder / "config.json").is_file():
+            raise FxSliceError(f"checkpoint {folder}: no config.json")
+        files = _tensor_files(folder)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            raise FxSliceError(f"checkpoint {folder}: cannot read config.json: {exc}") from exc
+        nbytes = sum(p.stat().st_size for p in set(files.values()))
+        return cls(folder, config, files, nbytes)
+
+    def read(self, names: list[str], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` as fresh CPU tensors (in ``dtype`` when given). Each shard is mapped
+        only while its tensors are copied out, so reading never leaves the file resident."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.files:
+                raise FxSliceError(f"checkpoint {self.folder} has no tensor '{name}'")
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in keys:
+                    tensor = handle.get_tensor(key)
+                    out[key] = tensor.to(dtype=dtype or tensor.dtype, copy=True)
+        return out
+
+    def empty_model(self, dtype: torch.dtype) -> tuple[nn.Module, dict[int, str]]:
+        """The model of this config with unallocated parameters (buffers real) and, for each parameter
+        storage, the checkpoint tensor holding its values (``untyped_storage().data_ptr() -> name``).
+        Parameters of one dimension or less (norm scales, biases) and persistent buffers are read now."""
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        except (ValueError, KeyError, ImportError) as exc:
+            raise FxSliceError(f"checkpoint {self.folder}: transformers cannot build a causal LM from its config: "
+                               f"{exc}") from exc
+        model.eval()
+        model.tie_weights()  # the empty-weights init leaves declared ties (a head sharing the embedding) undone
+        storage: dict[int, nn.Parameter] = {}
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None:
+                    continue
+                if id(param) not in storage:
+                    storage[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype), requires_grad=False)
+                module._parameters[name] = storage[id(param)]
+        names = self.model_keys(model)
+        sources: dict[int, str] = {}
+        small: dict[str, nn.Parameter] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            key = names.get(name)
+            ptr = param.untyped_storage().data_ptr()
+            if key is not None:
+                sources.setdefault(ptr, key)
+                if param.dim() <= 1:
+                    small[key] = param
+        for name, param in model.named_parameters():
+            if param.untyped_storage().data_ptr() not in sources:
+                raise FxSliceError(f"checkpoint {self.folder} has no tensor for parameter '{name}' "
+                                   f"{list(param.shape)} (shards: {sorted({p.name for p in self.files.values()})})")
+        values = self.read(list(small), dtype)
+        with torch.no_grad():
+            for key, param in small.items():
+                _check_shape(self, key, values[key], param.shape)
+                param.copy_(values[key])
+            persistent = {names[n]: n for n, _ in model.named_buffers() if n in names}
+            for key, value in self.read(list(persistent)).items():
+                buffer = model.get_buffer(persistent[key])
+                _check_shape(self, key, value, buffer.shape)
+                buffer.copy_(value)
+        return model, sources
+
+    def model_keys(self, model: nn.Module) -> dict[str, str]:
+        """model state-dict name -> checkpoint tensor name, through transformers' own key renamings
+        (e.g. a GPT-NeoX checkpoint's ``embed_out`` is the model's ``lm_head``). Tensors that
+        transformers must convert (split, merged, permuted) on load cannot be streamed."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:  # an older transformers: checkpoint names are the model's
+            return {name: name for name in self.files}
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        state = model.state_dict()
+        names = {}
+        for key in self.files:
+            name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+            if converter is not None:
+                raise FxSliceError(f"checkpoint {self.folder}: tensor '{key}' must be converted by transformers on "
+                                   f"load ({converter}); such checkpoints cannot be streamed: load the model and "
+                                   "pass it to compress() instead")
+            names[name] = key
+        return names
+
+
+def _check_shape(checkpoint: Checkpoint, key: str, value: torch.Tensor, shape) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise FxSliceError(f"checkpoint {checkpoint.folder}: tensor '{key}' has shape {list(value.shape)}, "
+                           f"the config's model expects {list(shape)}")
+
+
+def is_checkpoint(model) -> bool:
+    """A path or hub id (what :meth:`Checkpoint.open` takes) rather than a module."""
+    return isinstance(model, (str, os.PathLike))
+
+
+def _download(name: str) -> Path:
+    parts = name.split("/")
+    if len(parts) != 2 or not all(parts) or name.startswith((".", "~")):  # not an owner/name hub id
+        raise FxSliceError(f"checkpoint folder {name} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # offline, unknown id, no access: one message
+        raise FxSliceError(f"'{name}' is neither a local checkpoint folder nor a reachable hub model: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """tensor name -> shard, every shard present and as long as its header says."""
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FxSliceError(f"checkpoint index {index} is not a safetensors index ({exc})") from exc
+        files = {name: folder / shard for name, shard in weight_map.items()}
+    elif (folder / SINGLE).is_file():
+        files = None
+    else:
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        hint = f" (found {', '.join(found)}: save it with save_pretrained(..., safe_serialization=True))" if found else ""
+        raise FxSliceError(f"checkpoint {folder} has no {SINGLE} and no {INDEX}{hint}")
+    headers = {}
+    for shard in sorted(set(files.values()) if files else {folder / SINGLE}):
+        if not shard.is_file():
+            raise FxSliceError(f"checkpoint shard {shard} is missing (listed in {INDEX})")
+        headers[shard] = _header(shard)
+    if files is None:
+        return {name: folder / SINGLE for name in headers[folder / SINGLE]}
+    for name, shard in files.items():
+        if name not in headers[shard]:
+            raise FxSliceError(f"checkpoint shard {shard} does not hold tensor '{name}' that {INDEX} places there")
+    return files
+
+
+def _header(shard: Path) -> dict:
+    """The tensor entries of a safetensors file; a clear error when the file is shorter than they need."""
+    size = shard.stat().st_size
+    with open(shard, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise FxSliceError(f"checkpoint shard {shard} is truncated ({size} bytes, no safetensors header)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(HEADER_LIMIT, size - 8):
+            raise FxSliceError(f"checkpoint shard {shard} is truncated or not a safetensors file "
+                               f"(header of {length} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as exc:
+            raise FxSliceError(f"checkpoint shard {shard} has an unreadable safetensors header ({exc})") from exc
+    header.pop("__metadata__", None)
+    end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    if 8 + length + end > size:
+        raise FxSliceError(f"checkpoint shard {shard} is truncated: {size} bytes, its header needs {8 + length + end}")
+    return header
+
+
+def checkpoint_weights(gm: nn.Module, checkpoint: Checkpoint, storage_keys: dict[int, str], dtype: torch.dtype,
+                       device: torch.device, offload: Optional[Path]) -> "StreamedWeights":
+    """The weight store of a graph captured from :meth:`Checkpoint.empty_model`: each Linear and
+    Embedding reads its parameters from the checkpoint when fetched (the same view of the stored
+    tensor the graph took, e.g. a GPT-2 ``Conv1D`` weight transposed); every other unread tensor
+    of the graph is read now."""
+    from .graph.store import Source, StreamedWeights, held, managed_modules
+
+    def source(param: torch.Tensor, key: str) -> Source:
+        shape, stride, offset = tuple(param.shape), tuple(param.stride()), param.storage_offset()
+        elements = param.untyped_storage().nbytes() // param.element_size()
+
+        def read() -> torch.Tensor:
+            base = checkpoint.read([key], dtype)[key]
+            if base.numel() != elements:
+                raise FxSliceError(f"checkpoint {checkpoint.folder}: tensor '{key}' has shape {list(base.shape)}, "
+                                   f"the config's model expects {elements} values")
+            return base.as_strided(shape, stride, offset).contiguous()
+        return Source(read, param.numel() * param.element_size())
+
+    managed = managed_modules(gm)
+    sources: dict[str, dict[str, Source]] = {}
+    for name in managed:
+        sources[name] = {}
+        for pname, param in gm.get_submodule(name).named_parameters(recurse=False):
+            key = storage_keys.get(param.untyped_storage().data_ptr())
+            sources[name][pname] = held(param.detach()) if key is None else source(param, key)
+    skip = set(managed)
+    for path, module in gm.named_modules():
+        if path in skip:
+            continue
+        for pname, param in list(module.named_parameters(recurse=False)):
+            key = storage_keys.get(param.untyped_storage().data_ptr())
+            if key is not None:
+                setattr(module, pname, nn.Parameter(source(param, key).read(), requires_grad=False))
+    return StreamedWeights(gm, sources, device, dtype, offload)

@@ -1,0 +1,272 @@
+"""Where the weights of a graph's ``nn.Linear`` / ``nn.Embedding`` modules are while the passes edit them.
+
+The fuse and rotate passes never touch a weight directly: they hand an *edit* (a function of the
+module) to the graph's weight store.
+
+- :class:`Weights` (a model in memory, computed where it is): edits apply at once.
+- :class:`StreamedWeights` (a checkpoint read tensor by tensor, or a model calibrated on another
+  device): a module's parameters are on the ``meta`` device until the segment that runs it is
+  fetched; edits for an absent module wait in its queue and are replayed, in order, when it is
+  loaded. A module whose positions are all rotated is finished: moved back to the CPU, or written
+  to the offload folder and dropped from memory. At most one block's dense weights are ever
+  resident, plus the finished ones (at their sliced size) unless they are offloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .weights import new_linear, share_embedding
+
+Make = Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]  # builds (weight, bias) in float64
+
+
+def managed_modules(gm: nn.Module) -> list[str]:
+    """The modules whose weights a store manages: every Linear and Embedding."""
+    return [name for name, m in gm.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+
+
+class Weights:
+    """Every module in memory where it computes: edits apply at once.
+
+    With ``apply_edits=False`` edits are dropped and added Linears stay on the meta device: for a
+    graph whose Linear and Embedding weights are all replaced afterwards (the KV-cache capture
+    receives the sliced model's weights), so that no dense copy is ever made.
+    """
+
+    def __init__(self, gm: GraphModule, apply_edits: bool = True):
+        self.gm = gm
+        self.apply_edits = apply_edits
+        first = next((p for p in gm.parameters() if p.is_floating_point()), None)
+        self.like = torch.empty(0, dtype=first.dtype if first is not None else torch.float32,
+                                device=first.device if first is not None else "cpu")
+
+    @property
+    def device(self) -> torch.device:
+        """Where calibration computes."""
+        return self.like.device
+
+    @property
+    def home(self) -> torch.device:
+        """Where the finished weights are."""
+        return self.like.device
+
+    def module(self, name: str) -> nn.Module:
+        return self.gm.get_submodule(name)
+
+    def edit(self, name: str, fn: Callable, *args) -> None:
+        """``fn(module, *args)`` on module ``name`` (its weights replaced, never written in place)."""
+        if self.apply_edits:
+            fn(self.module(name), *args)
+
+    def add_linear(self, name: str, out_features: int, in_features: int, bias: bool, make: Make) -> nn.Linear:
+        """A new Linear for the graph (not installed): ``make()`` gives its float64 weight and bias."""
+        if not self.apply_edits:
+            return nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=self.like.dtype)
+        weight, b = make()
+        return new_linear(weight, b, self.like)
+
+    def tie(self, embedding: str, head: str) -> None:
+        """The embedding reads the head's weight itself from now on."""
+        share_embedding(self.module(embedding), self.module(head).weight)
+
+    def drop(self, name: str) -> None:
+        """Module ``name`` left the graph."""
+
+    def fetch(self, names: list[str]) -> None:
+        """Make modules ``names`` resident on :attr:`device` (before a segment runs them)."""
+
+    def finish(self, names: list[str]) -> None:
+        """Modules ``names`` are final until :meth:`finalise` (their positions are all rotated)."""
+
+    def finalise(self) -> None:
+        """Every module resident at home, every waiting edit applied, ties restored."""
+
+
+@dataclass
+class Source:
+    """How to produce one parameter of an absent module: ``read()`` gives its values (any dtype, CPU)."""
+
+    read: Callable[[], torch.Tensor]
+    nbytes: int = 0
+
+
+def held(tensor: torch.Tensor) -> Source:
+    """A tensor already in memory (the caller's model, or a finished module moved home)."""
+    return Source(lambda: tensor, tensor.numel() * tensor.element_size())
+
+
+def offloaded(path: Path, key: str) -> Source:
+    """A tensor written to the offload folder."""
+    def read() -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key).clone()
+    return Source(read)
+
+
+class StreamedWeights(Weights):
+    """Weights brought to ``device`` segment by segment from their sources (see module docstring).
+
+    Args:
+        gm: the canonical graph; its managed modules' parameters are replaced by meta tensors.
+        sources: module name -> parameter name -> :class:`Source` (every managed module).
+        device: where calibration computes; ``home``: where finished weights live (CPU).
+        dtype: the model's dtype (every loaded parameter is cast to it).
+        offload: a folder for finished modules (None: keep them in memory at ``home``).
+    """
+
+    def __init__(self, gm: GraphModule, sources: dict[str, dict[str, Source]], device: torch.device,
+                 dtype: torch.dtype, offload: Optional[Path] = None, home: torch.device | str = "cpu"):
+        self.gm = gm
+        self.apply_edits = True
+        self.like = torch.empty(0, dtype=dtype, device=device)
+        self._home = torch.device(home)
+        self.offload = offload
+        self.sources = sources
+        self.pending: dict[str, list[tuple[Callable, tuple]]] = {}
+        self.ties: dict[str, str] = {}
+        self.absent: set[str] = set()
+        placeholders: dict[int, nn.Parameter] = {}  # one per parameter: shared (tied) ones stay shared
+        for name, params in sources.items():
+            module = self.module(name)
+            for pname in params:
+                param = getattr(module, pname)
+                if id(param) not in placeholders:
+                    placeholders[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device="meta"),
+                                                           requires_grad=False)
+                setattr(module, pname, placeholders[id(param)])
+            self.absent.add(name)
+
+    def edit(self, name: str, fn: Callable, *args) -> None:
+        if name in self.absent:
+            self.pending.setdefault(name, []).append((fn, args))
+        else:
+            fn(self.module(name), *args)
+
+    def add_linear(self, name: str, out_features: int, in_features: int, bias: bool, make: Make) -> nn.Linear:
+        linear = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=self.like.dtype)
+        built: dict[str, torch.Tensor] = {}
+
+        def part(key: str) -> Source:
+            def read() -> torch.Tensor:
+                if not built:
+                    built.update(zip(("weight", "bias"), make()))
+                return built.pop(key)
+            return Source(read)
+
+        self.sources[name] = {"weight": part("weight")}
+        if bias:
+            self.sources[name]["bias"] = part("bias")
+        self.absent.add(name)
+        return linear
+
+    def tie(self, embedding: str, head: str) -> None:
+        if embedding not in self.absent and head not in self.absent:
+            super().tie(embedding, head)
+            return
+        self.ties[embedding] = head  # restored by finalise; the embedding's own copy is dropped
+        module = self.module(embedding)
+        module.weight = nn.Parameter(torch.empty(module.weight.shape, dtype=self.like.dtype, device="meta"),
+                                     requires_grad=False)
+        self.absent.discard(embedding)
+        self.sources.pop(embedding, None)
+        self.pending.pop(embedding, None)
+
+    @property
+    def home(self) -> torch.device:
+        return self._home
+
+    def drop(self, name: str) -> None:
+        for table in (self.sources, self.pending, self.ties):
+            table.pop(name, None)
+        self.absent.discard(name)
+
+    def _load(self, name: str, device: torch.device) -> None:
+        module = self.module(name)
+        for pname, source in self.sources[name].items():
+            value = source.read().to(device=device, dtype=self.like.dtype)
+            setattr(module, pname, nn.Parameter(value, requires_grad=False))
+        self.absent.discard(name)
+        for fn, args in self.pending.pop(name, []):
+            fn(module, *args)
+
+    def fetch(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.ties:
+                continue
+            if name in self.absent:
+                self._load(name, self.like.device)
+            else:
+                self._move(name, self.like.device)
+
+    def _move(self, name: str, device: torch.device) -> None:
+        module = self.module(name)
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if param.device != device:
+                setattr(module, pname, nn.Parameter(param.detach().to(device), requires_grad=False))
+
+    def finish(self, names: list[str]) -> None:
+        from safetensors.torch import save_file
+
+        for name in names:
+            if name in self.absent or name in self.ties:
+                continue
+            module = self.module(name)
+            if self.offload is None:
+                self._move(name, self.home)
+                continue
+            path = self.offload / f"{name}.safetensors"
+            params = dict(module.named_parameters(recurse=False))
+            save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(path))
+            self.sources[name] = {k: offloaded(path, k) for k in params}
+            for pname, param in params.items():
+                setattr(module, pname, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                    requires_grad=False))
+            self.absent.add(name)
+
+    def finalise(self) -> None:
+        for name in list(self.sources):
+            if name in self.absent:
+                self._load(name, self.home)
+            else:
+                self._move(name, self.home)
+        for embedding, head in self.ties.items():
+            share_embedding(self.module(embedding), self.module(head).weight)
+
+
+def memory_weights(gm: GraphModule, device: torch.device, offload: Optional[Path] = None) -> Weights:
+    """The weight store of a graph captured from a model in memory: edited in place where the model
+    is, or brought segment by segment to another ``device`` (or finished into ``offload``)."""
+    store = Weights(gm)
+    if store.device == torch.device(device) and offload is None:
+        return store
+    sources = {name: {p: held(t.detach()) for p, t in gm.get_submodule(name).named_parameters(recurse=False)}
+               for name in managed_modules(gm)}
+    return StreamedWeights(gm, sources, torch.device(device), store.like.dtype, offload, home=store.device)
+
+
+def place_unmanaged(gm: GraphModule, device: torch.device) -> None:
+    """Move the graph's tensors that no store manages (norm-free parameters, buffers such as rotary
+    tables, constants) to ``device``; they are small."""
+    device = torch.device(device)
+    managed = set(managed_modules(gm))
+    for path, module in gm.named_modules():
+        if path in managed:
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device != device and not param.is_meta:
+                setattr(module, name, nn.Parameter(param.detach().to(device), requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.device != device:
+                module.register_buffer(name, buffer.to(device), persistent=name not in module._non_persistent_buffers_set)
+    for name, value in list(vars(gm).items()):
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.device != device:
+            setattr(gm, name, value.to(device))
