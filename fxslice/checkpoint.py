@@ -160,7 +160,7 @@ def is_checkpoint(model) -> bool:
 def _download(name: str) -> Path:
     parts = name.split("/")
     if len(parts) != 2 or not all(parts) or name.startswith((".", "~")):  # not an owner/name hub id
-        raise FxSliceError(f"checkpoint folder {name} does not exist")
+        raise FxSliceError(f"model '{name}' is neither a torch.nn.Module nor a checkpoint folder (no such folder)")
     try:
         from huggingface_hub import snapshot_download
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import init_from_environment, is_writer
 from .errors import FxSliceError
 from .jobs.assets import DTYPES, SHIPPED
 from .jobs.data import CORPORA, Protocol
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per batch")
     comp.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype")
     comp.add_argument("--device", default="cpu", help="torch device for model and calibration")
+    comp.add_argument("--stream", action="store_true",
+                      help="read the checkpoint block by block instead of loading the model (models larger than "
+                           "memory; the dense model is not evaluated)")
+    comp.add_argument("--offload-dir", default=None, metavar="DIR",
+                      help="keep finished sliced weights in this folder until the end instead of memory")
     comp.add_argument("--pca-signal", choices=PCA_SIGNALS, default=PCA_SIGNALS[0],
                       help="PCA of the stream value (reference code) or of the norm output (paper Eq. 8)")
     comp.add_argument("--slice-head", action="store_true", help="also slice the head's input position")
@@ -139,7 +145,9 @@ def cmd_compress(args) -> int:
                        evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
                        overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,
                        plot_spectra=args.plot_spectra, pca_signal=args.pca_signal, slice_head=args.slice_head,
-                       basis=args.basis, round_to=args.round_to)
+                       basis=args.basis, round_to=args.round_to, stream=args.stream, offload_dir=args.offload_dir)
+    if not is_writer():
+        return 0
     print()
     print(job.table())
     result = job.result
@@ -206,6 +214,7 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
+        init_from_environment(getattr(args, "device", "cpu"))
         commands = {"compress": cmd_compress, "eval": cmd_eval, "finetune": cmd_finetune, "generate": cmd_generate,
                     "inspect": cmd_inspect}
         return commands[args.command](args)

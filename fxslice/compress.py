@@ -91,8 +91,9 @@ def compress(
         device: where calibration runs (default: the model's device; a checkpoint's: ``cpu``). The
             block being calibrated and the cached activations live there, everything else on the CPU.
         dtype: a checkpoint's compute dtype (default: the dtype its config names, else float32).
-        offload_dir: a folder where finished (sliced) weights wait until the end instead of memory;
-            a checkpoint uses a temporary folder by default.
+        offload_dir: a folder where finished (sliced) weights wait until the end, and cached
+            activations between blocks, instead of memory (files are removed at the end). A
+            checkpoint's finished weights go to a temporary folder by default.
         progress: show a tqdm bar.
 
     Returns:
@@ -136,7 +137,8 @@ def compress(
         widths = plan_widths(plan, float(sparsity), round_to, slice_head)
         place_unmanaged(gm, compute)
         eigenvalues = rotate_and_slice(plan, batches, widths, basis_groups(plan, basis), pca_signal=pca_signal,
-                                       stopwatch=watch, progress=progress)
+                                       stopwatch=watch, progress=progress,
+                                       activation_dir=Path(offload_dir) if offload_dir is not None else None)
         place_unmanaged(gm, weights.home)
         if checkpoint is None:
             release_shared_storage(gm, model)

@@ -52,3 +52,19 @@ def total(count: float) -> float:
     if _group_size() == 1:
         return count
     return float(all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64)).item())
+
+
+def init_from_environment(device: str = "cpu") -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment): NCCL
+    for a CUDA device, gloo otherwise. Returns whether this process is one of several."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return _group_size() > 1
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True

@@ -55,7 +55,7 @@ def model_spec(model: nn.Module, weights_loaded: bool = True) -> ModelSpec:
     """Check that ``model`` is a module with parameters and an embedding; describe it.
     ``weights_loaded=False``: a checkpoint's model whose parameters are not read yet."""
     if not isinstance(model, nn.Module):
-        raise FxSliceError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise FxSliceError(f"model must be a torch.nn.Module or a checkpoint path, got {type(model).__name__}")
     params = list(model.parameters())
     if not params:
         raise FxSliceError(f"model {type(model).__name__} has no parameters")

@@ -72,8 +72,8 @@ class NoParameters(nn.Module):
 
 
 @pytest.mark.parametrize("model, message", [
-    ("smollm2-135m", "model must be a torch.nn.Module, got str"),
-    (None, "model must be a torch.nn.Module, got NoneType"),
+    ("smollm2-135m", "model 'smollm2-135m' is neither a torch.nn.Module nor a checkpoint folder"),
+    (None, "model must be a torch.nn.Module or a checkpoint path, got NoneType"),
     (NoParameters(), "NoParameters has no parameters"),
 ])
 def test_what_is_not_a_model_is_refused(model, message):

@@ -141,6 +141,24 @@ def test_cli_compress_eval_inspect(tiny_folder, tmp_path):
     assert bad.returncode == 2 and "sparsity must be a number in [0, 1)" in bad.stderr
 
 
+def test_cli_streams_a_checkpoint_alone_and_on_two_torchrun_processes(tiny_folder, tmp_path):
+    data = ["--calibration", "kjv", "--calibration-windows", "4", "--eval", "kjv", "--eval-windows", "2",
+            "--length", "32", "--batch-size", "1", "--no-progress", "--max-cache-len", "64"]
+    one = _cli("compress", "--model", str(tiny_folder), "--stream", "--output", str(tmp_path / "one"), *data)
+    assert one.returncode == 0, one.stderr
+    assert "sliced 0.25" in one.stdout and "| dense" not in one.stdout  # the dense model is never loaded
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "fxslice", "compress", "--model", str(tiny_folder), "--stream",
+                          "--output", str(tmp_path / "two"), *data], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("sliced 0.25") == 1  # rank 0 alone prints and writes
+    first, second = (json.loads((tmp_path / n / "fxslice.json").read_text()) for n in ("one", "two"))
+    assert second["calibration"]["processes"] == 2 and first["calibration"]["processes"] == 1
+    assert first["calibration"]["tokens"] == second["calibration"]["tokens"] == 4 * 32
+    assert first["widths"] == second["widths"] and first["param_count"] == second["param_count"]
+    assert abs(first["perplexity"]["kjv"] - second["perplexity"]["kjv"]) < 1e-3 * first["perplexity"]["kjv"]
+
+
 def test_cli_help_documents_every_option():
     import argparse
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from ..errors import FxSliceError
 from .weights import new_linear, share_embedding
 
 Make = Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]  # builds (weight, bias) in float64
@@ -79,6 +80,9 @@ class Weights:
     def drop(self, name: str) -> None:
         """Module ``name`` left the graph."""
 
+    def check_room(self, segment_modules: list[list[str]], activation_bytes: int) -> None:
+        """Refuse a device too small for calibration (weights in memory where they compute: nothing to check)."""
+
     def fetch(self, names: list[str]) -> None:
         """Make modules ``names`` resident on :attr:`device` (before a segment runs them)."""
 
@@ -134,6 +138,7 @@ class StreamedWeights(Weights):
         self.pending: dict[str, list[tuple[Callable, tuple]]] = {}
         self.ties: dict[str, str] = {}
         self.absent: set[str] = set()
+        self.written: list[Path] = []  # offload files, removed by finalise
         placeholders: dict[int, nn.Parameter] = {}  # one per parameter: shared (tied) ones stay shared
         for name, params in sources.items():
             module = self.module(name)
@@ -226,6 +231,7 @@ class StreamedWeights(Weights):
             path = self.offload / f"{name}.safetensors"
             params = dict(module.named_parameters(recurse=False))
             save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(path))
+            self.written.append(path)
             self.sources[name] = {k: offloaded(path, k) for k in params}
             for pname, param in params.items():
                 setattr(module, pname, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
@@ -240,6 +246,24 @@ class StreamedWeights(Weights):
                 self._move(name, self.home)
         for embedding, head in self.ties.items():
             share_embedding(self.module(embedding), self.module(head).weight)
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        self.written.clear()
+
+    def check_room(self, segment_modules: list[list[str]], activation_bytes: int) -> None:
+        """Refuse a CUDA device whose free memory cannot hold the largest segment's weights (in float64
+        while they are rotated) plus the cached activations, naming what is needed."""
+        if self.like.device.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(self.like.device)
+        largest = max((sum(s.nbytes for n in names for s in self.sources.get(n, {}).values())
+                       for names in segment_modules), default=0)
+        needed = 3 * largest + activation_bytes
+        if needed > free:
+            raise FxSliceError(f"device {self.like.device} has {free / 2**30:.2f} GiB free; calibration needs about "
+                               f"{needed / 2**30:.2f} GiB (largest block {largest / 2**30:.2f} GiB, rotated in float64, "
+                               f"and {activation_bytes / 2**30:.2f} GiB of cached activations): use fewer or shorter "
+                               "calibration batches, or device='cpu'")
 
 
 def memory_weights(gm: GraphModule, device: torch.device, offload: Optional[Path] = None) -> Weights:

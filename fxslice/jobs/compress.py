@@ -19,7 +19,9 @@ from ..graph.weights import count_parameters
 from ..passes.p3_analyse import Structure
 from ..result import SliceResult
 from ..runtime.export import check_destination, save
-from .assets import load_model, torch_dtype
+from ..distributed import is_writer, rank, world_size
+from ..hf import load_tokenizer
+from .assets import load_model, resolve_model, torch_dtype
 from .data import Protocol, batches, protocol_data
 from .evaluate import perplexity
 
@@ -79,52 +81,73 @@ def distinct_widths(widths: list[int]) -> str:
 def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype: str = "float32", device: str = "cpu",
                  batch_size: int = 8, eval_batch_size: int = 4, evaluate_dense: bool = True, evaluate: bool = True,
                  output: Optional[str] = None, overwrite: bool = False, progress: bool = True,
-                 max_cache_len: int = 1024, plot_spectra: Optional[str] = None, **options) -> CompressJobResult:
-    """Compress ``model_name`` at ``sparsity`` on ``protocol``; evaluate dense and sliced; save to ``output``."""
+                 max_cache_len: int = 1024, plot_spectra: Optional[str] = None, stream: bool = False,
+                 offload_dir: Optional[str] = None, **options) -> CompressJobResult:
+    """Compress ``model_name`` at ``sparsity`` on ``protocol``; evaluate dense and sliced; save to ``output``.
+
+    ``stream``: read the checkpoint block by block instead of loading the model (the dense model is
+    then not evaluated). Under ``torch.distributed`` every rank calibrates on its share of the
+    windows; only rank 0 evaluates and writes files."""
     check_options(sparsity, options.get("round_to", 8), options.get("pca_signal", "stream"),
                   options.get("slice_head", False), options.get("basis", "position"))
     model_dtype = torch_dtype(dtype)
     check_device(device)
-    if output:
+    writer = is_writer()
+    if output and writer:
         check_destination(Path(output), overwrite)
-    model, tokenizer = load_model(model_name, model_dtype, device)
+    if stream:
+        source = resolve_model(model_name)
+        model, tokenizer = None, load_tokenizer(source)
+        evaluate_dense = False
+    else:
+        model, tokenizer = load_model(model_name, model_dtype, device)
     calibration, evaluations = protocol_data(tokenizer, protocol)
-    if not evaluate:
+    if world_size() > 1:  # this rank's share: windows rank, rank + N, ...
+        calibration = calibration.shard(num_shards=world_size(), index=rank(), contiguous=False)
+    if not evaluate or not writer:
         evaluations = {}
-    dense_params = count_parameters(model)
     rows = []
     if evaluate_dense:
+        dense_params = count_parameters(model)
         dense = Row("dense", dense_params, dense_params, "")
         for name, windows in evaluations.items():
             dense.perplexities[name] = perplexity(model, batches(windows, eval_batch_size), f"dense ppl {name}", progress)
         rows.append(dense)
     started = time.perf_counter()
-    sliced = compress(model, batches(calibration, batch_size), sparsity, progress=progress, **options)
+    if stream:
+        sliced = compress(source, batches(calibration, batch_size), sparsity, progress=progress and writer,
+                          device=device, dtype=model_dtype, offload_dir=offload_dir, **options)
+    else:
+        sliced = compress(model, batches(calibration, batch_size), sparsity, progress=progress and writer,
+                          offload_dir=offload_dir, **options)
     seconds = time.perf_counter() - started
     result = sliced.fxslice
     if evaluate_dense:
         rows[0].widths = str(result.hidden_size)
-    row = Row(f"sliced {sparsity:g}", result.param_count, dense_params, distinct_widths(result.widths), seconds=seconds)
+    row = Row(f"sliced {sparsity:g}", result.param_count, result.dense_param_count, distinct_widths(result.widths),
+              seconds=seconds)
     for name, windows in evaluations.items():
         row.perplexities[name] = perplexity(sliced, batches(windows, eval_batch_size), f"sliced ppl {name}", progress)
     rows.append(row)
     record = {
         "source_model": model_name,
         **result.to_record(),
-        "calibration": {**protocol.to_dict(), "batch_size": batch_size, "tokens": result.calibration_tokens},
+        "calibration": {**protocol.to_dict(), "batch_size": batch_size, "tokens": result.calibration_tokens,
+                        "processes": world_size()},
         "perplexity": row.perplexities,
         "dense_perplexity": rows[0].perplexities if evaluate_dense else {},
         "timings": result.timings,
     }
     job = CompressJobResult(rows, list(evaluations), record, sliced, result, seconds, peak_rss_mb())
-    if output:
+    if output and writer:
         generator = None
         if max_cache_len > 0:
             from ..runtime.generate import with_cache
 
-            generator = with_cache(model, sliced, batch_size=1, max_cache_len=max_cache_len)
+            generator = with_cache(model if model is not None else source, sliced, batch_size=1,
+                                   max_cache_len=max_cache_len, share_weights=True)
         job.saved = save(sliced, output, tokenizer, record, overwrite=overwrite, generator=generator)
-    if plot_spectra:
+    if plot_spectra and writer:
         from .plots import plot_spectra as plot
 
         plot(result.eigenvalues, plot_spectra, title=f"{model_name}: PCA spectra per stream position")

@@ -22,6 +22,8 @@ the weight rewrite (:class:`Rotator`) and the loop that ties them together (:fun
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -298,9 +300,30 @@ def finishing_schedule(plan: Plan, runner: "SegmentRunner", groups: list[list[in
     return segment_modules, finished
 
 
+@dataclass
+class OnDisk:
+    """A cached activation written to the offload folder (``torch.save``), read back when needed."""
+
+    path: Path
+
+
+def restore(env: dict, device: torch.device) -> None:
+    """Read back the activations of one batch's environment that wait on disk."""
+    for node, value in list(env.items()):
+        if isinstance(value, OnDisk):
+            env[node] = torch.load(value.path, map_location=device)
+            value.path.unlink()
+
+
+def spill(env: dict, node: Node, path: Path) -> None:
+    """Write one cached activation to ``path`` until the next segment needs it."""
+    torch.save(env[node], path)
+    env[node] = OnDisk(path)
+
+
 def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups: list[list[int]], *,
                      pca_signal: str = "stream", stopwatch: Optional[Stopwatch] = None,
-                     progress: bool = True) -> list[Optional[torch.Tensor]]:
+                     progress: bool = True, activation_dir: Optional[Path] = None) -> list[Optional[torch.Tensor]]:
     """Group by group of positions (one basis each): run their blocks once per batch, PCA of the
     summed covariance, rotate and slice, rotate the cached values. Shortcuts inside a group are then
     ``Q_dᵀ Q_d = I`` and are removed. Returns the eigenvalues of every rotated position.
@@ -309,6 +332,7 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
     calibrates on values that saw no slicing inside this one (each block still runs once per batch).
     The plan's weight store brings each segment's modules in before it runs and finishes them once
     their positions are rotated; under ``torch.distributed`` the covariances are summed over ranks.
+    With ``activation_dir`` the cached (rotated) stream values wait there between segments.
     """
     watch = stopwatch or Stopwatch()
     gm, hidden, weights = plan.gm, plan.hidden_size, plan.weights
@@ -316,6 +340,8 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
     segment_of = {p.index: k for k, p in enumerate(rotated)}
     runner = SegmentRunner(gm, [p.root for p in rotated])
     segment_modules, finished = finishing_schedule(plan, runner, groups)
+    tokens = sum(b.input_ids.numel() for b in batches)
+    weights.check_room(segment_modules, 2 * tokens * hidden * weights.like.element_size())
     rotator = Rotator(plan)
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
     envs = [{input_node: b.input_ids} for b in batches]
@@ -329,6 +355,9 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                 with watch("load"):
                     weights.fetch(segment_modules[segment_of[index]])
             for number, (batch, env) in enumerate(zip(batches, envs)):
+                if activation_dir is not None:
+                    with watch("load"):
+                        restore(env, weights.device)
                 for index in group:
                     with watch("calibration forward"):
                         value = runner.run_segment(segment_of[index], env)
@@ -348,13 +377,19 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                     rotator.rotate(index, basis, widths[index])
                     root = runner.boundaries[segment_of[index]]
                     projection = basis[:, :widths[index]].to(torch.float32)
-                    for env in envs:
+                    for number, env in enumerate(envs):
                         if root in env:
                             env[root] = (env[root].to(torch.float32) @ projection).to(env[root].dtype)
+                            if activation_dir is not None:
+                                spill(env, root, activation_dir / f"activation-{index}-{number}.pt")
             with watch("load"):
                 weights.finish(finished[number_of_group])
             bar.update(len(group))
     bar.close()
+    for env in envs:  # what the last segments left on disk
+        for value in env.values():
+            if isinstance(value, OnDisk):
+                value.path.unlink(missing_ok=True)
     with watch("rewrite"):
         tied = plan.tied
         if tied is not None and not plan.positions[tied.position].rotated:

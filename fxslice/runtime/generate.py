@@ -12,6 +12,7 @@ sliced program (``generate.pt2``) and needs no model code.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Optional
 
 import torch
@@ -19,9 +20,11 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
+from ..checkpoint import Checkpoint, is_checkpoint
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import plain_graph_module, strip_guards
 from ..graph.inserted import SHORTCUT
+from ..graph.store import Weights
 from ..hf import STATIC_CACHE_PREFIX, export_with_static_cache
 from ..passes.p2_canonicalise import canonicalise
 from ..passes.p3_analyse import analyse
@@ -43,13 +46,19 @@ def capture_with_cache(model: nn.Module, batch_size: int, max_cache_len: int) ->
     return plain_graph_module(gm, gm.graph, GRAPH_CLASS)
 
 
-def with_cache(model: nn.Module, sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 1024) -> GraphModule:
-    """A KV-cache program of ``model`` carrying the weights and widths of ``sliced`` (from ``compress(model, ...)``)."""
+def with_cache(model: nn.Module | str | os.PathLike, sliced: GraphModule, batch_size: int = 1,
+               max_cache_len: int = 1024, share_weights: bool = False) -> GraphModule:
+    """A KV-cache program of ``model`` (a module or the checkpoint path given to ``compress``) carrying
+    the weights and widths of ``sliced``. The capture's own Linear and Embedding weights are never
+    edited or read: every one is replaced by the sliced model's (shared with ``sliced`` when
+    ``share_weights``, else copied)."""
     result = getattr(sliced, "fxslice", None)
     if result is None:
         raise FxSliceError("with_cache needs the GraphModule returned by fxslice.compress (it carries .fxslice)")
+    if is_checkpoint(model):
+        model, _ = Checkpoint.open(model).empty_model(next(sliced.parameters()).dtype)
     gm = canonicalise(capture_with_cache(model, batch_size, max_cache_len))
-    plan = fuse(analyse(gm))
+    plan = fuse(analyse(gm), Weights(gm, apply_edits=False))
     if len(plan.positions) != len(result.widths):
         raise GraphStructureError(
             f"the cached capture has {len(plan.positions)} stream positions, the sliced model {len(result.widths)}")
@@ -58,7 +67,7 @@ def with_cache(model: nn.Module, sliced: GraphModule, batch_size: int = 1, max_c
     for module in list(plan.inserted):
         if module.kind == SHORTCUT and module.name not in kept:  # removed as the identity (basis="block")
             rotator.remove_shortcut(module.writes)
-    transfer_weights(gm, sliced, strip=STATIC_CACHE_PREFIX)
+    transfer_weights(gm, sliced, strip=STATIC_CACHE_PREFIX, clone=not share_weights)
     for index, width in enumerate(result.widths):
         rotator.resize(index, width)
     gm.recompile()
@@ -75,9 +84,10 @@ def retarget(generator: nn.Module, weights: nn.Module) -> GraphModule:
     return target
 
 
-def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "") -> None:
+def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "", clone: bool = True) -> None:
     """Give every Linear/Embedding of ``target`` the parameters of the same-named module of ``source``
-    (``strip`` removed from target names), keeping parameters that ``source`` shares shared."""
+    (``strip`` removed from target names; copies unless ``clone=False``), keeping parameters that
+    ``source`` shares shared."""
     modules = dict(source.named_modules())
     shared: dict[int, nn.Parameter] = {}
     for name, module in target.named_modules():
@@ -90,7 +100,8 @@ def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "") -> N
             param = getattr(twin, attr, None)
             if param is not None:
                 if id(param) not in shared:
-                    shared[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+                    shared[id(param)] = nn.Parameter(param.detach().clone() if clone else param.detach(),
+                                                     requires_grad=False)
                 setattr(module, attr, shared[id(param)])
         if isinstance(module, nn.Linear):
             module.in_features, module.out_features = module.weight.shape[1], module.weight.shape[0]
