@@ -10,8 +10,9 @@ value: a captured graph, a canonical graph, a :class:`~fxslice.passes.p3_analyse
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from contextlib import ExitStack
+import weakref
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -105,43 +106,17 @@ def compress(
     if device is not None:
         check_device(device)
     watch = Stopwatch()
-    with ExitStack() as cleanup, watch("total"):
-        if is_checkpoint(model):
-            checkpoint = Checkpoint.open(model)
-            dtype = checkpoint_dtype(checkpoint, dtype)
-            with watch("capture"):
-                module, storage_keys = checkpoint.empty_model(dtype)
-                spec = model_spec(module, weights_loaded=False)
-        else:
-            if dtype is not None:
-                raise FxSliceError("dtype applies to a checkpoint path; convert an in-memory model with model.to(dtype)")
-            module, checkpoint, spec = model, None, model_spec(model)
-        compute = torch.device(device) if device is not None else spec.device
-        batches = prepare_batches(calib_loader, spec.vocab_size, compute)
-        with watch("capture"):
-            gm = capture(module, spec)
-        with watch("canonicalise"):
-            gm = canonicalise(gm)
-        if checkpoint is not None:
-            offload = Path(offload_dir) if offload_dir is not None else Path(cleanup.enter_context(
-                tempfile.TemporaryDirectory(prefix="fxslice-offload-")))
-            del module  # its parameters were never allocated; the graph reads the checkpoint from now on
-            weights = checkpoint_weights(gm, checkpoint, storage_keys, dtype, compute, offload)
-        else:
-            weights = memory_weights(gm, compute, Path(offload_dir) if offload_dir is not None else None)
-        with watch("analyse"):
-            structure = analyse(gm)
-        check_lengths(batches, spec.max_positions if structure.has_position_table() else None)
-        with watch("fuse"):
-            plan = fuse(structure, weights)
-        widths = plan_widths(plan, float(sparsity), round_to, slice_head)
-        place_unmanaged(gm, compute)
-        eigenvalues = rotate_and_slice(plan, batches, widths, basis_groups(plan, basis), pca_signal=pca_signal,
-                                       stopwatch=watch, progress=progress,
-                                       activation_dir=Path(offload_dir) if offload_dir is not None else None)
-        place_unmanaged(gm, weights.home)
-        if checkpoint is None:
-            release_shared_storage(gm, model)
+    temporary: list[Path] = []  # offload folders fxslice made: they back the result's weights
+    try:
+        gm, spec, plan, widths, eigenvalues, batches = _run_passes(
+            model, calib_loader, sparsity, round_to, pca_signal, slice_head, basis, device, dtype, offload_dir,
+            progress, watch, temporary)
+    except BaseException:
+        for folder in temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for folder in temporary:
+        weakref.finalize(gm, shutil.rmtree, folder, True)
     timings = dict(watch.seconds)
     timings["total"] = timings.pop("total")  # listed last
     gm.fxslice = SliceResult(
@@ -163,6 +138,54 @@ def compress(
         added_param_count=sum(p.numel() for m in plan.inserted for p in gm.get_submodule(m.name).parameters()),
     )
     return gm
+
+
+def _run_passes(model, calib_loader, sparsity, round_to, pca_signal, slice_head, basis, device, dtype, offload_dir,
+                progress, watch, temporary):
+    """The passes in order (see the module docstring); returns what the result records."""
+    with watch("total"):
+        if is_checkpoint(model):
+            checkpoint = Checkpoint.open(model)
+            dtype = checkpoint_dtype(checkpoint, dtype)
+            with watch("capture"):
+                module, storage_keys = checkpoint.empty_model(dtype)
+                spec = model_spec(module, weights_loaded=False)
+        else:
+            if dtype is not None:
+                raise FxSliceError("dtype applies to a checkpoint path; convert an in-memory model with model.to(dtype)")
+            module, checkpoint, spec = model, None, model_spec(model)
+        compute = torch.device(device) if device is not None else spec.device
+        batches = prepare_batches(calib_loader, spec.vocab_size, compute)
+        with watch("capture"):
+            gm = capture(module, spec)
+        with watch("canonicalise"):
+            gm = canonicalise(gm)
+        if checkpoint is not None:
+            offload = Path(offload_dir) if offload_dir is not None else _temporary_folder(temporary)
+            del module  # its parameters were never allocated; the graph reads the checkpoint from now on
+            weights = checkpoint_weights(gm, checkpoint, storage_keys, dtype, compute, offload)
+        else:
+            weights = memory_weights(gm, compute, Path(offload_dir) if offload_dir is not None else None)
+        with watch("analyse"):
+            structure = analyse(gm)
+        check_lengths(batches, spec.max_positions if structure.has_position_table() else None)
+        with watch("fuse"):
+            plan = fuse(structure, weights)
+        widths = plan_widths(plan, float(sparsity), round_to, slice_head)
+        place_unmanaged(gm, compute)
+        eigenvalues = rotate_and_slice(plan, batches, widths, basis_groups(plan, basis), pca_signal=pca_signal,
+                                       stopwatch=watch, progress=progress,
+                                       activation_dir=Path(offload_dir) if offload_dir is not None else None)
+        place_unmanaged(gm, weights.home)
+        if checkpoint is None:
+            release_shared_storage(gm, model)
+    return gm, spec, plan, widths, eigenvalues, batches
+
+
+def _temporary_folder(made: list[Path]) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="fxslice-offload-"))
+    made.append(folder)
+    return folder
 
 
 def checkpoint_dtype(checkpoint: Checkpoint, dtype: Optional[torch.dtype]) -> torch.dtype:

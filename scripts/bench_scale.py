@@ -124,7 +124,7 @@ def run(shape: str, path: str, out: str) -> None:
 
 def measure(shape: str, path: str, processes: int, out: str) -> None:
     checkpoint(shape)  # written before any measurement
-    command = [__file__, "--run", shape, path, out]
+    command = [__file__, "--child", shape, path, out]
     if processes == 1:
         subprocess.run([sys.executable, *command], check=True)
     else:
@@ -157,19 +157,24 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["memory", "streamed"], choices=["memory", "streamed"])
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--out", default=None, help="append the JSON records to this file")
-    parser.add_argument("--run", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--write", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
         return write_checkpoint(*args.write)
-    if args.run:
-        return run(*args.run)
+    if args.child:
+        return run(*args.child)
     out = args.out or tempfile.mktemp(suffix=".jsonl")
+    done = set()  # measurements already in --out (a run that stopped is resumed)
+    if os.path.exists(out):
+        done = {(r["shape"], r["path"], r["processes"]) for r in map(json.loads, open(out))}
     for shape in args.shapes:
         for path in args.paths:
             for processes in args.processes:
                 if processes > 1 and path == "memory":
                     continue  # data-parallel ranks each hold the model: measured streamed only
+                if (shape, path, processes) in done:
+                    continue
                 measure(shape, path, processes, out)
                 records = [json.loads(line) for line in open(out)]
                 print(table(records), flush=True)

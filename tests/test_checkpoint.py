@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -91,8 +92,11 @@ def test_streamed_compression_never_holds_two_dense_blocks(tmp_path, monkeypatch
     monkeypatch.setattr(StreamedWeights, "fetch", fetch)
     sliced = fxslice.compress(folder, _calibration(False), 0.25, offload_dir=offload, progress=False)
     assert max(resident_counts) == 0  # nothing but the fetched segment is in memory when a segment runs
-    assert not any(offload.iterdir())  # the offload files are removed at the end
     assert torch.isfinite(logits_of(sliced, _probe())).all()
+    assert any(offload.iterdir())  # the files back the sliced weights (memory-mapped) ...
+    del sliced
+    gc.collect()
+    assert not any(offload.iterdir())  # ... and go with the graph
 
 
 def test_device_option_runs_the_same_path_on_the_cpu():
@@ -107,6 +111,8 @@ def test_in_memory_model_with_offload_matches(tmp_path):
     plain = fxslice.compress(model, _calibration(True), 0.25, progress=False)
     offloaded = fxslice.compress(model, _calibration(True), 0.25, offload_dir=tmp_path, progress=False)
     torch.testing.assert_close(logits_of(offloaded, _probe()), logits_of(plain, _probe()), atol=0, rtol=0)
+    del offloaded
+    gc.collect()
     assert not any(tmp_path.iterdir())
 
 
@@ -168,6 +174,18 @@ def test_unusable_folders_are_refused(tmp_path, setup, message):
     setup(folder)
     with pytest.raises(FxSliceError, match=message):
         fxslice.compress(folder, _calibration(False), 0.25, progress=False)
+
+
+def test_default_offload_folder_lives_as_long_as_the_result(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    sliced = fxslice.compress(_save(tiny_model("llama"), tmp_path / "ckpt"), _calibration(False), 0.25, progress=False)
+    assert [p.name.startswith("fxslice-offload-") for p in (tmp_path / "tmp").iterdir()] == [True]
+    del sliced
+    gc.collect()
+    assert not any((tmp_path / "tmp").iterdir())
 
 
 def test_missing_folder_and_in_memory_dtype_are_refused(tmp_path):

@@ -14,6 +14,10 @@ module) to the graph's weight store.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -99,6 +103,18 @@ class Source:
 
     read: Callable[[], torch.Tensor]
     nbytes: int = 0
+    file: Optional[tuple[Path, str]] = None  # (safetensors file, key) when ``read()`` maps it from disk
+
+
+FILE_BACKED: dict[int, tuple[Path, str]] = {}
+"""Parameters whose memory is a mapping of an offload file: ``data_ptr -> (file, key)``. A save can
+then copy the file instead of reading the weights through memory (:mod:`fxslice.runtime.weights`)."""
+
+
+def file_backing(tensor: torch.Tensor) -> Optional[tuple[Path, str]]:
+    """The offload file and key ``tensor`` maps, if it is such a parameter (and the file still exists)."""
+    entry = FILE_BACKED.get(tensor.data_ptr()) if tensor.numel() else None
+    return entry if entry is not None and entry[0].exists() else None
 
 
 def held(tensor: torch.Tensor) -> Source:
@@ -112,8 +128,22 @@ def offloaded(path: Path, key: str) -> Source:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(key).clone()
-    return Source(read)
+            return handle.get_tensor(key)  # memory-mapped: no second copy while the weights are gathered
+    return Source(read, file=(path, key))
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def return_freed_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc ``malloc_trim``): the dense blocks
+    freed after rotation would otherwise keep the resident size at its high-water mark."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class StreamedWeights(Weights):
@@ -197,8 +227,13 @@ class StreamedWeights(Weights):
     def _load(self, name: str, device: torch.device) -> None:
         module = self.module(name)
         for pname, source in self.sources[name].items():
-            value = source.read().to(device=device, dtype=self.like.dtype)
-            setattr(module, pname, nn.Parameter(value, requires_grad=False))
+            read = source.read()
+            value = read.to(device=device, dtype=self.like.dtype)
+            param = nn.Parameter(value, requires_grad=False)
+            if source.file is not None and value is read and param.numel():
+                FILE_BACKED[param.data_ptr()] = source.file
+                weakref.finalize(param, FILE_BACKED.pop, param.data_ptr(), None)
+            setattr(module, pname, param)
         self.absent.discard(name)
         for fn, args in self.pending.pop(name, []):
             fn(module, *args)
@@ -219,26 +254,34 @@ class StreamedWeights(Weights):
                 setattr(module, pname, nn.Parameter(param.detach().to(device), requires_grad=False))
 
     def finish(self, names: list[str]) -> None:
+        """Finished modules go home, or into one offload file per call (keys ``<module>.<param>``)."""
         from safetensors.torch import save_file
 
-        for name in names:
-            if name in self.absent or name in self.ties:
-                continue
-            module = self.module(name)
-            if self.offload is None:
+        names = [n for n in names if n in self.sources and n not in self.absent and n not in self.ties]
+        if self.offload is None:
+            for name in names:
                 self._move(name, self.home)
-                continue
-            path = self.offload / f"{name}.safetensors"
+            return
+        if not names:
+            return
+        path = self.offload / f"fxslice-{os.getpid()}-{id(self):x}-{len(self.written):05d}.safetensors"
+        tensors = {f"{name}.{pname}": param.detach().contiguous().cpu()
+                   for name in names for pname, param in self.module(name).named_parameters(recurse=False)}
+        save_file(tensors, str(path))
+        self.written.append(path)
+        for name in names:
+            module = self.module(name)
             params = dict(module.named_parameters(recurse=False))
-            save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(path))
-            self.written.append(path)
-            self.sources[name] = {k: offloaded(path, k) for k in params}
+            self.sources[name] = {k: offloaded(path, f"{name}.{k}") for k in params}
             for pname, param in params.items():
                 setattr(module, pname, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
                                                     requires_grad=False))
             self.absent.add(name)
+        del tensors
+        return_freed_memory()
 
     def finalise(self) -> None:
+        return_freed_memory()
         for name in list(self.sources):
             if name in self.absent:
                 self._load(name, self.home)
@@ -246,9 +289,9 @@ class StreamedWeights(Weights):
                 self._move(name, self.home)
         for embedding, head in self.ties.items():
             share_embedding(self.module(embedding), self.module(head).weight)
-        for path in self.written:
-            path.unlink(missing_ok=True)
-        self.written.clear()
+        # the offload files now back the finished weights (memory-mapped): removed with the graph
+        weakref.finalize(self.gm, _remove, list(self.written))
+        self.written = []
 
     def check_room(self, segment_modules: list[list[str]], activation_bytes: int) -> None:
         """Refuse a CUDA device whose free memory cannot hold the largest segment's weights (in float64
@@ -291,6 +334,6 @@ def place_unmanaged(gm: GraphModule, device: torch.device) -> None:
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer.device != device:
                 module.register_buffer(name, buffer.to(device), persistent=name not in module._non_persistent_buffers_set)
-    for name, value in list(vars(gm).items()):
-        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.device != device:
-            setattr(gm, name, value.to(device))
+        for name, value in list(vars(module).items()):  # constants the capture lifted (plain attributes)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.device != device:
+                setattr(module, name, value.to(device))

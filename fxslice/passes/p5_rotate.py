@@ -382,6 +382,9 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                             env[root] = (env[root].to(torch.float32) @ projection).to(env[root].dtype)
                             if activation_dir is not None:
                                 spill(env, root, activation_dir / f"activation-{index}-{number}.pt")
+                for previous, index in zip(group, group[1:]):  # each member is fed by the one before it
+                    if widths[index] == widths[previous]:  # (block_groups): Q_dᵀ Q_d = I between them
+                        rotator.remove_shortcut(index)
             with watch("load"):
                 weights.finish(finished[number_of_group])
             bar.update(len(group))
@@ -394,10 +397,6 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
         tied = plan.tied
         if tied is not None and not plan.positions[tied.position].rotated:
             rotator.resize(tied.position, hidden)
-        for group in groups:  # each member after the first is fed by the one before it (block_groups)
-            for previous, index in zip(group, group[1:]):
-                if widths[index] == widths[previous]:
-                    rotator.remove_shortcut(index)
     with watch("load"):
         weights.finalise()
     gm.recompile()
