@@ -205,3 +205,20 @@ def test_encoder_checkpoint_is_refused_clearly(tmp_path):
         fxslice.compress(folder, _calibration(False), 0.25, progress=False)
     assert "bert" in str(info.value).lower() or isinstance(info.value, GraphStructureError)
     assert os.path.exists(folder / "config.json")
+
+
+def test_streamed_result_saves_its_offloaded_weights_once_and_reloads(tmp_path):
+    from fxslice.runtime.generate import generate, with_cache
+
+    folder = _save(tiny_model("llama"), tmp_path / "ckpt")
+    sliced = fxslice.compress(folder, _calibration(True), 0.25, basis="block", progress=False)
+    program = with_cache(folder, sliced, max_cache_len=32, share_weights=True)
+    saved = fxslice.save(sliced, tmp_path / "saved", generator=program)
+    weight_files = sorted(saved.glob("weights*.safetensors"))
+    assert any(p.name.startswith("weights-") for p in weight_files)  # copied from the offload files
+    weight_bytes = sum(p.numel() * p.element_size() for p in sliced.parameters())
+    assert sum(p.stat().st_size for p in weight_files) <= 1.05 * weight_bytes + 64 * 1024
+    loaded, _ = fxslice.load(saved)
+    torch.testing.assert_close(loaded(_probe()).logits, logits_of(sliced, _probe()), atol=1e-5, rtol=1e-5)
+    prompt = _probe()[:1, :8]
+    assert torch.equal(loaded.generate(prompt, 6), generate(program, prompt, 6))

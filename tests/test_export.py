@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import zipfile
 import sys
 
 import pytest
@@ -27,7 +28,11 @@ def saved(sliced, tmp_path_factory):
 
 
 def test_roundtrip_matches_the_sliced_graph(sliced, saved):
-    assert {p.name for p in saved.iterdir()} >= {"model.pt2", "fxslice.json"}
+    assert {p.name for p in saved.iterdir()} >= {"model.pt2", "fxslice.json", "weights.safetensors"}
+    weight_bytes = sum(p.numel() * p.element_size() for p in sliced.parameters())
+    assert (saved / "weights.safetensors").stat().st_size <= 1.05 * weight_bytes + 4096  # stored once
+    with zipfile.ZipFile(saved / "model.pt2") as archive:  # the program holds no weight bytes
+        assert sum(i.file_size for i in archive.infolist() if "/data/weights/weight_" in f"/{i.filename}") == 0
     record = json.loads((saved / "fxslice.json").read_text())
     assert record["widths"] == sliced.fxslice.widths and record["vocab_size"] == VOCAB
     model, tokenizer = load(saved)
@@ -40,9 +45,17 @@ def test_roundtrip_matches_the_sliced_graph(sliced, saved):
 def test_plain_torch_loads_the_program_without_fxslice_or_model_code(sliced, saved):
     ids = IDS[1]
     expected = sliced(ids).logits
-    script = (
-        "import sys, torch\n"
-        f"program = torch.export.load({str(saved / 'model.pt2')!r})\n"
+    script = (  # the README's "Deploy" recipe: the program, then its weights from the safetensors files
+        "import json, sys, torch\n"
+        "from safetensors.torch import load_file\n"
+        f"folder = {str(saved)!r}\n"
+        "index = json.load(open(folder + '/fxslice.json'))['weights']\n"
+        "stored = {}\n"
+        "for name in set(index['weight_map'].values()):\n"
+        "    stored.update(load_file(folder + '/' + name))\n"
+        "program = torch.export.load(folder + '/model.pt2')\n"
+        "for name, key in index['programs']['model.pt2'].items():\n"
+        "    program.state_dict[name] = torch.nn.Parameter(stored[key], requires_grad=False)\n"
         f"ids = torch.tensor({ids.tolist()})\n"
         "logits = program.module()(ids)\n"
         "assert 'fxslice' not in sys.modules and 'transformers' not in sys.modules, 'extra imports'\n"

@@ -1,11 +1,12 @@
-"""Saving and loading a sliced graph as a self-contained ``torch.export`` program.
+"""Saving and loading a sliced graph as ``torch.export`` programs with their weights stored once.
 
 A saved folder holds ``model.pt2`` (the re-exported program, dynamic batch and length, returning
-the logits tensor), optionally ``generate.pt2`` (the KV-cache program), the tokenizer files, and
-``fxslice.json`` (source model, sparsity, widths, parameter counts, inserted modules, the head,
-calibration protocol, versions, the programs' SHA-256). ``torch.export.load``
-on ``model.pt2`` needs plain torch only. Saving is atomic: the folder is assembled elsewhere on the
-same file system and swapped into place.
+the logits tensor), optionally ``generate.pt2`` (the KV-cache program), both saved without their
+weights, the weights once in ``weights*.safetensors`` (:mod:`fxslice.runtime.weightfiles`), the
+tokenizer files, and ``fxslice.json`` (source model, sparsity, widths, parameter counts, inserted
+modules, the head, calibration protocol, versions, the programs' SHA-256, which stored tensor each
+program parameter is). Loading needs torch and safetensors only. Saving is atomic: the folder is
+assembled elsewhere on the same file system and swapped into place.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from torch.fx import GraphModule, Node
 
 from ..errors import FxSliceError
 from ..hf import causal_lm_output, logits, vocab_size_of
+from .weightfiles import check_index, fill_weights, read_weights, write_weights
 
 FORMAT = "fxslice-sliced-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights stored once in safetensors files beside weightless programs
 PROGRAM = "model.pt2"
 GENERATOR = "generate.pt2"
 RECORD = "fxslice.json"
@@ -227,14 +229,15 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
     result = getattr(model, "fxslice", None)
     record = {**(result.to_record() if result is not None else {}), **(record or {})}
     vocab = int(record["vocab_size"]) if record.get("vocab_size") else vocab_size_of(model)
-    program = export_program(model, vocab)
-    generator_program = export_generator(generator) if generator is not None else None
+    programs = {PROGRAM: export_program(model, vocab)}
+    if generator is not None:
+        programs[GENERATOR] = export_generator(generator)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_folder(target)
     try:
-        torch.export.save(program, staging / PROGRAM)
-        if generator_program is not None:
-            torch.export.save(generator_program, staging / GENERATOR)
+        weights = write_weights(staging, programs)
+        for name, program in programs.items():
+            torch.export.save(program, staging / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         full = {
@@ -246,9 +249,10 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
             "vocab_size": vocab,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "program_sha256": _sha256(staging / PROGRAM),
+            "weights": weights,
         }
         full.pop("generator", None)
-        if generator_program is not None:
+        if generator is not None:
             full["generator"] = {"max_cache_len": generator.max_cache_len, "batch_size": generator.cache_batch_size,
                                  "program_sha256": _sha256(staging / GENERATOR)}
         (staging / RECORD).write_text(json.dumps(full, indent=2, default=str))
@@ -312,6 +316,7 @@ def read_record(folder: str | os.PathLike) -> dict:
     for key, kind in REQUIRED.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             raise FxSliceError(f"{record_path} is corrupted: '{key}' is missing or not a {kind.__name__}")
+    check_index(record.get("weights"), str(record_path))
     generator = record.get("generator")
     if generator is not None and not (isinstance(generator, dict) and isinstance(generator.get("max_cache_len"), int)
                                       and isinstance(generator.get("program_sha256"), str)):
@@ -319,13 +324,15 @@ def read_record(folder: str | os.PathLike) -> dict:
     return record
 
 
-def _load_program(path: Path, checksum: Optional[str]) -> nn.Module:
+def _load_program(path: Path, checksum: Optional[str], weights: dict, tensors: dict) -> nn.Module:
     if _sha256(path) != checksum:
         raise FxSliceError(f"{path} does not match the checksum in {RECORD}: the file is corrupted or was replaced")
     try:
-        return torch.export.load(path).module()
+        program = torch.export.load(path)
     except Exception as exc:
         raise FxSliceError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
+    fill_weights(program, weights["programs"].get(path.name), tensors, path)
+    return program.module()
 
 
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tokenizer: bool = True):
@@ -335,11 +342,12 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tok
     program_path = path / PROGRAM
     if not program_path.is_file():
         raise FxSliceError(f"{path} has no {PROGRAM}")
-    program = _load_program(program_path, record.get("program_sha256"))
+    tensors = read_weights(path, record["weights"])
+    program = _load_program(program_path, record.get("program_sha256"), record["weights"], tensors)
     generator = None
     if (path / GENERATOR).is_file():
         info = record.get("generator") or {}
-        generator = _load_program(path / GENERATOR, info.get("program_sha256"))
+        generator = _load_program(path / GENERATOR, info.get("program_sha256"), record["weights"], tensors)
         generator.max_cache_len, generator.cache_batch_size = info.get("max_cache_len"), info.get("batch_size", 1)
     model = LoadedModel(program, record, generator).to(device)
     tokenizer = None

@@ -1,0 +1,131 @@
+"""A saved folder's weights: stored once, in safetensors files, for every program of the folder.
+
+The programs (``model.pt2``, ``generate.pt2``) are saved with their parameters and buffers replaced
+by ``meta`` tensors; the values live in ``weights*.safetensors`` and ``fxslice.json`` maps each
+program's state-dict names to keys of those files. A tensor the two programs share (the KV-cache
+program receives the sliced model's weights) is stored once; so is one that is equal under both
+programs' names. Weights that are memory-mapped from fxslice's offload files (a streamed
+checkpoint) are written by copying those files, never read through memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import FxSliceError
+from ..graph.store import file_backing
+from ..hf import STATIC_CACHE_PREFIX
+
+REST = "weights.safetensors"  # the weights held in memory
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype)
+
+
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    return nn.Parameter(meta, requires_grad=False) if isinstance(tensor, nn.Parameter) else meta
+
+
+def write_weights(folder: Path, programs: dict[str, torch.export.ExportedProgram]) -> dict:
+    """Write the state of ``programs`` (file name -> program; the first one names the shared weights)
+    into ``folder`` once and leave the programs with meta tensors. Returns the index for ``fxslice.json``:
+    ``{"programs": {file: {state name: key}}, "weight_map": {key: weight file}}``."""
+    keys: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    mapping: dict[str, dict[str, str]] = {label: {} for label in programs}
+    first = next(iter(programs))
+    for label, program in programs.items():
+        prefix = "" if label == first else f"{Path(label).stem}."
+        for name, tensor in list(program.state_dict.items()):
+            key = keys.get(_identity(tensor))
+            if key is None and label != first:  # a copy of a sliced-model weight under the cache program's name
+                twin = tensors.get(name[len(STATIC_CACHE_PREFIX):] if name.startswith(STATIC_CACHE_PREFIX) else name)
+                if twin is not None and twin.shape == tensor.shape and twin.dtype == tensor.dtype \
+                        and torch.equal(twin, tensor.to(twin.device)):
+                    key = name[len(STATIC_CACHE_PREFIX):] if name.startswith(STATIC_CACHE_PREFIX) else name
+            if key is None:
+                key = prefix + name
+                tensors[key] = tensor
+                keys[_identity(tensor)] = key
+            mapping[label][name] = key
+            program.state_dict[name] = _meta_like(tensor)
+    weight_map = _copy_offload_files(folder, tensors)
+    rest = {key: t.detach().cpu().contiguous() for key, t in tensors.items() if key not in weight_map}
+    if rest:
+        from safetensors.torch import save_file
+
+        save_file(rest, str(folder / REST), metadata={"format": "pt"})
+        weight_map.update({key: REST for key in rest})
+    return {"programs": mapping, "weight_map": weight_map}
+
+
+def _copy_offload_files(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Copy (kernel-side, not through this process's memory) every offload file whose tensors are all
+    wanted here under the names they have there."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, set[str]] = {}
+    for key, tensor in tensors.items():
+        backing = file_backing(tensor)
+        if backing is not None and backing[1] == key:
+            by_file.setdefault(backing[0], set()).add(key)
+    weight_map: dict[str, str] = {}
+    for number, (path, wanted) in enumerate(sorted(by_file.items())):
+        with safe_open(str(path), framework="pt") as handle:
+            if set(handle.keys()) != wanted:
+                continue
+        name = f"weights-{number:05d}.safetensors"
+        shutil.copyfile(path, folder / name)
+        weight_map.update({key: name for key in wanted})
+    return weight_map
+
+
+def check_index(index: object, where: str) -> None:
+    """Refuse a ``weights`` entry of ``fxslice.json`` that loading could not follow."""
+    ok = isinstance(index, dict) and isinstance(index.get("programs"), dict) and isinstance(index.get("weight_map"), dict)
+    if not ok:
+        raise FxSliceError(f"{where} is corrupted: 'weights' lacks programs or weight_map")
+
+
+def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
+    """Every stored tensor by key, memory-mapped (copy-on-write: the files are never written)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for key, name in index["weight_map"].items():
+        by_file.setdefault(name, []).append(key)
+    for name, keys in by_file.items():
+        path = folder / name
+        if not path.is_file():
+            raise FxSliceError(f"{path} is missing (listed in the folder's fxslice.json)")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in keys:
+                    out[key] = handle.get_tensor(key)
+        except Exception as exc:  # truncated or foreign file: one message naming it
+            raise FxSliceError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
+def fill_weights(program: torch.export.ExportedProgram, names: Optional[dict], tensors: dict[str, torch.Tensor],
+                 where: Path) -> None:
+    """Put the stored values back into ``program``'s state dict (saved with meta tensors)."""
+    for name, placeholder in list(program.state_dict.items()):
+        key = (names or {}).get(name)
+        if key is None or key not in tensors:
+            raise FxSliceError(f"{where}: no stored weight for '{name}' of the program")
+        value = tensors[key]
+        if tuple(value.shape) != tuple(placeholder.shape) or value.dtype != placeholder.dtype:
+            raise FxSliceError(f"{where}: stored weight '{key}' is {list(value.shape)} {value.dtype}, the program "
+                               f"expects {list(placeholder.shape)} {placeholder.dtype}")
+        program.state_dict[name] = nn.Parameter(value, requires_grad=False) if isinstance(placeholder, nn.Parameter) \
+            else value
