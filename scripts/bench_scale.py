@@ -7,7 +7,8 @@ Random-init checkpoints of real shapes are written once (fp32 safetensors, ``sav
 under ``$FXSLICE_CACHE/bench``. Every measurement runs in a fresh process (``torchrun`` for two),
 which compresses at 25% on 8×512 random-token calibration windows and saves the result with its
 KV-cache program. Peak RSS is the kernel's high-water mark (``VmHWM``): once when calibration ends
-(before the finished weights are gathered) and once after the folder is written.
+(before the finished weights are gathered) and once after the folder is written; "folder / weights"
+is the saved folder's size over the sliced weights' bytes (weights stored once).
 """
 
 from __future__ import annotations
@@ -112,12 +113,13 @@ def run(shape: str, path: str, out: str) -> None:
     if is_writer():
         program = with_cache(model, sliced, max_cache_len=LENGTH, share_weights=True)
         fxslice.save(sliced, target, generator=program)
-        saved_bytes = sum(p.stat().st_size for p in target.iterdir())
+        saved_bytes = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         shutil.rmtree(target.parent)
     record = {"shape": shape, "path": path, "processes": world_size(), "rank": rank(), "checkpoint_bytes": nbytes,
               "calibration_peak_mb": calibration_peak.get("mb"), "peak_mb": vm_hwm_mb(), "seconds": seconds,
               "dense_forward_seconds": dense_forward, "sliced_params": sliced.fxslice.param_count,
-              "dense_params": sliced.fxslice.dense_param_count, "saved_bytes": saved_bytes}
+              "dense_params": sliced.fxslice.dense_param_count, "saved_bytes": saved_bytes,
+              "sliced_weight_bytes": sum(p.numel() * p.element_size() for p in sliced.parameters())}
     with open(out, "a") as handle:
         handle.write(json.dumps(record) + "\n")
 
@@ -146,9 +148,11 @@ def table(records: list[dict]) -> str:
         rows.append([r["shape"], f"{r['checkpoint_bytes'] / 2**30:.2f} GiB", r["path"], r["processes"],
                      f"{cal / 1024:.2f} GiB", f"{cal / gib:.2f}", f"{peak / 1024:.2f} GiB", f"{peak / gib:.2f}",
                      f"{r['seconds']:.0f}", f"{r['seconds'] / forward:.1f}" if forward else "-",
-                     f"{r['sliced_params'] / r['dense_params']:.3f}"])
+                     f"{r['sliced_params'] / r['dense_params']:.3f}",
+                     f"{r['saved_bytes'] / r['sliced_weight_bytes']:.3f}"])
     return tabulate(rows, ["model", "checkpoint", "path", "procs", "peak RSS calibrating", "/ ckpt", "peak RSS overall",
-                           "/ ckpt", "compress s", "/ dense fwd", "params kept"], tablefmt="github")
+                           "/ ckpt", "compress s", "/ dense fwd", "params kept",
+                           "folder / weights"], tablefmt="github")
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """A saved folder's weights: stored once, in safetensors files, for every program of the folder.
 
 The programs (``model.pt2``, ``generate.pt2``) are saved with their parameters and buffers replaced
-by ``meta`` tensors; the values live in ``weights*.safetensors`` and ``fxslice.json`` maps each
+by ``meta`` tensors; the values live in ``weights.safetensors`` (and ``weights/*.safetensors``, the
+offload files of a streamed compression, copied), and ``fxslice.json`` maps each
 program's state-dict names to keys of those files. A tensor the two programs share (the KV-cache
 program receives the sliced model's weights) is stored once; so is one that is equal under both
 programs' names. Weights that are memory-mapped from fxslice's offload files (a streamed
@@ -22,6 +23,7 @@ from ..graph.store import file_backing
 from ..hf import STATIC_CACHE_PREFIX
 
 REST = "weights.safetensors"  # the weights held in memory
+SHARDS = "weights"  # a folder of the offload files of a streamed compression, one per finished block
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
@@ -82,7 +84,8 @@ def _copy_offload_files(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[
         with safe_open(str(path), framework="pt") as handle:
             if set(handle.keys()) != wanted:
                 continue
-        name = f"weights-{number:05d}.safetensors"
+        name = f"{SHARDS}/{number:05d}.safetensors"
+        (folder / SHARDS).mkdir(exist_ok=True)
         shutil.copyfile(path, folder / name)
         weight_map.update({key: name for key in wanted})
     return weight_map
