@@ -6,11 +6,14 @@
     print(sliced.fxslice)          # widths, true parameter counts, inserted modules, timings
     fxslice.inspect(model)         # the residual-stream structure fxslice finds
     fxslice.save(sliced, "out", tokenizer); model, tokenizer = fxslice.load("out")
+    sliced = fxslice.compress("path/to/checkpoint", calib_batches, 0.25)   # streamed, block by block
 
-Layout: ``passes/`` (the graph pass, one module per step), ``graph/`` (helpers the passes share),
-``runtime/`` (saving, loading and running the sliced program), ``jobs/`` (what users run around it:
-shipped models and texts, perplexity, fine-tuning, zero-shot tasks), ``hf.py`` (every Hugging Face
-assumption), ``cli.py`` (argument parsing and printing only).
+Layout: ``passes/`` (the graph pass, one module per step), ``graph/`` (helpers the passes share,
+the weight store every weight edit goes through), ``runtime/`` (saving, loading and running the
+sliced program), ``jobs/`` (what users run around it: shipped models and texts, perplexity,
+fine-tuning, zero-shot tasks), ``hf.py`` (every Hugging Face assumption about a model object),
+``checkpoint.py`` (safetensors checkpoints read tensor by tensor), ``distributed.py``
+(torch.distributed calibration), ``cli.py`` (argument parsing and printing only).
 """
 
 from .compress import compress, inspect

@@ -131,13 +131,18 @@ class Checkpoint:
             from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
         except ImportError:  # an older transformers: checkpoint names are the model's
             return {name: name for name in self.files}
-        transforms = get_model_conversion_mapping(model)
-        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        state = model.state_dict()
+        try:
+            transforms = get_model_conversion_mapping(model)
+            renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+            converters = [t for t in transforms if isinstance(t, WeightConverter)]
+            state = model.state_dict()
+            renamed = {key: rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+                       for key in self.files}
+        except Exception as exc:  # transformers' loading internals changed under us
+            raise FxSliceError(f"checkpoint {self.folder}: cannot map its tensor names to {type(model).__name__}'s "
+                               f"with this transformers version ({type(exc).__name__}: {exc})") from exc
         names = {}
-        for key in self.files:
-            name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        for key, (name, converter) in renamed.items():
             if converter is not None:
                 raise FxSliceError(f"checkpoint {self.folder}: tensor '{key}' must be converted by transformers on "
                                    f"load ({converter}); such checkpoints cannot be streamed: load the model and "
@@ -228,31 +233,45 @@ def checkpoint_weights(gm: nn.Module, checkpoint: Checkpoint, storage_keys: dict
     of the graph is read now."""
     from .graph.store import Source, StreamedWeights, held, managed_modules
 
-    def source(param: torch.Tensor, key: str) -> Source:
-        shape, stride, offset = tuple(param.shape), tuple(param.stride()), param.storage_offset()
-        elements = param.untyped_storage().nbytes() // param.element_size()
-
-        def read() -> torch.Tensor:
-            base = checkpoint.read([key], dtype)[key]
-            if base.numel() != elements:
-                raise FxSliceError(f"checkpoint {checkpoint.folder}: tensor '{key}' has shape {list(base.shape)}, "
-                                   f"the config's model expects {elements} values")
-            return base.as_strided(shape, stride, offset).contiguous()
-        return Source(read, param.numel() * param.element_size())
-
     managed = managed_modules(gm)
     sources: dict[str, dict[str, Source]] = {}
     for name in managed:
         sources[name] = {}
         for pname, param in gm.get_submodule(name).named_parameters(recurse=False):
             key = storage_keys.get(param.untyped_storage().data_ptr())
-            sources[name][pname] = held(param.detach()) if key is None else source(param, key)
-    skip = set(managed)
+            sources[name][pname] = held(param.detach()) if key is None else tensor_source(checkpoint, param, key, dtype)
+    read_unmanaged(gm, checkpoint, storage_keys, dtype)
+    return StreamedWeights(gm, sources, device, dtype, offload)
+
+
+def tensor_source(checkpoint: Checkpoint, param: torch.Tensor, key: str, dtype: torch.dtype) -> "Source":
+    """How to read ``param`` (a view of an unallocated model parameter, e.g. a ``Conv1D`` weight
+    transposed) from the checkpoint tensor ``key``: the same view of the stored values."""
+    from .graph.store import Source
+
+    shape, stride, offset = tuple(param.shape), tuple(param.stride()), param.storage_offset()
+    elements = param.untyped_storage().nbytes() // param.element_size()
+
+    def read() -> torch.Tensor:
+        base = checkpoint.read([key], dtype)[key]
+        if base.numel() != elements:
+            raise FxSliceError(f"checkpoint {checkpoint.folder}: tensor '{key}' has shape {list(base.shape)}, "
+                               f"the config's model expects {elements} values")
+        return base.as_strided(shape, stride, offset).contiguous()
+    return Source(read, param.numel() * param.element_size())
+
+
+def read_unmanaged(gm: nn.Module, checkpoint: Checkpoint, storage_keys: dict[int, str], dtype: torch.dtype) -> None:
+    """Read now every parameter of ``gm`` outside its Linear and Embedding modules that is still
+    unallocated (a parameter of two or more dimensions used by some other op)."""
+    from .graph.store import managed_modules
+
+    skip = set(managed_modules(gm))
     for path, module in gm.named_modules():
         if path in skip:
             continue
         for pname, param in list(module.named_parameters(recurse=False)):
             key = storage_keys.get(param.untyped_storage().data_ptr())
             if key is not None:
-                setattr(module, pname, nn.Parameter(source(param, key).read(), requires_grad=False))
-    return StreamedWeights(gm, sources, device, dtype, offload)
+                value = tensor_source(checkpoint, param, key, dtype).read()
+                setattr(module, pname, nn.Parameter(value, requires_grad=False))

@@ -66,13 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-save", action="store_true", help="do not save the sliced model")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per batch")
-    comp.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype")
+    comp.add_argument("--dtype", choices=list(DTYPES), default=None,
+                      help="model dtype (default: float32; with --stream the checkpoint's own)")
     comp.add_argument("--device", default="cpu", help="torch device for model and calibration")
     comp.add_argument("--stream", action="store_true",
                       help="read the checkpoint block by block instead of loading the model (models larger than "
                            "memory; the dense model is not evaluated)")
     comp.add_argument("--offload-dir", default=None, metavar="DIR",
-                      help="keep finished sliced weights in this folder until the end instead of memory")
+                      help="keep finished sliced weights and cached activations in this folder instead of memory")
     comp.add_argument("--pca-signal", choices=PCA_SIGNALS, default=PCA_SIGNALS[0],
                       help="PCA of the stream value (reference code) or of the norm output (paper Eq. 8)")
     comp.add_argument("--slice-head", action="store_true", help="also slice the head's input position")
@@ -155,7 +156,8 @@ def cmd_compress(args) -> int:
           f"compression time split: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     print(f"peak RSS: {job.peak_rss_mb:.0f} MiB")
     if job.saved:
-        print(f"saved to {job.saved}  (load with fxslice.load or torch.export.load('{job.saved}/model.pt2'))")
+        print(f"saved to {job.saved}  (load with fxslice.load; without fxslice: torch.export.load + safetensors, "
+              "see the README's 'Saved folders')")
     if job.spectra_plot:
         print(f"spectra plot: {job.spectra_plot}")
     if args.json:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -22,11 +23,11 @@ from torch.fx import GraphModule
 
 from .calibration import check_device, check_lengths, prepare_batches, token_count
 from .checkpoint import Checkpoint, checkpoint_weights, is_checkpoint
-from .distributed import total
+from .distributed import raise_together, total
 from .errors import FxSliceError
 from .graph.store import memory_weights, place_unmanaged
 from .graph.weights import count_parameters, release_shared_storage
-from .hf import model_spec
+from .hf import check_causal, model_spec
 from .passes.p1_capture import capture
 from .passes.p2_canonicalise import canonicalise
 from .passes.p3_analyse import Structure, analyse
@@ -92,9 +93,11 @@ def compress(
         device: where calibration runs (default: the model's device; a checkpoint's: ``cpu``). The
             block being calibrated and the cached activations live there, everything else on the CPU.
         dtype: a checkpoint's compute dtype (default: the dtype its config names, else float32).
-        offload_dir: a folder where finished (sliced) weights wait until the end, and cached
-            activations between blocks, instead of memory (files are removed at the end). A
-            checkpoint's finished weights go to a temporary folder by default.
+        offload_dir: a folder in which finished (sliced) weights, and the cached activations
+            between blocks, are kept on disk instead of in memory (a subfolder per compression,
+            removed when the returned graph is garbage-collected, or at once if compression fails).
+            A checkpoint's finished weights go to a temporary folder by default; they end
+            memory-mapped from there.
         progress: show a tqdm bar.
 
     Returns:
@@ -155,17 +158,22 @@ def _run_passes(model, calib_loader, sparsity, round_to, pca_signal, slice_head,
                 raise FxSliceError("dtype applies to a checkpoint path; convert an in-memory model with model.to(dtype)")
             module, checkpoint, spec = model, None, model_spec(model)
         compute = torch.device(device) if device is not None else spec.device
-        batches = prepare_batches(calib_loader, spec.vocab_size, compute)
+        error, batches = None, []
+        try:
+            batches = prepare_batches(calib_loader, spec.vocab_size, compute)
+        except FxSliceError as exc:  # one rank's bad shard stops every rank
+            error = exc
+        raise_together(error)
         with watch("capture"):
             gm = capture(module, spec)
         with watch("canonicalise"):
             gm = canonicalise(gm)
+        offload = _offload_folder(offload_dir, temporary, needed=checkpoint is not None)
         if checkpoint is not None:
-            offload = Path(offload_dir) if offload_dir is not None else _temporary_folder(temporary)
             del module  # its parameters were never allocated; the graph reads the checkpoint from now on
             weights = checkpoint_weights(gm, checkpoint, storage_keys, dtype, compute, offload)
         else:
-            weights = memory_weights(gm, compute, Path(offload_dir) if offload_dir is not None else None)
+            weights = memory_weights(gm, compute, offload)
         with watch("analyse"):
             structure = analyse(gm)
         check_lengths(batches, spec.max_positions if structure.has_position_table() else None)
@@ -175,15 +183,24 @@ def _run_passes(model, calib_loader, sparsity, round_to, pca_signal, slice_head,
         place_unmanaged(gm, compute)
         eigenvalues = rotate_and_slice(plan, batches, widths, basis_groups(plan, basis), pca_signal=pca_signal,
                                        stopwatch=watch, progress=progress,
-                                       activation_dir=Path(offload_dir) if offload_dir is not None else None)
+                                       activation_dir=offload if offload_dir is not None else None)
         place_unmanaged(gm, weights.home)
         if checkpoint is None:
             release_shared_storage(gm, model)
+        else:  # the capture could not probe a model without values: the sliced one is causal iff it was
+            check_causal(gm, replace(spec, accepts_use_cache=False), 0)
     return gm, spec, plan, widths, eigenvalues, batches
 
 
-def _temporary_folder(made: list[Path]) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="fxslice-offload-"))
+def _offload_folder(offload_dir, made: list[Path], needed: bool) -> Optional[Path]:
+    """A fresh folder of this compression inside ``offload_dir`` (or the system's temporary folder
+    when a checkpoint needs one): concurrent runs and ranks never share files, a failed run
+    leaves nothing, a finished one keeps it as long as the sliced graph maps its files."""
+    if offload_dir is None and not needed:
+        return None
+    if offload_dir is not None and not Path(offload_dir).is_dir():
+        raise FxSliceError(f"offload_dir {offload_dir} is not an existing folder")
+    folder = Path(tempfile.mkdtemp(dir=offload_dir, prefix="fxslice-offload-"))
     made.append(folder)
     return folder
 

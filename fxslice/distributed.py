@@ -8,7 +8,11 @@ same sliced model. Without a process group (or with one rank) every helper is th
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from .errors import FxSliceError
 
 
 def _group_size() -> int:
@@ -32,19 +36,47 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def _reachable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where the backend can reach it: NCCL needs the rank's GPU, gloo the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return tensor if tensor.device.type == "cuda" else tensor.cuda()
+    return tensor if tensor.device.type == "cpu" else tensor.cpu()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over all ranks (in place where the backend can reach it)."""
     if _group_size() == 1:
         return tensor
     import torch.distributed as dist
 
-    backend = dist.get_backend()
-    local = tensor if (backend == "nccl") == (tensor.device.type == "cuda") else (
-        tensor.cuda() if backend == "nccl" else tensor.cpu())
+    local = _reachable(tensor)
     dist.all_reduce(local, op=dist.ReduceOp.SUM)
     if local is not tensor:
         tensor.copy_(local)
     return tensor
+
+
+def broadcast_from_first(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as rank 0 has it, on every rank (in place)."""
+    if _group_size() == 1:
+        return tensor
+    import torch.distributed as dist
+
+    local = _reachable(tensor)
+    dist.broadcast(local, src=0)
+    if local is not tensor:
+        tensor.copy_(local)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for alone)."""
+    if _group_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def total(count: float) -> float:
@@ -68,3 +100,13 @@ def init_from_environment(device: str = "cpu") -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True
+
+
+def raise_together(error: Optional[BaseException]) -> None:
+    """Every rank raises when one does: a rank failing alone would leave the others waiting in the
+    next collective. Raises ``error`` on the rank that had it, an ``FxSliceError`` on the others."""
+    failed = total(0.0 if error is None else 1.0)
+    if error is not None:
+        raise error
+    if failed:
+        raise FxSliceError(f"{int(failed)} other rank(s) failed (see their errors); this rank stops too")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,13 +107,12 @@ def run(shape: str, path: str, out: str) -> None:
         model = str(folder)
         sliced = fxslice.compress(model, shard, SPARSITY, progress=False)
     seconds = time.perf_counter() - started
-    target = Path(tempfile.mkdtemp(prefix="fxslice-bench-")) / "sliced"
     saved_bytes = 0
     if is_writer():
-        program = with_cache(model, sliced, max_cache_len=LENGTH, share_weights=True)
-        fxslice.save(sliced, target, generator=program)
-        saved_bytes = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-        shutil.rmtree(target.parent)
+        with tempfile.TemporaryDirectory(prefix="fxslice-bench-") as folder:
+            program = with_cache(model, sliced, max_cache_len=LENGTH, share_weights=True)
+            target = fxslice.save(sliced, Path(folder) / "sliced", generator=program)
+            saved_bytes = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     record = {"shape": shape, "path": path, "processes": world_size(), "rank": rank(), "checkpoint_bytes": nbytes,
               "calibration_peak_mb": calibration_peak.get("mb"), "peak_mb": vm_hwm_mb(), "seconds": seconds,
               "dense_forward_seconds": dense_forward, "sliced_params": sliced.fxslice.param_count,
@@ -143,10 +141,11 @@ def table(records: list[dict]) -> str:
         ranks = [x for x in records if (x["shape"], x["path"], x["processes"]) == (r["shape"], r["path"], r["processes"])]
         cal = max(x["calibration_peak_mb"] for x in ranks)
         peak = max(x["peak_mb"] for x in ranks)
-        gib = r["checkpoint_bytes"] / 2**20
+        checkpoint_mib = r["checkpoint_bytes"] / 2**20
         forward = dense_forward.get(r["shape"])
         rows.append([r["shape"], f"{r['checkpoint_bytes'] / 2**30:.2f} GiB", r["path"], r["processes"],
-                     f"{cal / 1024:.2f} GiB", f"{cal / gib:.2f}", f"{peak / 1024:.2f} GiB", f"{peak / gib:.2f}",
+                     f"{cal / 1024:.2f} GiB", f"{cal / checkpoint_mib:.2f}", f"{peak / 1024:.2f} GiB",
+                     f"{peak / checkpoint_mib:.2f}",
                      f"{r['seconds']:.0f}", f"{r['seconds'] / forward:.1f}" if forward else "-",
                      f"{r['sliced_params'] / r['dense_params']:.3f}",
                      f"{r['saved_bytes'] / r['sliced_weight_bytes']:.3f}"])
@@ -168,7 +167,7 @@ def main() -> None:
         return write_checkpoint(*args.write)
     if args.child:
         return run(*args.child)
-    out = args.out or tempfile.mktemp(suffix=".jsonl")
+    out = args.out or str(Path(tempfile.mkdtemp(prefix="bench-scale-")) / "records.jsonl")
     done = set()  # measurements already in --out (a run that stopped is resumed)
     if os.path.exists(out):
         done = {(r["shape"], r["path"], r["processes"]) for r in map(json.loads, open(out))}

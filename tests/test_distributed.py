@@ -62,3 +62,27 @@ def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path, family, streame
         assert got["tokens"] == tokens == single.fxslice.calibration_tokens
         assert got["params"] == single.fxslice.param_count
         torch.testing.assert_close(got["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+def _failing_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        shard = _batches()[rank::WORLD]
+        if rank == 1:
+            shard[0]["input_ids"][0, 0] = VOCAB + 5  # this rank's shard is bad
+        try:
+            fxslice.compress(tiny_model("llama"), shard, 0.25, progress=False)
+            message = "no error"
+        except fxslice.FxSliceError as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as handle:
+            handle.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_bad_data_stops_every_rank(tmp_path):
+    mp.spawn(_failing_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    assert "other rank(s) failed" in (tmp_path / "error0.txt").read_text()
+    assert "vocabulary" in (tmp_path / "error1.txt").read_text() or "id" in (tmp_path / "error1.txt").read_text()

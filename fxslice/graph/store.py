@@ -7,8 +7,9 @@ module) to the graph's weight store.
 - :class:`StreamedWeights` (a checkpoint read tensor by tensor, or a model calibrated on another
   device): a module's parameters are on the ``meta`` device until the segment that runs it is
   fetched; edits for an absent module wait in its queue and are replayed, in order, when it is
-  loaded. A module whose positions are all rotated is finished: moved back to the CPU, or written
-  to the offload folder and dropped from memory. At most one block's dense weights are ever
+  loaded. A module whose positions are all rotated is finished: moved home (the CPU, or the
+  model's device), or written to the offload folder (one per compression) and memory-mapped from
+  there from then on. At most one block's dense weights are ever
   resident, plus the finished ones (at their sliced size) unless they are offloaded.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..errors import FxSliceError
-from .weights import new_linear, share_embedding
+from .weights import meta_parameter, new_linear, share_embedding
 
 Make = Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]  # builds (weight, bias) in float64
 
@@ -84,6 +84,10 @@ class Weights:
     def drop(self, name: str) -> None:
         """Module ``name`` left the graph."""
 
+    def manages(self, name: str) -> bool:
+        """Whether module ``name``'s weights go through :meth:`fetch` / :meth:`finish`."""
+        return False
+
     def check_room(self, segment_modules: list[list[str]], activation_bytes: int) -> None:
         """Refuse a device too small for calibration (weights in memory where they compute: nothing to check)."""
 
@@ -106,15 +110,20 @@ class Source:
     file: Optional[tuple[Path, str]] = None  # (safetensors file, key) when ``read()`` maps it from disk
 
 
-FILE_BACKED: dict[int, tuple[Path, str]] = {}
-"""Parameters whose memory is a mapping of an offload file: ``data_ptr -> (file, key)``. A save can
-then copy the file instead of reading the weights through memory (:mod:`fxslice.runtime.weights`)."""
+FILE_BACKED: dict[int, tuple[Path, str, int]] = {}
+"""Parameters whose memory is a mapping of an offload file: ``id(parameter) -> (file, key, data_ptr)``
+(an entry leaves with its parameter).
+A save copies the file instead of reading the weights through memory
+(:mod:`fxslice.runtime.weightfiles`). Edits that replace a parameter (as every fxslice edit does)
+drop it from here; an in-place write through ``.data`` cannot be seen: save before such edits."""
 
 
 def file_backing(tensor: torch.Tensor) -> Optional[tuple[Path, str]]:
-    """The offload file and key ``tensor`` maps, if it is such a parameter (and the file still exists)."""
-    entry = FILE_BACKED.get(tensor.data_ptr()) if tensor.numel() else None
-    return entry if entry is not None and entry[0].exists() else None
+    """The offload file and key ``tensor`` maps, if it is such a parameter still holding that mapping."""
+    entry = FILE_BACKED.get(id(tensor)) if isinstance(tensor, nn.Parameter) else None
+    if entry is None or entry[2] != tensor.data_ptr() or not entry[0].exists():
+        return None
+    return entry[0], entry[1]
 
 
 def held(tensor: torch.Tensor) -> Source:
@@ -175,8 +184,7 @@ class StreamedWeights(Weights):
             for pname in params:
                 param = getattr(module, pname)
                 if id(param) not in placeholders:
-                    placeholders[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device="meta"),
-                                                           requires_grad=False)
+                    placeholders[id(param)] = meta_parameter(param, dtype)
                 setattr(module, pname, placeholders[id(param)])
             self.absent.add(name)
 
@@ -209,8 +217,7 @@ class StreamedWeights(Weights):
             return
         self.ties[embedding] = head  # restored by finalise; the embedding's own copy is dropped
         module = self.module(embedding)
-        module.weight = nn.Parameter(torch.empty(module.weight.shape, dtype=self.like.dtype, device="meta"),
-                                     requires_grad=False)
+        module.weight = meta_parameter(module.weight, self.like.dtype)
         self.absent.discard(embedding)
         self.sources.pop(embedding, None)
         self.pending.pop(embedding, None)
@@ -218,6 +225,9 @@ class StreamedWeights(Weights):
     @property
     def home(self) -> torch.device:
         return self._home
+
+    def manages(self, name: str) -> bool:
+        return name in self.sources
 
     def drop(self, name: str) -> None:
         for table in (self.sources, self.pending, self.ties):
@@ -231,8 +241,8 @@ class StreamedWeights(Weights):
             value = read.to(device=device, dtype=self.like.dtype)
             param = nn.Parameter(value, requires_grad=False)
             if source.file is not None and value is read and param.numel():
-                FILE_BACKED[param.data_ptr()] = source.file
-                weakref.finalize(param, FILE_BACKED.pop, param.data_ptr(), None)
+                FILE_BACKED[id(param)] = (*source.file, param.data_ptr())
+                weakref.finalize(param, FILE_BACKED.pop, id(param), None)
             setattr(module, pname, param)
         self.absent.discard(name)
         for fn, args in self.pending.pop(name, []):
@@ -264,7 +274,7 @@ class StreamedWeights(Weights):
             return
         if not names:
             return
-        path = self.offload / f"fxslice-{os.getpid()}-{id(self):x}-{len(self.written):05d}.safetensors"
+        path = self.offload / f"weights-{len(self.written):05d}.safetensors"
         tensors = {f"{name}.{pname}": param.detach().contiguous().cpu()
                    for name in names for pname, param in self.module(name).named_parameters(recurse=False)}
         save_file(tensors, str(path))
@@ -274,8 +284,7 @@ class StreamedWeights(Weights):
             params = dict(module.named_parameters(recurse=False))
             self.sources[name] = {k: offloaded(path, f"{name}.{k}") for k in params}
             for pname, param in params.items():
-                setattr(module, pname, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                                                    requires_grad=False))
+                setattr(module, pname, meta_parameter(param))
             self.absent.add(name)
         del tensors
         return_freed_memory()
@@ -294,26 +303,30 @@ class StreamedWeights(Weights):
         self.written = []
 
     def check_room(self, segment_modules: list[list[str]], activation_bytes: int) -> None:
-        """Refuse a CUDA device whose free memory cannot hold the largest segment's weights (in float64
-        while they are rotated) plus the cached activations, naming what is needed."""
+        """Refuse a CUDA device whose free memory cannot hold the largest segment's weights, one module
+        copied to float64 twice while it is rotated, and the cached activations (a group of
+        positions fetches a few segments: the estimate is a floor), naming what is needed."""
         if self.like.device.type != "cuda":
             return
         free, _ = torch.cuda.mem_get_info(self.like.device)
-        largest = max((sum(s.nbytes for n in names for s in self.sources.get(n, {}).values())
-                       for names in segment_modules), default=0)
-        needed = 3 * largest + activation_bytes
+        sizes = [[s.nbytes for n in names for s in self.sources.get(n, {}).values()] for names in segment_modules]
+        largest_segment = max((sum(s) for s in sizes), default=0)
+        largest_module = max((max(s, default=0) for s in sizes), default=0)
+        rotation = 2 * largest_module * 8 // self.like.element_size()
+        needed = largest_segment + rotation + activation_bytes
         if needed > free:
-            raise FxSliceError(f"device {self.like.device} has {free / 2**30:.2f} GiB free; calibration needs about "
-                               f"{needed / 2**30:.2f} GiB (largest block {largest / 2**30:.2f} GiB, rotated in float64, "
-                               f"and {activation_bytes / 2**30:.2f} GiB of cached activations): use fewer or shorter "
-                               "calibration batches, or device='cpu'")
+            raise FxSliceError(f"device {self.like.device} has {free / 2**30:.2f} GiB free; calibration needs at least "
+                               f"{needed / 2**30:.2f} GiB (largest block {largest_segment / 2**30:.2f} GiB, its rotation "
+                               f"in float64 {rotation / 2**30:.2f} GiB, cached activations "
+                               f"{activation_bytes / 2**30:.2f} GiB): use fewer or shorter calibration batches, "
+                               "or device='cpu'")
 
 
 def memory_weights(gm: GraphModule, device: torch.device, offload: Optional[Path] = None) -> Weights:
     """The weight store of a graph captured from a model in memory: edited in place where the model
     is, or brought segment by segment to another ``device`` (or finished into ``offload``)."""
     store = Weights(gm)
-    if store.device == torch.device(device) and offload is None:
+    if store.device == torch.empty(0, device=device).device and offload is None:
         return store
     sources = {name: {p: held(t.detach()) for p, t in gm.get_submodule(name).named_parameters(recurse=False)}
                for name in managed_modules(gm)}
@@ -323,7 +336,7 @@ def memory_weights(gm: GraphModule, device: torch.device, offload: Optional[Path
 def place_unmanaged(gm: GraphModule, device: torch.device) -> None:
     """Move the graph's tensors that no store manages (norm-free parameters, buffers such as rotary
     tables, constants) to ``device``; they are small."""
-    device = torch.device(device)
+    device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": compared with tensors' devices
     managed = set(managed_modules(gm))
     for path, module in gm.named_modules():
         if path in managed:

@@ -40,6 +40,11 @@ def share_embedding(embedding: nn.Embedding, weight: nn.Parameter) -> None:
     embedding.embedding_dim = weight.shape[1]
 
 
+def meta_parameter(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> nn.Parameter:
+    """A placeholder of ``like``'s shape on the meta device: no memory, any use fails loudly."""
+    return nn.Parameter(torch.empty(like.shape, dtype=dtype or like.dtype, device="meta"), requires_grad=False)
+
+
 def new_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: torch.Tensor) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight`` (and ``bias``) in the dtype and device of ``like``."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")

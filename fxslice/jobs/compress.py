@@ -19,7 +19,7 @@ from ..graph.weights import count_parameters
 from ..passes.p3_analyse import Structure
 from ..result import SliceResult
 from ..runtime.export import check_destination, save
-from ..distributed import is_writer, rank, world_size
+from ..distributed import barrier, is_writer, rank, world_size
 from ..hf import load_tokenizer
 from .assets import load_model, resolve_model, torch_dtype
 from .data import Protocol, batches, protocol_data
@@ -90,29 +90,27 @@ def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype:
     windows; only rank 0 evaluates and writes files."""
     check_options(sparsity, options.get("round_to", 8), options.get("pca_signal", "stream"),
                   options.get("slice_head", False), options.get("basis", "position"))
-    model_dtype = torch_dtype(dtype)
+    model_dtype = torch_dtype(dtype) if dtype is not None else None  # streamed: the checkpoint's by default
     check_device(device)
     writer = is_writer()
     if output and writer:
         check_destination(Path(output), overwrite)
+    if not writer:  # a shipped model is converted once, by rank 0
+        barrier()
+    source = resolve_model(model_name)
+    if writer:
+        barrier()
     if stream:
-        source = resolve_model(model_name)
         model, tokenizer = None, load_tokenizer(source)
+        tokenizer.model_max_length = 10**9  # windows are cut by the protocol
         evaluate_dense = False
     else:
-        model, tokenizer = load_model(model_name, model_dtype, device)
+        model, tokenizer = load_model(source, model_dtype or torch.float32, device)
     calibration, evaluations = protocol_data(tokenizer, protocol)
     if world_size() > 1:  # this rank's share: windows rank, rank + N, ...
         calibration = calibration.shard(num_shards=world_size(), index=rank(), contiguous=False)
     if not evaluate or not writer:
         evaluations = {}
-    rows = []
-    if evaluate_dense:
-        dense_params = count_parameters(model)
-        dense = Row("dense", dense_params, dense_params, "")
-        for name, windows in evaluations.items():
-            dense.perplexities[name] = perplexity(model, batches(windows, eval_batch_size), f"dense ppl {name}", progress)
-        rows.append(dense)
     started = time.perf_counter()
     if stream:
         sliced = compress(source, batches(calibration, batch_size), sparsity, progress=progress and writer,
@@ -122,8 +120,12 @@ def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype:
                           offload_dir=offload_dir, **options)
     seconds = time.perf_counter() - started
     result = sliced.fxslice
-    if evaluate_dense:
-        rows[0].widths = str(result.hidden_size)
+    rows = []
+    if evaluate_dense:  # after compression: ranks never wait for rank 0's evaluation
+        dense = Row("dense", result.dense_param_count, result.dense_param_count, str(result.hidden_size))
+        for name, windows in evaluations.items():
+            dense.perplexities[name] = perplexity(model, batches(windows, eval_batch_size), f"dense ppl {name}", progress)
+        rows.append(dense)
     row = Row(f"sliced {sparsity:g}", result.param_count, result.dense_param_count, distinct_widths(result.widths),
               seconds=seconds)
     for name, windows in evaluations.items():

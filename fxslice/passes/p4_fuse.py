@@ -136,7 +136,6 @@ class Fuser:
         self.gm = structure.gm
         self.hidden = structure.hidden_size
         self.weights = weights
-        self.like = weights.like  # dtype and device of new modules
         self.replaced: dict[Node, Node] = {}  # erased or rerouted nodes -> the nodes now standing for them
         self.inserted: list[InsertedModule] = []
 

@@ -22,7 +22,7 @@ the weight rewrite (:class:`Rotator`) and the loop that ties them together (:fun
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from tqdm.auto import tqdm
 
 from ..calibration import Batch
-from ..distributed import all_reduce_sum, world_size
+from ..distributed import all_reduce_sum, broadcast_from_first, world_size
 from ..errors import CalibrationError, FxSliceError, GraphStructureError
 from ..graph.edit import remove_module_call
 from ..graph.nodes import describe
@@ -281,13 +281,11 @@ def finishing_schedule(plan: Plan, runner: "SegmentRunner", groups: list[list[in
     """Per segment, the managed modules it runs; per group, the modules final once it is rotated
     (every position a module computes, reads or writes is rotated). Modules run after the last
     position (the head) are neither: they are completed by ``weights.finalise()``."""
-    managed = set(plan.weights.sources) if hasattr(plan.weights, "sources") else None
     layout = plan.layout()
     segment_modules: list[list[str]] = []
     last: dict[str, int] = {}
     for k, nodes in enumerate(runner.nodes):
-        names = [str(n.target) for n in nodes if n.op == "call_module"
-                 and (managed is None or str(n.target) in managed)]
+        names = [str(n.target) for n in nodes if n.op == "call_module" and plan.weights.manages(str(n.target))]
         segment_modules.append(names)
         for name in names:
             reads, writes = layout.get(name, (None, None))
@@ -302,16 +300,21 @@ def finishing_schedule(plan: Plan, runner: "SegmentRunner", groups: list[list[in
 
 @dataclass
 class OnDisk:
-    """A cached activation written to the offload folder (``torch.save``), read back when needed."""
+    """A cached activation written to the offload folder (``torch.save``) with the projections its
+    position received since (applied when it is read back)."""
 
     path: Path
+    projections: list = field(default_factory=list)
 
 
 def restore(env: dict, device: torch.device) -> None:
-    """Read back the activations of one batch's environment that wait on disk."""
+    """Read back the activations of one batch's environment that wait on disk, projected."""
     for node, value in list(env.items()):
         if isinstance(value, OnDisk):
-            env[node] = torch.load(value.path, map_location=device)
+            tensor = torch.load(value.path, map_location=device)
+            for projection in value.projections:
+                tensor = project(tensor, projection)
+            env[node] = tensor
             value.path.unlink()
 
 
@@ -319,6 +322,11 @@ def spill(env: dict, node: Node, path: Path) -> None:
     """Write one cached activation to ``path`` until the next segment needs it."""
     torch.save(env[node], path)
     env[node] = OnDisk(path)
+
+
+def project(value: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """A cached stream value in the rotated, sliced basis: ``X Q[:, :d]`` (in its own dtype)."""
+    return (value.to(torch.float32) @ projection).to(value.dtype)
 
 
 def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups: list[list[int]], *,
@@ -350,38 +358,53 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
     with torch.no_grad():
         for number_of_group, group in enumerate(groups):
             summed = torch.zeros(hidden, hidden, dtype=torch.float64, device=weights.device)
-            overflow = torch.zeros(2, dtype=torch.float64, device=weights.device)  # flag, first bad batch
+            # non-finite flag, first bad batch, failure flag: summed over ranks
+            overflow = torch.zeros(3, dtype=torch.float64, device=weights.device)
             for index in group:
                 with watch("load"):
                     weights.fetch(segment_modules[segment_of[index]])
-            for number, (batch, env) in enumerate(zip(batches, envs)):
-                if activation_dir is not None:
-                    with watch("load"):
-                        restore(env, weights.device)
-                for index in group:
-                    with watch("calibration forward"):
-                        value = runner.run_segment(segment_of[index], env)
-                    with watch("pca"):
-                        if not torch.isfinite(value).all():
-                            if not overflow[0]:
-                                overflow.copy_(torch.tensor([1.0, number]))
-                            continue
-                        summed += covariance(value, batch, pca_signal, plan.positions[index].norm_eps)
+            failure: Optional[BaseException] = None
+            try:
+                for number, (batch, env) in enumerate(zip(batches, envs)):
+                    if activation_dir is not None:
+                        with watch("load"):
+                            restore(env, weights.device)
+                    for index in group:
+                        with watch("calibration forward"):
+                            value = runner.run_segment(segment_of[index], env)
+                        with watch("pca"):
+                            if not torch.isfinite(value).all():
+                                if not overflow[0]:
+                                    overflow[:2] = torch.tensor([1.0, number])
+                                continue
+                            summed += covariance(value, batch, pca_signal, plan.positions[index].norm_eps)
+                    if activation_dir is not None:
+                        for index in group:
+                            spill(env, runner.boundaries[segment_of[index]],
+                                  activation_dir / f"activation-{index}-{number}.pt")
+            except Exception as exc:  # the other ranks must not wait for this one forever
+                failure, overflow[2] = exc, 1.0
             with watch("pca"):
                 all_reduce_sum(summed)
-                _check_finite(all_reduce_sum(overflow), group, plan)
+                all_reduce_sum(overflow)
+                if failure is not None:
+                    raise failure
+                if overflow[2]:
+                    raise CalibrationError("calibration failed on another rank (see its error)")
+                _check_finite(overflow, group, plan)
                 basis, spectrum = pca_basis(summed, plan.centered)
+                broadcast_from_first(basis)  # every rank slices with rank 0's basis, whatever its eigh did
             with watch("rewrite"):
                 for index in group:
                     eigenvalues[index] = spectrum.cpu()
                     rotator.rotate(index, basis, widths[index])
                     root = runner.boundaries[segment_of[index]]
                     projection = basis[:, :widths[index]].to(torch.float32)
-                    for number, env in enumerate(envs):
-                        if root in env:
-                            env[root] = (env[root].to(torch.float32) @ projection).to(env[root].dtype)
-                            if activation_dir is not None:
-                                spill(env, root, activation_dir / f"activation-{index}-{number}.pt")
+                    for env in envs:
+                        if isinstance(env.get(root), OnDisk):
+                            env[root].projections.append(projection)
+                        elif root in env:
+                            env[root] = project(env[root], projection)
                 for previous, index in zip(group, group[1:]):  # each member is fed by the one before it
                     if widths[index] == widths[previous]:  # (block_groups): Q_dᵀ Q_d = I between them
                         rotator.remove_shortcut(index)

@@ -12,7 +12,6 @@ assembled elsewhere on the same file system and swapped into place.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import FxSliceError
 from ..hf import causal_lm_output, logits, vocab_size_of
-from .weightfiles import check_index, fill_weights, read_weights, write_weights
+from .weightfiles import check_index, fill_weights, read_weights, sha256, write_weights
 
 FORMAT = "fxslice-sliced-model"
 FORMAT_VERSION = 2  # 2: weights stored once in safetensors files beside weightless programs
@@ -67,14 +66,6 @@ def export_program(model: nn.Module, vocab_size: int) -> torch.export.ExportedPr
     with torch.no_grad():
         return torch.export.export(logits_module(model).eval(), (example,),
                                    dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},), strict=False)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_generator(program: nn.Module) -> torch.export.ExportedProgram:
@@ -248,13 +239,13 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
             "torch_version": torch.__version__,
             "vocab_size": vocab,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "program_sha256": _sha256(staging / PROGRAM),
+            "program_sha256": sha256(staging / PROGRAM),
             "weights": weights,
         }
         full.pop("generator", None)
         if generator is not None:
             full["generator"] = {"max_cache_len": generator.max_cache_len, "batch_size": generator.cache_batch_size,
-                                 "program_sha256": _sha256(staging / GENERATOR)}
+                                 "program_sha256": sha256(staging / GENERATOR)}
         (staging / RECORD).write_text(json.dumps(full, indent=2, default=str))
         check_destination(target, overwrite)  # nothing else appeared there meanwhile
         _move_into_place(staging, target)
@@ -325,7 +316,7 @@ def read_record(folder: str | os.PathLike) -> dict:
 
 
 def _load_program(path: Path, checksum: Optional[str], weights: dict, tensors: dict) -> nn.Module:
-    if _sha256(path) != checksum:
+    if sha256(path) != checksum:
         raise FxSliceError(f"{path} does not match the checksum in {RECORD}: the file is corrupted or was replaced")
     try:
         program = torch.export.load(path)

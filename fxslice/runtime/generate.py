@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
-from ..checkpoint import Checkpoint, is_checkpoint
+from ..checkpoint import Checkpoint, is_checkpoint, read_unmanaged
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import plain_graph_module, strip_guards
 from ..graph.inserted import SHORTCUT
@@ -55,9 +55,13 @@ def with_cache(model: nn.Module | str | os.PathLike, sliced: GraphModule, batch_
     result = getattr(sliced, "fxslice", None)
     if result is None:
         raise FxSliceError("with_cache needs the GraphModule returned by fxslice.compress (it carries .fxslice)")
-    if is_checkpoint(model):
-        model, _ = Checkpoint.open(model).empty_model(next(sliced.parameters()).dtype)
+    checkpoint = Checkpoint.open(model) if is_checkpoint(model) else None
+    if checkpoint is not None:
+        dtype = next(sliced.parameters()).dtype
+        model, storage_keys = checkpoint.empty_model(dtype)
     gm = canonicalise(capture_with_cache(model, batch_size, max_cache_len))
+    if checkpoint is not None:  # what transfer_weights will not replace must hold the checkpoint's values
+        read_unmanaged(gm, checkpoint, storage_keys, dtype)
     plan = fuse(analyse(gm), Weights(gm, apply_edits=False))
     if len(plan.positions) != len(result.widths):
         raise GraphStructureError(

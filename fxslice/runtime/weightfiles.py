@@ -5,12 +5,14 @@ by ``meta`` tensors; the values live in ``weights.safetensors`` (and ``weights/*
 offload files of a streamed compression, copied), and ``fxslice.json`` maps each
 program's state-dict names to keys of those files. A tensor the two programs share (the KV-cache
 program receives the sliced model's weights) is stored once; so is one that is equal under both
-programs' names. Weights that are memory-mapped from fxslice's offload files (a streamed
-checkpoint) are written by copying those files, never read through memory.
+programs' names; an all-zero buffer (a static KV cache) is recorded by shape only. Weights that
+are memory-mapped from fxslice's offload files (a streamed checkpoint) are written by copying
+those files, never read through memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -20,6 +22,7 @@ from torch import nn
 
 from ..errors import FxSliceError
 from ..graph.store import file_backing
+from ..graph.weights import meta_parameter
 from ..hf import STATIC_CACHE_PREFIX
 
 REST = "weights.safetensors"  # the weights held in memory
@@ -32,8 +35,7 @@ def _identity(tensor: torch.Tensor) -> tuple:
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
-    meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-    return nn.Parameter(meta, requires_grad=False) if isinstance(tensor, nn.Parameter) else meta
+    return meta_parameter(tensor) if isinstance(tensor, nn.Parameter) else torch.empty_like(tensor, device="meta")
 
 
 def write_weights(folder: Path, programs: dict[str, torch.export.ExportedProgram]) -> dict:
@@ -59,14 +61,33 @@ def write_weights(folder: Path, programs: dict[str, torch.export.ExportedProgram
                 keys[_identity(tensor)] = key
             mapping[label][name] = key
             program.state_dict[name] = _meta_like(tensor)
+    zeros = {key: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+             for key, t in tensors.items() if not isinstance(t, nn.Parameter) and _all_zero(t)}
     weight_map = _copy_offload_files(folder, tensors)
-    rest = {key: t.detach().cpu().contiguous() for key, t in tensors.items() if key not in weight_map}
+    rest = {key: t.detach().cpu().contiguous() for key, t in tensors.items() if key not in weight_map
+            and key not in zeros}
     if rest:
         from safetensors.torch import save_file
 
         save_file(rest, str(folder / REST), metadata={"format": "pt"})
         weight_map.update({key: REST for key in rest})
-    return {"programs": mapping, "weight_map": weight_map}
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
+             for name in sorted(set(weight_map.values()))}
+    return {"programs": mapping, "weight_map": weight_map, "zeros": zeros, "files": files}
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256, read through the page cache in blocks (not mapped: no resident copy)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _all_zero(tensor: torch.Tensor) -> bool:
+    """An empty buffer (a static KV cache): recorded by shape, not stored."""
+    return not tensor.is_meta and tensor.numel() > 0 and not bool(tensor.detach().any())
 
 
 def _copy_offload_files(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -102,7 +123,8 @@ def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
     """Every stored tensor by key, memory-mapped (copy-on-write: the files are never written)."""
     from safetensors import safe_open
 
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {key: torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+                                    for key, spec in index.get("zeros", {}).items()}
     by_file: dict[str, list[str]] = {}
     for key, name in index["weight_map"].items():
         by_file.setdefault(name, []).append(key)
@@ -110,6 +132,10 @@ def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
         path = folder / name
         if not path.is_file():
             raise FxSliceError(f"{path} is missing (listed in the folder's fxslice.json)")
+        expected = index.get("files", {}).get(name, {})
+        if path.stat().st_size != expected.get("bytes") or sha256(path) != expected.get("sha256"):
+            raise FxSliceError(f"{path} does not match the size and checksum in fxslice.json: the file is "
+                               "corrupted or was replaced")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for key in keys:
@@ -121,7 +147,9 @@ def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
 
 def fill_weights(program: torch.export.ExportedProgram, names: Optional[dict], tensors: dict[str, torch.Tensor],
                  where: Path) -> None:
-    """Put the stored values back into ``program``'s state dict (saved with meta tensors)."""
+    """Put the stored values back into ``program``'s state dict (saved with meta tensors). A key
+    read by several programs gives them one Parameter (``tensors`` is updated with it), so that
+    moving the loaded model moves each weight once."""
     for name, placeholder in list(program.state_dict.items()):
         key = (names or {}).get(name)
         if key is None or key not in tensors:
@@ -130,5 +158,6 @@ def fill_weights(program: torch.export.ExportedProgram, names: Optional[dict], t
         if tuple(value.shape) != tuple(placeholder.shape) or value.dtype != placeholder.dtype:
             raise FxSliceError(f"{where}: stored weight '{key}' is {list(value.shape)} {value.dtype}, the program "
                                f"expects {list(placeholder.shape)} {placeholder.dtype}")
-        program.state_dict[name] = nn.Parameter(value, requires_grad=False) if isinstance(placeholder, nn.Parameter) \
-            else value
+        if isinstance(placeholder, nn.Parameter) and not isinstance(value, nn.Parameter):
+            value = tensors[key] = nn.Parameter(value, requires_grad=False)
+        program.state_dict[name] = value
