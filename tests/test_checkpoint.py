@@ -222,3 +222,20 @@ def test_streamed_result_saves_its_offloaded_weights_once_and_reloads(tmp_path):
     torch.testing.assert_close(loaded(_probe()).logits, logits_of(sliced, _probe()), atol=1e-5, rtol=1e-5)
     prompt = _probe()[:1, :8]
     assert torch.equal(loaded.generate(prompt, 6), generate(program, prompt, 6))
+
+
+def test_save_of_a_streamed_result_copies_files_instead_of_reading_weights(tmp_path, monkeypatch):
+    """The memory-mapped weights are not written through memory: every block's offload file is copied."""
+    from safetensors import torch as safetensors_torch
+
+    folder = _save(tiny_model("llama"), tmp_path / "ckpt")
+    sliced = fxslice.compress(folder, _calibration(False), 0.25, progress=False)
+    written = []
+    original = safetensors_torch.save_file
+    monkeypatch.setattr(safetensors_torch, "save_file", lambda tensors, *a, **k: (written.extend(tensors),
+                                                                                     original(tensors, *a, **k)))
+    saved = fxslice.save(sliced, tmp_path / "saved")
+    assert len(list((saved / "weights").glob("*.safetensors"))) >= 2
+    # only what never went through an offload file (the untied head, read at the end) is written from memory
+    parameters = {name for name, _ in sliced.named_parameters()}
+    assert set(written) & parameters == {f"{name}.weight" for name in sliced.fxslice.head} == {"lm_head.weight"}

@@ -110,9 +110,10 @@ class Source:
     file: Optional[tuple[Path, str]] = None  # (safetensors file, key) when ``read()`` maps it from disk
 
 
-FILE_BACKED: dict[int, tuple[Path, str, int]] = {}
-"""Parameters whose memory is a mapping of an offload file: ``id(parameter) -> (file, key, data_ptr)``
-(an entry leaves with its parameter).
+FILE_BACKED: dict[int, tuple[Path, str, tuple, torch.dtype]] = {}
+"""Parameters whose memory is a mapping of an offload file: ``data_ptr -> (file, key, shape, dtype)``
+(an entry leaves with the parameter it was made for; views such as an exported program's state
+dict share the address).
 A save copies the file instead of reading the weights through memory
 (:mod:`fxslice.runtime.weightfiles`). Edits that replace a parameter (as every fxslice edit does)
 drop it from here; an in-place write through ``.data`` cannot be seen: save before such edits."""
@@ -120,8 +121,8 @@ drop it from here; an in-place write through ``.data`` cannot be seen: save befo
 
 def file_backing(tensor: torch.Tensor) -> Optional[tuple[Path, str]]:
     """The offload file and key ``tensor`` maps, if it is such a parameter still holding that mapping."""
-    entry = FILE_BACKED.get(id(tensor)) if isinstance(tensor, nn.Parameter) else None
-    if entry is None or entry[2] != tensor.data_ptr() or not entry[0].exists():
+    entry = FILE_BACKED.get(tensor.data_ptr()) if tensor.numel() else None
+    if entry is None or entry[2] != tuple(tensor.shape) or entry[3] != tensor.dtype or not entry[0].exists():
         return None
     return entry[0], entry[1]
 
@@ -241,8 +242,8 @@ class StreamedWeights(Weights):
             value = read.to(device=device, dtype=self.like.dtype)
             param = nn.Parameter(value, requires_grad=False)
             if source.file is not None and value is read and param.numel():
-                FILE_BACKED[id(param)] = (*source.file, param.data_ptr())
-                weakref.finalize(param, FILE_BACKED.pop, id(param), None)
+                FILE_BACKED[param.data_ptr()] = (*source.file, tuple(param.shape), param.dtype)
+                weakref.finalize(param, FILE_BACKED.pop, param.data_ptr(), None)
             setattr(module, pname, param)
         self.absent.discard(name)
         for fn, args in self.pending.pop(name, []):

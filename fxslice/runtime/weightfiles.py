@@ -44,6 +44,7 @@ def write_weights(folder: Path, programs: dict[str, torch.export.ExportedProgram
     ``{"programs": {file: {state name: key}}, "weight_map": {key: weight file}}``."""
     keys: dict[tuple, str] = {}
     tensors: dict[str, torch.Tensor] = {}
+    buffers: set[str] = set()  # keys of buffers (a static KV cache may be all zeros; weights are never read)
     mapping: dict[str, dict[str, str]] = {label: {} for label in programs}
     first = next(iter(programs))
     for label, program in programs.items():
@@ -59,10 +60,12 @@ def write_weights(folder: Path, programs: dict[str, torch.export.ExportedProgram
                 key = prefix + name
                 tensors[key] = tensor
                 keys[_identity(tensor)] = key
+                if name in program.graph_signature.buffers:
+                    buffers.add(key)
             mapping[label][name] = key
             program.state_dict[name] = _meta_like(tensor)
     zeros = {key: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-             for key, t in tensors.items() if not isinstance(t, nn.Parameter) and _all_zero(t)}
+             for key, t in tensors.items() if key in buffers and file_backing(t) is None and _all_zero(t)}
     weight_map = _copy_offload_files(folder, tensors)
     rest = {key: t.detach().cpu().contiguous() for key, t in tensors.items() if key not in weight_map
             and key not in zeros}
