@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -27,7 +26,7 @@ from .distributed import raise_together, total
 from .errors import FxSliceError
 from .graph.store import memory_weights, place_unmanaged
 from .graph.weights import count_parameters, release_shared_storage
-from .hf import check_causal, model_spec
+from .hf import CausalProbe, model_spec
 from .passes.p1_capture import capture
 from .passes.p2_canonicalise import canonicalise
 from .passes.p3_analyse import Structure, analyse
@@ -183,12 +182,13 @@ def _run_passes(model, calib_loader, sparsity, round_to, pca_signal, slice_head,
         place_unmanaged(gm, compute)
         eigenvalues = rotate_and_slice(plan, batches, widths, basis_groups(plan, basis), pca_signal=pca_signal,
                                        stopwatch=watch, progress=progress,
-                                       activation_dir=offload if offload_dir is not None else None)
+                                       activation_dir=offload if offload_dir is not None else None,
+                                       # the capture could not run a model without values: calibration does
+                                       probe=CausalProbe(spec) if not spec.weights_loaded else None)
         place_unmanaged(gm, weights.home)
         if checkpoint is None:
             release_shared_storage(gm, model)
-        else:  # the capture could not probe a model without values: the sliced one is causal iff it was
-            check_causal(gm, replace(spec, accepts_use_cache=False), 0)
+
     return gm, spec, plan, widths, eigenvalues, batches
 
 

@@ -102,22 +102,39 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+class CausalProbe:
+    """Two inputs that differ only in their last token: in a causal model every earlier position
+    gets the same values from both (an encoder such as BERT mixes the last token into all)."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.ids = spec.example_input_ids(1, 8)
+        self.changed = self.ids.clone()
+        self.changed[:, -1] = (self.changed[:, -1] + 1) % spec.vocab_size
+
+    def check(self, first: torch.Tensor, second: torch.Tensor, what: str = "logits") -> None:
+        """Refuse the model if ``first`` and ``second`` (its values for the two inputs) differ before the
+        last position by more than rounding."""
+        first, second = first[:, :-1].float(), second[:, :-1].float()
+        if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
+            return  # nothing to compare; calibration names the position where the values overflow
+        # in a causal model the earlier rows are computed by the same ops on the same values: equal to rounding
+        dtype = self.spec.dtype
+        rounding = 1e-5 if dtype in (torch.float32, torch.float64) else float(torch.finfo(dtype).eps)
+        if float((first - second).abs().max()) > rounding * (1.0 + float(first.abs().max())):
+            raise FxSliceError(f"{self.spec.class_name} is not a causal language model: its {what} at a position "
+                               "change with later tokens (an encoder such as BERT? set config.is_decoder=True where "
+                               "supported)")
+
+
 def check_causal(model: nn.Module, spec: ModelSpec, logits_index: int) -> None:
     """Refuse a model whose outputs at a position depend on later tokens (an encoder such as BERT)."""
-    ids = spec.example_input_ids(1, 8)
-    changed = ids.clone()
-    changed[:, -1] = (changed[:, -1] + 1) % spec.vocab_size
+    probe = CausalProbe(spec)
     kwargs = {"use_cache": False} if spec.accepts_use_cache else {}
     with torch.no_grad():
-        first = pytree.tree_leaves(model(input_ids=ids, **kwargs))[logits_index][:, :-1].float()
-        second = pytree.tree_leaves(model(input_ids=changed, **kwargs))[logits_index][:, :-1].float()
-    if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
-        return  # nothing to compare; calibration names the position where the values overflow
-    # in a causal model the earlier rows are computed by the same ops on the same values: equal to rounding
-    rounding = 1e-5 if spec.dtype in (torch.float32, torch.float64) else float(torch.finfo(spec.dtype).eps)
-    if float((first - second).abs().max()) > rounding * (1.0 + float(first.abs().max())):
-        raise FxSliceError(f"{spec.class_name} is not a causal language model: its logits at a position change "
-                           "with later tokens (an encoder such as BERT? set config.is_decoder=True where supported)")
+        first = pytree.tree_leaves(model(input_ids=probe.ids, **kwargs))[logits_index]
+        second = pytree.tree_leaves(model(input_ids=probe.changed, **kwargs))[logits_index]
+    probe.check(first, second)
 
 
 def logits_leaf(output) -> int:

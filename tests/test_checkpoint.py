@@ -239,3 +239,28 @@ def test_save_of_a_streamed_result_copies_files_instead_of_reading_weights(tmp_p
     # only what never went through an offload file (the untied head, read at the end) is written from memory
     parameters = {name for name, _ in sliced.named_parameters()}
     assert set(written) & parameters == {f"{name}.weight" for name in sliced.fxslice.head} == {"lm_head.weight"}
+
+
+def test_causality_is_probed_along_the_calibration_of_a_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint's model cannot be run before its weights are read: two probe inputs ride along
+    the calibration and their values at the last rotated position are compared."""
+    from fxslice.hf import CausalProbe
+
+    seen = []
+    original = CausalProbe.check
+
+    def check(self, first, second, what="logits"):
+        seen.append((tuple(first.shape), what))
+        original(self, first, second, what)
+    monkeypatch.setattr(CausalProbe, "check", check)
+    folder = _save(tiny_model("opt"), tmp_path / "ckpt")  # OPT's stream is flattened to [B·T, D] inside
+    sliced = fxslice.compress(folder, _calibration(False), 0.25, progress=False)
+    assert len(seen) == 1 and seen[0][0][:2] == (1, 8) and seen[0][0][2] in sliced.fxslice.widths
+    assert seen[0][1].startswith("stream values (position")
+    probe = CausalProbe(fxslice.hf.model_spec(tiny_model("opt")))
+    values = torch.randn(1, 8, 16)
+    leaked = values.clone()
+    leaked[:, 0] += 1.0  # an earlier position that changed with the last token
+    with pytest.raises(FxSliceError, match="not a causal language model"):
+        original(probe, values, leaked, "stream values")
+    original(probe, values, values.clone(), "stream values")

@@ -37,6 +37,7 @@ from ..errors import CalibrationError, FxSliceError, GraphStructureError
 from ..graph.edit import remove_module_call
 from ..graph.nodes import describe
 from ..graph.weights import f64, set_embedding, set_linear
+from ..hf import CausalProbe
 from ..result import Stopwatch
 from .p4_fuse import Plan
 
@@ -331,7 +332,8 @@ def project(value: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
 
 def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups: list[list[int]], *,
                      pca_signal: str = "stream", stopwatch: Optional[Stopwatch] = None,
-                     progress: bool = True, activation_dir: Optional[Path] = None) -> list[Optional[torch.Tensor]]:
+                     progress: bool = True, activation_dir: Optional[Path] = None,
+                     probe: Optional[CausalProbe] = None) -> list[Optional[torch.Tensor]]:
     """Group by group of positions (one basis each): run their blocks once per batch, PCA of the
     summed covariance, rotate and slice, rotate the cached values. Shortcuts inside a group are then
     ``Q_dᵀ Q_d = I`` and are removed. Returns the eigenvalues of every rotated position.
@@ -340,7 +342,9 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
     calibrates on values that saw no slicing inside this one (each block still runs once per batch).
     The plan's weight store brings each segment's modules in before it runs and finishes them once
     their positions are rotated; under ``torch.distributed`` the covariances are summed over ranks.
-    With ``activation_dir`` the cached (rotated) stream values wait there between segments.
+    With ``activation_dir`` the cached (rotated) stream values wait there between segments. A
+    ``probe``'s two inputs run through every block beside the batches (outside the PCA) and are
+    compared at the last rotated position: a model that is not causal is refused.
     """
     watch = stopwatch or Stopwatch()
     gm, hidden, weights = plan.gm, plan.hidden_size, plan.weights
@@ -353,6 +357,7 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
     rotator = Rotator(plan)
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
     envs = [{input_node: b.input_ids} for b in batches]
+    probes = [] if probe is None else [{input_node: ids.to(weights.device)} for ids in (probe.ids, probe.changed)]
     eigenvalues: list[Optional[torch.Tensor]] = [None] * len(plan.positions)
     bar = tqdm(total=len(rotated), desc="fxslice: rotate & slice", unit="pos", disable=not progress)
     with torch.no_grad():
@@ -382,6 +387,10 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                         for index in group:
                             spill(env, runner.boundaries[segment_of[index]],
                                   activation_dir / f"activation-{index}-{number}.pt")
+                for env in probes:
+                    for index in group:
+                        with watch("calibration forward"):
+                            runner.run_segment(segment_of[index], env)
             except Exception as exc:  # the other ranks must not wait for this one forever
                 failure, overflow[2] = exc, 1.0
             with watch("pca"):
@@ -400,7 +409,7 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                     rotator.rotate(index, basis, widths[index])
                     root = runner.boundaries[segment_of[index]]
                     projection = basis[:, :widths[index]].to(torch.float32)
-                    for env in envs:
+                    for env in envs + probes:
                         if isinstance(env.get(root), OnDisk):
                             env[root].projections.append(projection)
                         elif root in env:
@@ -412,6 +421,9 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                 weights.finish(finished[number_of_group])
             bar.update(len(group))
     bar.close()
+    if probes:
+        first, second = (env[runner.boundaries[-1]].reshape(*probe.ids.shape, -1) for env in probes)  # [B·T, D] too
+        probe.check(first, second, f"stream values (position {rotated[-1].index})")
     for env in envs:  # what the last segments left on disk
         for value in env.values():
             if isinstance(value, OnDisk):
