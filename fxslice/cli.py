@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import init_from_environment, is_writer
+from .distributed import init_from_environment, is_writer, shutdown
 from .errors import FxSliceError
 from .jobs.assets import DTYPES, SHIPPED
 from .jobs.data import CORPORA, Protocol
@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     except FxSliceError as exc:
         print(f"fxslice: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

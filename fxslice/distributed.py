@@ -110,3 +110,13 @@ def raise_together(error: Optional[BaseException]) -> None:
         raise error
     if failed:
         raise FxSliceError(f"{int(failed)} other rank(s) failed (see their errors); this rank stops too")
+
+
+def shutdown() -> None:
+    """Leave the process group :func:`init_from_environment` joined, once every rank is done (a rank
+    that exits while another still works can abort the other's communication threads)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
