@@ -16,12 +16,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from .errors import FxSliceError
+
+if TYPE_CHECKING:
+    from .graph.store import Source, StreamedWeights
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

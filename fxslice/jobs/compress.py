@@ -14,8 +14,6 @@ from torch.fx import GraphModule
 
 from ..calibration import check_device
 from ..compress import check_options, compress, inspect
-from ..errors import FxSliceError
-from ..graph.weights import count_parameters
 from ..passes.p3_analyse import Structure
 from ..result import SliceResult
 from ..runtime.export import check_destination, save
