@@ -51,16 +51,13 @@ class Weights:
         first = next((p for p in gm.parameters() if p.is_floating_point()), None)
         self.like = torch.empty(0, dtype=first.dtype if first is not None else torch.float32,
                                 device=first.device if first is not None else "cpu")
+        self.home = self.like.device  # where finished weights live
 
     @property
     def device(self) -> torch.device:
         """Where calibration computes."""
         return self.like.device
 
-    @property
-    def home(self) -> torch.device:
-        """Where the finished weights are."""
-        return self.like.device
 
     def module(self, name: str) -> nn.Module:
         return self.gm.get_submodule(name)
@@ -172,7 +169,7 @@ class StreamedWeights(Weights):
         self.gm = gm
         self.apply_edits = True
         self.like = torch.empty(0, dtype=dtype, device=device)
-        self._home = torch.device(home)
+        self.home = torch.device(home)
         self.offload = offload
         self.sources = sources
         self.pending: dict[str, list[tuple[Callable, tuple]]] = {}
@@ -222,10 +219,6 @@ class StreamedWeights(Weights):
         self.absent.discard(embedding)
         self.sources.pop(embedding, None)
         self.pending.pop(embedding, None)
-
-    @property
-    def home(self) -> torch.device:
-        return self._home
 
     def manages(self, name: str) -> bool:
         return name in self.sources
