@@ -1,4 +1,4 @@
-"""Command line: ``fxslice compress | eval | finetune | generate | inspect`` (``fxslice COMMAND --help``).
+"""Command line: ``fxslice compress | eval | finetune | generate | compile | inspect`` (``fxslice COMMAND --help``).
 
 Parses arguments, calls a job of :mod:`fxslice.jobs`, prints its typed result. Option choices and
 defaults come from the library's constants.
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--json", default=None, help="also write the figures to this JSON file")
     comp.add_argument("--max-cache-len", type=int, default=1024,
                       help="KV-cache length of the saved generation program (0: save no generation program)")
+    comp.add_argument("--cache-batch-size", type=_positive_int, default=1,
+                      help="sequences the saved KV-cache program generates at once (fewer are padded)")
+    comp.add_argument("--compile", nargs="*", default=None, metavar="DEVICE",
+                      help="after saving, build AOTInductor packages (default devices: cpu, and cuda when present)")
     comp.add_argument("--plot-spectra", default=None, metavar="PNG", help="save the eigenvalue spectra of every position")
     _protocol_args(comp)
 
@@ -132,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
 
+    cmp = commands.add_parser("compile", help="build AOTInductor packages (prefill and KV-cache decode) of a saved folder",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cmp.add_argument("model", help="a folder saved by fxslice compress or finetune")
+    cmp.add_argument("--device", nargs="+", default=None, metavar="DEVICE",
+                     help="devices to compile for (default: cpu, and cuda when present)")
+    cmp.add_argument("--no-progress", action="store_true", help="no progress lines")
+
     ins = commands.add_parser("inspect", help="print the residual-stream structure fxslice finds")
     ins.add_argument("model", help="a shipped name, a hub id or a HF folder")
     return parser
@@ -146,7 +157,8 @@ def cmd_compress(args) -> int:
                        evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
                        overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,
                        plot_spectra=args.plot_spectra, pca_signal=args.pca_signal, slice_head=args.slice_head,
-                       basis=args.basis, round_to=args.round_to, stream=args.stream, offload_dir=args.offload_dir)
+                       basis=args.basis, round_to=args.round_to, stream=args.stream, offload_dir=args.offload_dir,
+                       cache_batch_size=args.cache_batch_size, compile_devices=args.compile)
     if not is_writer():
         return 0
     print()
@@ -158,6 +170,7 @@ def cmd_compress(args) -> int:
     if job.saved:
         print(f"saved to {job.saved}  (load with fxslice.load; without fxslice: torch.export.load + safetensors, "
               "see the README's 'Saved folders')")
+    _report_compiled(job.compiled)
     if job.spectra_plot:
         print(f"spectra plot: {job.spectra_plot}")
     if args.json:
@@ -204,6 +217,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _report_compiled(outcomes) -> bool:
+    """One line per device; True when every package was built."""
+    for outcome in outcomes:
+        if outcome.failure:
+            print(f"fxslice: warning: {outcome.warning}", file=sys.stderr)
+        else:
+            print(f"compiled for {outcome.device}: {outcome.package} ({outcome.seconds:.0f} s)")
+    return all(outcome.failure is None for outcome in outcomes)
+
+
+def cmd_compile(args) -> int:
+    from .runtime.compiled import compile_folder
+
+    return 0 if _report_compiled(compile_folder(args.model, args.device, progress=not args.no_progress)) else 1
+
+
 def cmd_inspect(args) -> int:
     from .jobs.compress import inspect_job
 
@@ -218,7 +247,7 @@ def main(argv=None) -> int:
     try:
         init_from_environment(getattr(args, "device", "cpu"))
         commands = {"compress": cmd_compress, "eval": cmd_eval, "finetune": cmd_finetune, "generate": cmd_generate,
-                    "inspect": cmd_inspect}
+                    "compile": cmd_compile, "inspect": cmd_inspect}
         return commands[args.command](args)
     except FxSliceError as exc:
         print(f"fxslice: error: {exc}", file=sys.stderr)

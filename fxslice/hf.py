@@ -161,6 +161,14 @@ def logits(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: its first parameter's device, else its first buffer's (a compiled program
+    holds its weights as buffers), else the CPU."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """``model(input_ids)``'s logits, whatever kind of causal LM ``model`` is."""
     return logits(model(input_ids))

@@ -63,6 +63,7 @@ class CompressJobResult:
     peak_rss_mb: float
     saved: Optional[Path] = None
     spectra_plot: Optional[str] = None
+    compiled: list = field(default_factory=list)  # CompileOutcome per device, when asked for
 
     def table(self) -> str:
         return table(self.rows, self.eval_names)
@@ -79,13 +80,16 @@ def distinct_widths(widths: list[int]) -> str:
 def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype: str = "float32", device: str = "cpu",
                  batch_size: int = 8, eval_batch_size: int = 4, evaluate_dense: bool = True, evaluate: bool = True,
                  output: Optional[str] = None, overwrite: bool = False, progress: bool = True,
-                 max_cache_len: int = 1024, plot_spectra: Optional[str] = None, stream: bool = False,
-                 offload_dir: Optional[str] = None, **options) -> CompressJobResult:
+                 max_cache_len: int = 1024, cache_batch_size: int = 1, plot_spectra: Optional[str] = None,
+                 stream: bool = False, offload_dir: Optional[str] = None, compile_devices: Optional[list[str]] = None,
+                 **options) -> CompressJobResult:
     """Compress ``model_name`` at ``sparsity`` on ``protocol``; evaluate dense and sliced; save to ``output``.
 
     ``stream``: read the checkpoint block by block instead of loading the model (the dense model is
     then not evaluated). Under ``torch.distributed`` every rank calibrates on its share of the
-    windows; only rank 0 evaluates and writes files."""
+    windows; only rank 0 evaluates and writes files. ``max_cache_len`` / ``cache_batch_size``: the
+    saved KV-cache program's length and batch; ``compile_devices``: also build AOTInductor packages
+    (:func:`fxslice.runtime.compiled.compile_folder`) for these devices after saving."""
     check_options(sparsity, options.get("round_to", 8), options.get("pca_signal", "stream"),
                   options.get("slice_head", False), options.get("basis", "position"))
     model_dtype = torch_dtype(dtype) if dtype is not None else None  # streamed: the checkpoint's by default
@@ -144,9 +148,13 @@ def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype:
         if max_cache_len > 0:
             from ..runtime.generate import with_cache
 
-            generator = with_cache(model if model is not None else source, sliced, batch_size=1,
+            generator = with_cache(model if model is not None else source, sliced, batch_size=cache_batch_size,
                                    max_cache_len=max_cache_len, share_weights=True)
         job.saved = save(sliced, output, tokenizer, record, overwrite=overwrite, generator=generator)
+        if compile_devices is not None:
+            from ..runtime.compiled import compile_folder
+
+            job.compiled = compile_folder(job.saved, compile_devices or None, progress=progress)
     if plot_spectra and writer:
         from .plots import plot_spectra as plot
 

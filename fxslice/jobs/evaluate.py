@@ -13,7 +13,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from ..errors import FxSliceError
-from ..hf import logits_of
+from ..hf import device_of, logits_of
 
 
 def next_token_loss(model, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -25,7 +25,7 @@ def next_token_loss(model, ids: torch.Tensor, reduction: str = "mean") -> torch.
 def perplexity(model, windows: list[torch.Tensor], desc: str = "perplexity", progress: bool = True) -> float:
     """Each window predicts its tokens 2..T from the preceding ones; no window sees another."""
     total, count = 0.0, 0
-    device = next(iter(model.parameters())).device
+    device = device_of(model)
     with torch.no_grad():
         for ids in tqdm(windows, desc=desc, unit="batch", disable=not progress):
             ids = ids.to(device)

@@ -201,7 +201,7 @@ def finetune_job(folder: str, protocol, *, output: Optional[str] = None, overwri
 
     target = Path(output or f"{str(folder).rstrip('/')}-ft")
     check_destination(target, overwrite)
-    sliced, tokenizer = load(folder)
+    sliced, tokenizer = load(folder, compiled=False)  # fine-tuning needs the graph, not compiled code
     if tokenizer is None:
         raise FxSliceError(f"{folder} has no tokenizer files")
     train, val = finetune_data(tokenizer, protocol, train_windows, val_windows)

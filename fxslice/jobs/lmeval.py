@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import FxSliceError
-from ..hf import logits_of
+from ..hf import device_of, logits_of
 
 LOCAL_TASKS = ("kjv_verse_end",)
 
@@ -143,7 +143,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], batch_size: int = 4, limi
     if tokenizer is None:
         raise FxSliceError("zero-shot evaluation needs the model's tokenizer")
     lm = FxSliceLM(model, tokenizer, batch_size=batch_size, max_length=max_length,
-                   device=str(next(model.parameters()).device))
+                   device=str(device_of(model)))
     manager = task_manager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

@@ -26,6 +26,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import FxSliceError
 from ..hf import causal_lm_output, logits, vocab_size_of
+from .compiled import DECODE, PREFILL, compiled_entry, load_compiled
 from .weightfiles import check_index, fill_weights, read_weights, sha256, write_weights
 
 FORMAT = "fxslice-sliced-model"
@@ -243,6 +244,7 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
             "weights": weights,
         }
         full.pop("generator", None)
+        full.pop("compiled", None)  # packages belong to the programs they were compiled from
         if generator is not None:
             full["generator"] = {"max_cache_len": generator.max_cache_len, "batch_size": generator.cache_batch_size,
                                  "program_sha256": sha256(staging / GENERATOR)}
@@ -326,21 +328,37 @@ def _load_program(path: Path, checksum: Optional[str], weights: dict, tensors: d
     return program.module()
 
 
-def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tokenizer: bool = True):
-    """Load a saved sliced model: returns ``(model, tokenizer)`` (tokenizer None when absent or not wanted)."""
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tokenizer: bool = True,
+         compiled: Optional[bool] = None):
+    """Load a saved sliced model: returns ``(model, tokenizer)`` (tokenizer None when absent or not wanted).
+
+    ``compiled``: None uses the folder's AOTInductor package for ``device`` when it has one
+    (``fxslice compile``), True requires it, False loads the exported programs."""
     path = Path(folder)
     record = read_record(path)
+    device = torch.device(device)
     program_path = path / PROGRAM
     if not program_path.is_file():
         raise FxSliceError(f"{path} has no {PROGRAM}")
     tensors = read_weights(path, record["weights"])
-    program = _load_program(program_path, record.get("program_sha256"), record["weights"], tensors)
-    generator = None
-    if (path / GENERATOR).is_file():
-        info = record.get("generator") or {}
-        generator = _load_program(path / GENERATOR, info.get("program_sha256"), record["weights"], tensors)
+    entry = compiled_entry(path, record, device.type) if compiled is not False else None
+    if compiled is True and entry is None:
+        built = ", ".join(sorted(record.get("compiled") or {})) or "none"
+        raise FxSliceError(f"{path} has no package compiled for {device.type} (built: {built}); "
+                           f"build one with: fxslice compile {path} --device {device.type}")
+    info = record.get("generator") or {}
+    if entry is not None:
+        models = load_compiled(path, record, entry, device, tensors)
+        program, generator = models[PREFILL], models.get(DECODE)
+    else:
+        program = _load_program(program_path, record.get("program_sha256"), record["weights"], tensors)
+        generator = None
+        if (path / GENERATOR).is_file():
+            generator = _load_program(path / GENERATOR, info.get("program_sha256"), record["weights"], tensors)
+    if generator is not None:
         generator.max_cache_len, generator.cache_batch_size = info.get("max_cache_len"), info.get("batch_size", 1)
     model = LoadedModel(program, record, generator).to(device)
+    model.compiled = entry is not None
     tokenizer = None
     if with_tokenizer and (path / "tokenizer_config.json").exists():
         from ..hf import load_tokenizer

@@ -131,12 +131,18 @@ def check_generation(program: nn.Module, input_ids: torch.Tensor, max_new_tokens
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise FxSliceError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     batch, length = getattr(program, "cache_batch_size", None), getattr(program, "max_cache_len", None)
-    if batch is not None and input_ids.shape[0] != batch:
-        raise FxSliceError(f"the KV-cache program was built for batch size {batch}, got input_ids with "
-                           f"{input_ids.shape[0]} rows")
+    rebuild = "rebuild it with a larger one: fxslice compress ... --cache-batch-size N --max-cache-len L " \
+              "(fxslice.runtime.generate.with_cache(model, sliced, batch_size=N, max_cache_len=L))"
+    if batch is not None and input_ids.shape[0] > batch:
+        raise FxSliceError(f"the KV-cache program holds at most {batch} sequence(s), got input_ids with "
+                           f"{input_ids.shape[0]} rows; {rebuild}")
+    if length is not None and input_ids.shape[1] > length:
+        raise FxSliceError(f"the prompt has {input_ids.shape[1]} tokens, more than the KV cache length {length}; "
+                           f"{rebuild}")
     if length is not None and input_ids.shape[1] + max_new_tokens - 1 > length:  # the last token is not fed back
         raise FxSliceError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) needs "
-                           f"{input_ids.shape[1] + max_new_tokens - 1} cache slots, more than the KV cache length {length}")
+                           f"{input_ids.shape[1] + max_new_tokens - 1} cache slots, more than the KV cache length "
+                           f"{length}: ask for at most {length - input_ids.shape[1] + 1} new tokens, or {rebuild}")
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
@@ -168,12 +174,15 @@ def generate(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 
     if do_sample:
         check_sampling(temperature, top_k, top_p)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
-    tokens = input_ids
-    length = input_ids.shape[1]
+    rows, length = input_ids.shape
+    batch = getattr(program, "cache_batch_size", None) or rows
     device = input_ids.device
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    # fewer prompts than the cache holds: the free rows repeat the first prompt and are dropped at the end
+    tokens = torch.cat([input_ids, input_ids[:1].expand(batch - rows, -1)]) if batch > rows else input_ids
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished[rows:] = True
     with torch.no_grad():
-        logits = program(input_ids, torch.arange(length, device=device))
+        logits = program(tokens, torch.arange(length, device=device))
         for step in range(max_new_tokens):
             nxt = _pick(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
@@ -183,4 +192,4 @@ def generate(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 
             if finished.all() or step == max_new_tokens - 1:
                 break
             logits = program(nxt[:, None], torch.tensor([length + step], device=device))
-    return tokens
+    return tokens[:rows]

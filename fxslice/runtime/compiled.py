@@ -1,0 +1,250 @@
+"""AOTInductor packages of a saved folder: the prefill and decode programs compiled ahead of time.
+
+``compile_folder`` writes ``compiled-<device>.pt2`` beside the exported programs: one AOTInductor
+package holding two models, ``prefill`` (``model.pt2``: dynamic batch and length -> logits) and
+``decode`` (``generate.pt2``: the static KV-cache program). They are compiled with
+``aot_inductor.package_constants_in_so=False``, so the package holds code only: at load time each
+model receives its constants (the weights, the KV cache) from the folder's safetensors files through
+``load_constants(..., user_managed=True)`` — the weights stay stored once and memory-mapped, and the
+two models share them. ``fxslice.json`` records, per device type: the file, its SHA-256, the torch
+version that built it, and for each model the map constant name -> stored key, which is all a
+process without fxslice needs (see the README's "Deploy").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import FxSliceError
+from .weightfiles import read_weights, sha256
+
+PREFILL, DECODE = "prefill", "decode"
+PROGRAM_OF = {PREFILL: "model.pt2", DECODE: "generate.pt2"}
+OPTIONS = {"aot_inductor.package_constants_in_so": False, "aot_inductor.package": True}
+
+
+def package_name(device_type: str) -> str:
+    return f"compiled-{device_type}.pt2"
+
+
+@dataclass
+class CompileOutcome:
+    """What :func:`compile_folder` did for one device: the package written, or why it was not."""
+
+    device: str
+    package: Optional[Path] = None
+    seconds: float = 0.0
+    failure: Optional[str] = None
+
+    @property
+    def warning(self) -> str:
+        return (f"AOTInductor compilation for {self.device} failed ({self.failure}); the folder keeps using its "
+                "exported programs")
+
+
+def default_devices() -> list[str]:
+    """CPU always, CUDA when this machine has it."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def compile_folder(folder: str | os.PathLike, devices: Optional[list[str]] = None,
+                   progress: bool = True) -> list[CompileOutcome]:
+    """Compile the saved folder's programs for every device in ``devices`` (default: CPU, and CUDA
+    when present). A compilation that fails (no C++ compiler, an op AOTInductor cannot lower) is
+    returned as a failed :class:`CompileOutcome` — the folder is left as it was — never raised."""
+    from .export import read_record
+
+    path = Path(folder)
+    read_record(path)  # refuse a folder fxslice did not save before compiling anything
+    outcomes = []
+    for device in devices or default_devices():
+        device_type = _device_type(device)
+        outcomes.append(_compile_for(path, device_type, progress))
+    return outcomes
+
+
+def _device_type(device: str) -> str:
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise FxSliceError(f"compile: '{device}' is not a torch device") from exc
+    if device_type not in ("cpu", "cuda"):
+        raise FxSliceError(f"compile: AOTInductor packages are built for cpu or cuda, not '{device}'")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise FxSliceError("compile: --device cuda asked for, but this torch build or machine has no CUDA device")
+    return device_type
+
+
+def _compile_for(folder: Path, device_type: str, progress: bool) -> CompileOutcome:
+    import time
+
+    started = time.perf_counter()
+    outcome = CompileOutcome(device_type)
+    with warnings.catch_warnings():  # torch-internal deprecation noise of export and inductor, not the user's
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _compile_quietly(folder, device_type, progress, outcome, started)
+
+
+def _compile_quietly(folder: Path, device_type: str, progress: bool, outcome: "CompileOutcome",
+                     started: float) -> CompileOutcome:
+    import time
+
+    from .export import export_generator, export_program, load
+
+    model, _ = load(folder, device=device_type, with_tokenizer=False, compiled=False)
+    record = model.record
+    programs = {PREFILL: export_program(model.program, record["vocab_size"])}
+    if model.generator is not None:
+        programs[DECODE] = export_generator(model.generator)
+    staging = Path(tempfile.mkdtemp(prefix="fxslice-aoti-"))
+    try:
+        files = {}
+        for name, program in programs.items():
+            if progress:
+                print(f"compiling {name} for {device_type} with AOTInductor ...", flush=True)
+            files[name] = _aot_compile(program)
+        package = staging / package_name(device_type)
+        from torch._inductor.package import package_aoti
+
+        package_aoti(str(package), files)
+        constants = {name: _constant_keys(package, name, record["weights"]["programs"][PROGRAM_OF[name]])
+                     for name in programs}
+    except FxSliceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — any compiler failure falls back to the exported programs
+        shutil.rmtree(staging, ignore_errors=True)
+        outcome.failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return outcome
+    try:
+        target = folder / package.name
+        entry = {"file": package.name, "sha256": sha256(package), "torch_version": torch.__version__,
+                 "device": device_type, "constants": constants}
+        temporary = folder / f".{package.name}.{os.getpid()}.tmp"
+        shutil.copyfile(package, temporary)
+        os.replace(temporary, target)
+        _update_record(folder, device_type, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    outcome.package, outcome.seconds = target, time.perf_counter() - started
+    return outcome
+
+
+def _aot_compile(program: torch.export.ExportedProgram) -> list:
+    """AOTInductor's files for one exported program (what ``aoti_compile_and_package`` packages)."""
+    args, kwargs = program.example_inputs
+    with torch.no_grad():
+        return torch._inductor.aot_compile(program.module(check_guards=False), args, kwargs, options=dict(OPTIONS))
+
+
+def _constant_keys(package: Path, model_name: str, stored: dict[str, str]) -> dict[str, str]:
+    """Constant name of the compiled model -> key of the folder's stored tensor."""
+    from torch._inductor.package import load_package
+
+    names = load_package(str(package), model_name).get_constant_fqns()
+    missing = [name for name in names if name not in stored]
+    if missing:
+        raise RuntimeError(f"the compiled {model_name} model needs constants the folder does not store: {missing[:3]}")
+    return {name: stored[name] for name in sorted(names)}
+
+
+def _update_record(folder: Path, device_type: str, entry: dict) -> None:
+    """Add ``entry`` under ``compiled[device_type]`` of ``fxslice.json``, replacing the file atomically."""
+    from .export import RECORD
+
+    path = folder / RECORD
+    record = json.loads(path.read_text())
+    record.setdefault("compiled", {})[device_type] = entry
+    temporary = folder / f".{RECORD}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(temporary, path)
+
+
+class CompiledProgram(nn.Module):
+    """One model of an AOTInductor package with its constants handed over (kept alive here as
+    non-persistent buffers: the package holds pointers to them, so they may not be moved)."""
+
+    def __init__(self, runner, constants: dict[str, torch.Tensor]):
+        super().__init__()
+        self.runner = runner
+        self.constant_names = {}
+        for number, (name, tensor) in enumerate(constants.items()):
+            self.register_buffer(f"constant_{number}", tensor, persistent=False)
+            self.constant_names[name] = f"constant_{number}"
+        runner.load_constants(constants, check_full_update=True, user_managed=True)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Token ids (and cache positions): made int64 and contiguous — compiled kernels index their inputs as
+        laid out when traced, so a view such as ``ids[:, :7]`` is copied first."""
+        device = next(self.buffers()).device
+        for tensor in inputs:
+            if tensor.device != device:
+                raise FxSliceError(f"this compiled program runs on {device}; got an input on {tensor.device}")
+        return self.runner(*(tensor.to(torch.long).contiguous() for tensor in inputs))
+
+    def _apply(self, fn, recurse=True):
+        for buffer in self.buffers():
+            moved = fn(buffer)
+            if moved is not buffer and (moved.device != buffer.device or moved.dtype != buffer.dtype):
+                raise FxSliceError(f"a compiled program runs on {buffer.device} in {buffer.dtype}; load the folder "
+                                   "again for another device (fxslice.load(folder, device=...)) instead of moving it")
+        return self
+
+
+def compiled_entry(folder: Path, record: dict, device_type: str) -> Optional[dict]:
+    """The folder's package for ``device_type`` after checking that it can be loaded here: None where there
+    is none; an :class:`FxSliceError` where it was built by another torch or its file is not the recorded one."""
+    entry = (record.get("compiled") or {}).get(device_type)
+    if entry is None:
+        return None
+    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("constants"), dict)):
+        raise FxSliceError(f"{folder / 'fxslice.json'} is corrupted: 'compiled.{device_type}' lacks file or constants")
+    if entry.get("device") != device_type:
+        raise FxSliceError(f"{folder / entry['file']} was built for {entry.get('device')}, not {device_type}; "
+                           f"rebuild it with: fxslice compile {folder} --device {device_type}")
+    if entry.get("torch_version") != torch.__version__:
+        raise FxSliceError(f"{folder / entry['file']} was built with torch {entry.get('torch_version')}, this is torch "
+                           f"{torch.__version__}; rebuild it with: fxslice compile {folder} (or load with compiled=False)")
+    path = folder / entry["file"]
+    if not path.is_file() or sha256(path) != entry.get("sha256"):
+        raise FxSliceError(f"{path} is missing or does not match the checksum in fxslice.json; rebuild it with: "
+                           f"fxslice compile {folder}")
+    return entry
+
+
+def load_compiled(folder: Path, record: dict, entry: dict, device: torch.device,
+                  tensors: Optional[dict[str, torch.Tensor]] = None) -> dict[str, CompiledProgram]:
+    """The package's models by name, each with its constants from the folder's weights on ``device``."""
+    from torch._inductor.package import load_package
+
+    tensors = tensors if tensors is not None else read_weights(folder, record["weights"])
+    on_device: dict[str, torch.Tensor] = {}
+    models = {}
+    for name, keys in entry["constants"].items():
+        try:
+            runner = load_package(str(folder / entry["file"]), name)
+        except Exception as exc:  # noqa: BLE001 — a package this torch or device cannot load
+            raise FxSliceError(f"cannot load {folder / entry['file']} ({name}): {type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; rebuild it with: "
+                               f"fxslice compile {folder}") from exc
+        constants = {}
+        for constant, key in keys.items():
+            if key not in tensors:
+                raise FxSliceError(f"{folder / entry['file']}: constant '{constant}' names stored tensor '{key}', "
+                                   "which the folder does not have")
+            if key not in on_device:
+                value = tensors[key].detach()
+                on_device[key] = value.to(device) if value.device != device else value
+            constants[constant] = on_device[key]
+        models[name] = CompiledProgram(runner, constants)
+    return models
