@@ -1,20 +1,23 @@
 #!/usr/bin/env python
-"""Inference speed and compression cost of sliced SmolLM2-135M on this machine.
+"""Inference speed of sliced SmolLM2-135M on this machine: eager and compiled, against dense eager and compiled.
 
-One run, one process, same machine state. Reported as median [min-max] over repeats after a warm-up:
+One run, one process, same machine state; median [min-max] over repeats after a warm-up, the
+contenders interleaved within every round:
 
-- prefill tokens/s (batch 1 and 8, length 512, logits for every position) and decode tokens/s
-  (batch 1 and 8, 32 greedy steps after a 128-token prompt, KV cache; the prompt is not timed) for: dense HF eager, the dense
-  captured graph, the 25% slice (``basis="position"`` and ``"block"``) and the 50% slice; the speedup
-  against dense HF eager sits next to the FLOP-ratio bound computed from the layer shapes (linears +
-  attention scores at the given length);
-- where the prefill time goes (batch 1): block linears, shortcut matrices, head, the rest;
-- weights and KV-cache memory, and the process peak RSS;
-- compression time of the 25% slice on the default protocol split into capture, calibration forward,
-  PCA, rewrite and export, next to one dense forward pass over the same calibration data (the floor).
+- contenders: dense HF eager; dense HF ``torch.compile`` (static cache for decode); the dense model
+  captured by fxslice and compiled with AOTInductor (the same route as ``fxslice compile``); the 25%
+  slice (``basis="position"`` and ``"block"``) as an eager graph and compiled with AOTInductor;
+- prefill tokens/s (batch 1 and 8 × 512 tokens, logits for every position) and decode tokens/s
+  (batch 1 and 8; 128 greedy steps after a 128-token prompt, KV cache; the prompt is not timed);
+- the goals of issue 12 checked: compiled slice decode / dense HF eager (≥ 2x), compiled slice /
+  dense compiled (≥ 1.05x at decode; prefill ≥ 90% of the FLOP-ratio bound, printed beside it);
+- where the eager prefill time goes, and the top ops of eager decode per basis (the old
+  ``basis="block"`` decode anomaly);
+- compression time of the 25% slice split into capture, calibration forward, PCA, rewrite, export,
+  next to one dense forward pass over the calibration data (the floor).
 
-    python scripts/bench_speed.py            # ~20 min on 2 cores
-    python scripts/bench_speed.py --quick    # fewer repeats and a smaller calibration, for a look
+    python scripts/bench_speed.py            # ~45 min on 2 cores (compilation included)
+    python scripts/bench_speed.py --quick    # one round, a smaller calibration
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ from fxslice.jobs.assets import load_model  # noqa: E402
 from fxslice.jobs.data import Protocol, batches, protocol_data  # noqa: E402
 from fxslice.passes.p1_capture import capture  # noqa: E402
 from fxslice.passes.p2_canonicalise import canonicalise  # noqa: E402
-from fxslice.runtime.export import save  # noqa: E402
+from fxslice.runtime.compiled import build_package, load_with_own_constants  # noqa: E402
+from fxslice.runtime.export import export_generator, export_program, save  # noqa: E402
 from fxslice.runtime.generate import capture_with_cache, with_cache  # noqa: E402
 
 
-STEPS = 32  # decode steps per measurement, after a 128-token prompt
+STEPS = 128  # decode steps per measurement, after a 128-token prompt
+CACHE = 256  # static KV-cache length of every cache program
 
 
 def timed(fns: dict[str, object], repeats: int) -> dict[str, list[float]]:
@@ -121,7 +126,7 @@ def time_by_component(net: nn.Module, ids: torch.Tensor, repeats: int) -> dict[s
 
 
 def hf_decode(model, prompt, steps) -> float:
-    """Seconds of ``steps`` greedy one-token steps after a prefill of ``prompt`` (not timed)."""
+    """Seconds of ``steps`` greedy one-token steps after a prefill of ``prompt`` (not timed), dynamic cache."""
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -129,6 +134,21 @@ def hf_decode(model, prompt, steps) -> float:
         for _ in range(steps):
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - started
+
+
+def hf_static_decode(compiled, cache, prompt, steps) -> float:
+    """The same with transformers' static cache through a ``torch.compile``d forward."""
+    with torch.no_grad():
+        cache.reset()  # the cache counts the tokens it holds: start every run empty
+        length = prompt.shape[1]
+        out = compiled(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length), use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for step in range(steps):
+            out = compiled(input_ids=nxt, past_key_values=cache, cache_position=torch.tensor([length + step]),
+                           use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
         return time.perf_counter() - started
 
 
@@ -143,18 +163,37 @@ def program_decode(program, prompt, steps) -> float:
         return time.perf_counter() - started
 
 
+def aoti(programs: dict[str, torch.export.ExportedProgram], folder: Path, label: str) -> dict[str, nn.Module]:
+    """AOTInductor-compiled models of ``programs`` with their own weights (what ``fxslice compile`` builds)."""
+    started = time.perf_counter()
+    package = build_package(programs, folder / f"{label.replace(' ', '_').replace('%', '')}.pt2")
+    print(f"  compiled {label}: {time.perf_counter() - started:.0f} s", flush=True)
+    return load_with_own_constants(package, programs)
+
+
+def decode_ops(program, prompt, steps: int = 8, top: int = 6) -> list[tuple[str, float]]:
+    """The ops that take the most self CPU time over ``steps`` eager decode steps (ms per step)."""
+    with torch.autograd.profiler.profile() as prof:
+        program_decode(program, prompt, steps)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [(e.key, e.self_cpu_time_total / 1000 / steps) for e in ops]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-hf-compile", action="store_true", help="leave out dense HF torch.compile")
+    parser.add_argument("--model", default="smollm2-135m", help="shipped name, hub id or HF folder")
     parser.add_argument("--out", default="runs/bench/speed.json")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     protocol = Protocol(calibration_windows=16 if args.quick else 128, evaluation=())
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model(args.model)
     calibration, _ = protocol_data(tokenizer, protocol)
     calib_batches = batches(calibration, 8)
-    figures: dict = {"threads": torch.get_num_threads()}
+    vocab = model.config.vocab_size
+    figures: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}
 
     # --- compression cost -----------------------------------------------------------------
     started = time.perf_counter()
@@ -162,69 +201,130 @@ def main() -> None:
         for ids in calib_batches:
             model(input_ids=ids, use_cache=False)
     floor = time.perf_counter() - started
-    sliced = {0.25: fxslice.compress(model, calib_batches, 0.25, progress=False)}
-    timings = dict(sliced[0.25].fxslice.timings)
+    sliced = {"25%": fxslice.compress(model, calib_batches, 0.25, progress=False)}
+    timings = dict(sliced["25%"].fxslice.timings)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:  # what `fxslice compress` saves: model.pt2 and generate.pt2
-        generator = with_cache(model, sliced[0.25], batch_size=1, max_cache_len=1024)
-        save(sliced[0.25], Path(folder) / "m", tokenizer, {"sparsity": 0.25}, generator=generator)
+        generator = with_cache(model, sliced["25%"], batch_size=1, max_cache_len=1024)
+        save(sliced["25%"], Path(folder) / "m", tokenizer, {"sparsity": 0.25}, generator=generator)
     timings["export"] = time.perf_counter() - started
-    # speed does not depend on the calibration data: two batches suffice for the other variants
-    sliced["0.25 block"] = fxslice.compress(model, calib_batches[:2], 0.25, basis="block", progress=False)
-    sliced[0.5] = fxslice.compress(model, calib_batches[:2], 0.5, progress=False)
+    # speed does not depend on the calibration data: two batches suffice for the other basis
+    sliced["25% block"] = fxslice.compress(model, calib_batches[:2], 0.25, basis="block", progress=False)
     figures["compression"] = {**timings, "dense forward floor": floor}
 
-    # --- throughput -------------------------------------------------------------------------
+    # --- contenders -------------------------------------------------------------------------
+    work = Path(tempfile.mkdtemp(prefix="fxslice-bench-"))
     dense_graph = canonicalise(capture(model, model_spec(model)))
-    keys = {"sliced 25%": 0.25, "sliced 25% basis=block": "0.25 block", "sliced 50%": 0.5}
-    contenders = {"dense HF eager": model, "dense captured graph": dense_graph}
-    contenders.update({name: sliced[key] for name, key in keys.items()})
-    config = model.config
-    rows, results = [], {}
+    prefill = {"dense HF eager": lambda ids: model(input_ids=ids, use_cache=False).logits}
+    decode: dict[int, dict] = {1: {}, 8: {}}
+    for batch in (1, 8):
+        decode[batch]["dense HF eager"] = lambda prompt: hf_decode(model, prompt, STEPS)
+    if not args.no_hf_compile:
+        torch._dynamo.config.cache_size_limit = 64
+        compiled_hf = torch.compile(model, dynamic=False)
+        prefill["dense HF torch.compile"] = lambda ids: compiled_hf(input_ids=ids, use_cache=False).logits
+        from transformers import StaticCache
+
+        for batch in (1, 8):
+            cache = StaticCache(config=model.config, max_cache_len=CACHE)
+            decode[batch]["dense HF torch.compile"] = (
+                lambda prompt, cache=cache: hf_static_decode(compiled_hf, cache, prompt, STEPS))
+    print("compiling with AOTInductor ...", flush=True)
+    dense_cache = {}
+    for batch in (1, 8):
+        dense_cache[batch] = canonicalise(capture_with_cache(model, batch, CACHE))
+        dense_cache[batch].cache_batch_size, dense_cache[batch].max_cache_len = batch, CACHE
+    compiled = aoti({"prefill": export_program(dense_graph, vocab),
+                     **{f"decode b{b}": export_generator(dense_cache[b]) for b in (1, 8)}}, work, "dense")
+    prefill["dense captured+compiled"] = compiled["prefill"]
+    for batch in (1, 8):
+        decode[batch]["dense captured+compiled"] = (
+            lambda prompt, p=compiled[f"decode b{batch}"]: program_decode(p, prompt, STEPS))
+    eager_programs = {}
+    for name, net in sliced.items():
+        programs = {b: with_cache(model, net, b, CACHE) for b in (1, 8)}
+        eager_programs[name] = programs
+        prefill[f"sliced {name} eager"] = net
+        compiled = aoti({"prefill": export_program(net, vocab),
+                         **{f"decode b{b}": export_generator(programs[b]) for b in (1, 8)}}, work, f"sliced {name}")
+        prefill[f"sliced {name} compiled"] = compiled["prefill"]
+        for batch in (1, 8):
+            decode[batch][f"sliced {name} eager"] = lambda prompt, p=programs[batch]: program_decode(p, prompt, STEPS)
+            decode[batch][f"sliced {name} compiled"] = (
+                lambda prompt, p=compiled[f"decode b{batch}"]: program_decode(p, prompt, STEPS))
+
+    # --- throughput -------------------------------------------------------------------------
+    results: dict[tuple[str, int], tuple] = {}
     for batch in (1, 8):
         prompt_512 = calib_batches[0][:batch]
         prompt_128 = prompt_512[:, :128]
-        programs = {"dense HF eager": None, "dense captured graph": capture_with_cache(model, batch, 256)}
-        programs.update({name: with_cache(model, sliced[key], batch, 256) for name, key in keys.items()})
         gc.collect()
         gc.freeze()  # the many graphs held here stay out of the cyclic GC: no collection pause inside a timing
+        print(f"timing batch {batch} ...", flush=True)
         with torch.no_grad():
-            prefill = timed({name: (lambda net=net: net(prompt_512)) for name, net in contenders.items()}, repeats)
-        decode = timed({name: (lambda: hf_decode(model, prompt_128, STEPS)) if program is None else
-                        (lambda p=program: program_decode(p, prompt_128, STEPS)) for name, program in programs.items()},
-                       repeats)
-        for name in contenders:
-            results[(name, batch)] = (rate(batch * 512, prefill[name]), rate(batch * STEPS, decode[name]))
+            pre = timed({name: (lambda f=f: f(prompt_512)) for name, f in prefill.items()}, repeats)
+        dec = timed({name: (lambda f=f: f(prompt_128)) for name, f in decode[batch].items()}, repeats)
+        for name in prefill:
+            results[(name, batch)] = (rate(batch * 512, pre[name]), rate(batch * STEPS, dec[name]))
     dense_macs = linear_macs(model)
-    for name, net in contenders.items():
-        macs = linear_macs(net) if name.startswith("sliced") else dense_macs
-        bound = (dense_macs + attention_macs(config, 512)) / (macs + attention_macs(config, 512))
-        weights = sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20
-        row = [name, f"{weights:.0f}"]
+    config = model.config
+    bounds = {}
+    for name in prefill:
+        net = sliced.get(name.removeprefix("sliced ").rsplit(" ", 1)[0]) if name.startswith("sliced") else None
+        macs = linear_macs(net) if net is not None else dense_macs
+        bounds[name] = (dense_macs + attention_macs(config, 512)) / (macs + attention_macs(config, 512))
+    rows = []
+    for name in prefill:
+        row = [name]
         for batch in (1, 8):
             pre, dec = results[(name, batch)]
             base_pre, base_dec = results[("dense HF eager", batch)]
             row += [f"{pre[0]:.0f} [{pre[1]:.0f}-{pre[2]:.0f}] ({pre[0] / base_pre[0]:.2f}x)",
                     f"{dec[0]:.1f} [{dec[1]:.1f}-{dec[2]:.1f}] ({dec[0] / base_dec[0]:.2f}x)"]
-        row.append(f"{bound:.2f}x")
+        row.append(f"{bounds[name]:.2f}x")
         rows.append(row)
         figures.setdefault("throughput", {})[name] = {f"b{b} prefill, decode": results[(name, b)] for b in (1, 8)}
-        figures["throughput"][name]["flop_bound"] = bound
-    head = ["model", "weights MiB", "prefill b1 tok/s", "decode b1 tok/s", "prefill b8 tok/s", "decode b8 tok/s",
-            "FLOP bound"]
-    print(tabulate(rows, head, tablefmt="github"))
-    profiles = {name: time_by_component(contenders[name], calib_batches[0][:1], repeats)
-                for name in ("dense captured graph", "sliced 25%", "sliced 25% basis=block")}
+        figures["throughput"][name]["flop_bound"] = bounds[name]
+    print()
+    print(tabulate(rows, ["tokens/s (vs dense HF eager)", "prefill b1", "decode b1", "prefill b8", "decode b8",
+                          "FLOP bound"], tablefmt="github"))
+
+    # --- goals ------------------------------------------------------------------------------
+    goals = []
+    for name in sliced:
+        mine = f"sliced {name} compiled"
+        for batch in (1, 8):
+            pre, dec = results[(mine, batch)]
+            hf = results[("dense HF eager", batch)][1][0]
+            dense_pre, dense_dec = results[("dense captured+compiled", batch)]
+            prefill_ratio = pre[0] / dense_pre[0]
+            goals.append([mine, batch, f"{dec[0] / hf:.2f}x (>= 2)", f"{dec[0] / dense_dec[0]:.2f}x (>= 1.05)",
+                          f"{prefill_ratio:.2f}x / {bounds[mine]:.2f}x = {prefill_ratio / bounds[mine]:.0%} (>= 90%)"])
+    print()
+    print(tabulate(goals, ["compiled slice", "batch", "decode vs dense HF eager", "decode vs dense compiled",
+                           "prefill vs dense compiled / FLOP bound"], tablefmt="github"))
+    figures["goals"] = goals
+
+    # --- where the time goes (eager) ----------------------------------------------------------
+    profiles = {name: time_by_component(net, calib_batches[0][:1], repeats)
+                for name, net in (("dense captured graph", dense_graph), *(
+                    (f"sliced {k}", v) for k, v in sliced.items()))}
     kinds = list(dict.fromkeys(k for p in profiles.values() for k in p))
     print()
     print(tabulate([[kind] + [f"{p.get(kind, 0.0):.0f}" for p in profiles.values()] for kind in kinds],
-                   ["prefill b1 x512, ms"] + list(profiles), tablefmt="github"))
+                   ["eager prefill b1 x512, ms"] + list(profiles), tablefmt="github"))
     figures["prefill_profile_ms"] = profiles
+    prompt_128 = calib_batches[0][:1, :128]
+    ops = {name: decode_ops(programs[1], prompt_128) for name, programs in eager_programs.items()}
+    print()
+    for name, top in ops.items():
+        print(f"eager decode b1, sliced {name}: " + ", ".join(f"{op} {ms:.1f} ms" for op, ms in top) + " per step")
+    figures["decode_ops_ms_per_step"] = ops
+
     c = figures["compression"]
     total = c["total"] + c["export"]
     split = [[k, f"{v:.1f}"] for k, v in c.items() if k not in ("total",)]
-    ratio = total / c["dense forward floor"]
-    split.append(["compression total (capture..export)", f"{total:.1f}  ({ratio:.2f}x floor)"])
+    split.append(["compression total (capture..export)", f"{total:.1f}  ({total / c['dense forward floor']:.2f}x floor)"])
     print()
     print(tabulate(split, ["compression of the 25% slice", "seconds"], tablefmt="github"))
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

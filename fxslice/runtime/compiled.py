@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,47 +87,21 @@ def _device_type(device: str) -> str:
 
 
 def _compile_for(folder: Path, device_type: str, progress: bool) -> CompileOutcome:
-    import time
-
     started = time.perf_counter()
     outcome = CompileOutcome(device_type)
-    with warnings.catch_warnings():  # torch-internal deprecation noise of export and inductor, not the user's
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _compile_quietly(folder, device_type, progress, outcome, started)
-
-
-def _compile_quietly(folder: Path, device_type: str, progress: bool, outcome: "CompileOutcome",
-                     started: float) -> CompileOutcome:
-    import time
-
-    from .export import export_generator, export_program, load
-
-    model, _ = load(folder, device=device_type, with_tokenizer=False, compiled=False)
-    record = model.record
-    programs = {PREFILL: export_program(model.program, record["vocab_size"])}
-    if model.generator is not None:
-        programs[DECODE] = export_generator(model.generator)
     staging = Path(tempfile.mkdtemp(prefix="fxslice-aoti-"))
     try:
-        files = {}
-        for name, program in programs.items():
-            if progress:
-                print(f"compiling {name} for {device_type} with AOTInductor ...", flush=True)
-            files[name] = _aot_compile(program)
-        package = staging / package_name(device_type)
-        from torch._inductor.package import package_aoti
-
-        package_aoti(str(package), files)
-        constants = {name: _constant_keys(package, name, record["weights"]["programs"][PROGRAM_OF[name]])
-                     for name in programs}
-    except FxSliceError:
-        raise
-    except Exception as exc:  # noqa: BLE001 — any compiler failure falls back to the exported programs
-        shutil.rmtree(staging, ignore_errors=True)
-        outcome.failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        return outcome
-    try:
+        with warnings.catch_warnings():  # torch-internal deprecation noise of export and inductor
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                package, constants = _build(folder, device_type, staging, progress)
+            except FxSliceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — any compiler failure falls back to the exported programs
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                outcome.failure = f"{type(exc).__name__}: {message}"
+                return outcome
         target = folder / package.name
         entry = {"file": package.name, "sha256": sha256(package), "torch_version": torch.__version__,
                  "device": device_type, "constants": constants}
@@ -138,6 +113,52 @@ def _compile_quietly(folder: Path, device_type: str, progress: bool, outcome: "C
         shutil.rmtree(staging, ignore_errors=True)
     outcome.package, outcome.seconds = target, time.perf_counter() - started
     return outcome
+
+
+def _build(folder: Path, device_type: str, staging: Path, progress: bool) -> tuple[Path, dict]:
+    """The folder's programs re-exported on the device and compiled into ``staging``; with the constant
+    name -> stored key map of each model."""
+    from .export import export_generator, export_program, load
+
+    model, _ = load(folder, device=device_type, with_tokenizer=False, compiled=False)
+    record = model.record
+    programs = {PREFILL: export_program(model.program, record["vocab_size"])}
+    if model.generator is not None:
+        programs[DECODE] = export_generator(model.generator)
+    package = build_package(programs, staging / package_name(device_type), progress)
+    constants = {name: _constant_keys(package, name, record["weights"]["programs"][PROGRAM_OF[name]])
+                 for name in programs}
+    return package, constants
+
+
+def build_package(programs: dict[str, torch.export.ExportedProgram], package: Path, progress: bool = False) -> Path:
+    """Compile every program (name -> exported program with example inputs) with AOTInductor, without its
+    constants, into one package file."""
+    from torch._inductor.package import package_aoti
+
+    files = {}
+    for name, program in programs.items():
+        if progress:
+            print(f"compiling {name} with AOTInductor ...", flush=True)
+        files[name] = _aot_compile(program)
+    package_aoti(str(package), files)
+    return package
+
+
+def load_with_own_constants(package: Path, programs: dict[str, torch.export.ExportedProgram]) -> dict[str, "CompiledProgram"]:
+    """The package's models, each given the state of the program it was compiled from (buffers such as a
+    KV cache copied, so that the compiled model and the program do not share one). For in-process use
+    (benchmarks); a saved folder's package takes its constants from the folder (:func:`load_compiled`)."""
+    from torch._inductor.package import load_package
+
+    models = {}
+    for name, program in programs.items():
+        runner = load_package(str(package), name)
+        state = {**program.state_dict, **program.constants}
+        buffers = set(program.graph_signature.buffers)
+        models[name] = CompiledProgram(runner, {fqn: state[fqn].detach().clone() if fqn in buffers else state[fqn].detach()
+                                                for fqn in runner.get_constant_fqns()})
+    return models
 
 
 def _aot_compile(program: torch.export.ExportedProgram) -> list:
