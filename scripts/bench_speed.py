@@ -11,12 +11,12 @@ contenders interleaved within every round:
   (batch 1 and 8; 128 greedy steps after a 128-token prompt, KV cache; the prompt is not timed);
 - the goals of issue 12 checked: compiled slice decode / dense HF eager (≥ 2x), compiled slice /
   dense compiled (≥ 1.05x at decode; prefill ≥ 90% of the FLOP-ratio bound, printed beside it);
-- where the eager prefill time goes, and the top ops of eager decode per basis (the old
-  ``basis="block"`` decode anomaly);
+- where the eager prefill time goes, and eager decode time against the caller's Python stack depth
+  (the old ``basis="block"`` decode anomaly: CPython's frame-stack chunks, see the README);
 - compression time of the 25% slice split into capture, calibration forward, PCA, rewrite, export,
   next to one dense forward pass over the calibration data (the floor).
 
-    python scripts/bench_speed.py            # ~45 min on 2 cores (compilation included)
+    python scripts/bench_speed.py            # ~35 min on 2 cores (compilation included)
     python scripts/bench_speed.py --quick    # one round, a smaller calibration
 """
 
@@ -171,12 +171,16 @@ def aoti(programs: dict[str, torch.export.ExportedProgram], folder: Path, label:
     return load_with_own_constants(package, programs)
 
 
-def decode_ops(program, prompt, steps: int = 8, top: int = 6) -> list[tuple[str, float]]:
-    """The ops that take the most self CPU time over ``steps`` eager decode steps (ms per step)."""
-    with torch.autograd.profiler.profile() as prof:
-        program_decode(program, prompt, steps)
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return [(e.key, e.self_cpu_time_total / 1000 / steps) for e in ops]
+def at_depth(depth: int, fn):
+    """``fn()`` called through ``depth`` extra Python frames."""
+    return fn() if depth == 0 else at_depth(depth - 1, fn)
+
+
+def depth_probe(program, prompt, steps: int = 16, depths: int = 7) -> list[float]:
+    """Eager decode ms per step of the same program called through 0..depths-1 extra Python frames:
+    CPython 3.11 allocates its frame stack in 16 KiB chunks and unmaps one as soon as it empties, so
+    a chunk boundary that falls inside every nn.Linear call costs an mmap/munmap pair per call."""
+    return [round(at_depth(d, lambda: program_decode(program, prompt, steps)) / steps * 1000, 1) for d in range(depths)]
 
 
 def main() -> None:
@@ -315,11 +319,11 @@ def main() -> None:
                    ["eager prefill b1 x512, ms"] + list(profiles), tablefmt="github"))
     figures["prefill_profile_ms"] = profiles
     prompt_128 = calib_batches[0][:1, :128]
-    ops = {name: decode_ops(programs[1], prompt_128) for name, programs in eager_programs.items()}
+    depths = {name: depth_probe(programs[1], prompt_128) for name, programs in eager_programs.items()}
     print()
-    for name, top in ops.items():
-        print(f"eager decode b1, sliced {name}: " + ", ".join(f"{op} {ms:.1f} ms" for op, ms in top) + " per step")
-    figures["decode_ops_ms_per_step"] = ops
+    for name, times in depths.items():
+        print(f"eager decode b1, sliced {name}, ms/step when called through 0..6 extra Python frames: {times}")
+    figures["eager_decode_ms_by_call_depth"] = depths
 
     c = figures["compression"]
     total = c["total"] + c["export"]

@@ -53,7 +53,7 @@ def test_compiled_weights_come_from_the_folder_files(compiled_folder):
         {k: v for k, v in before.items() if k != "fxslice.json"}
     record = json.loads((folder / "fxslice.json").read_text())
     entry = record["compiled"]["cpu"]
-    assert set(entry["constants"]) == {"prefill", "decode"}
+    assert set(entry["constants"]) == {"model", "generate"}
     stored = set(record["weights"]["weight_map"]) | set(record["weights"]["zeros"])
     assert all(key in stored for keys in entry["constants"].values() for key in keys.values())
     weights = sum(p.stat().st_size for p in folder.glob("weights*.safetensors"))

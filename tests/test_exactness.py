@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fxslice
-from tiny_models import FAMILIES, VOCAB, calibration, tiny_model
+from tiny_models import FAMILIES, VOCAB, calibration, masked_calibration, tiny_model
 
 INPUTS = [torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5)),
           torch.randint(0, VOCAB, (1, 29), generator=torch.Generator().manual_seed(6))]
@@ -15,11 +15,12 @@ def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "right-padded-mask"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_sparsity_zero_is_exact_and_source_untouched(family):
+def test_sparsity_zero_is_exact_and_source_untouched(family, masked):
     model = tiny_model(family)
     before = _snapshot(model)
-    sliced = fxslice.compress(model, calibration(), 0.0, progress=False)
+    sliced = fxslice.compress(model, masked_calibration() if masked else calibration(), 0.0, progress=False)
     assert isinstance(sliced, torch.fx.GraphModule)
     for ids in INPUTS:  # other batch sizes and lengths than calibration and capture
         with torch.no_grad():
@@ -37,7 +38,7 @@ def test_sparsity_zero_is_exact_and_source_untouched(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_quarter_sparsity_slices_every_stream_weight(family):
     model = tiny_model(family)
-    sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
+    sliced = fxslice.compress(model, masked_calibration(), 0.25, progress=False)  # masked rows left out of the PCA
     result = sliced.fxslice
     d = 48  # floor(64 * 0.75), a multiple of 8
     rotated = [w for w in result.widths if w != 64]

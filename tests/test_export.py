@@ -139,15 +139,22 @@ def test_cli_compress_eval_inspect(tiny_folder, tmp_path):
     out = tmp_path / "sliced"
     data = ["--calibration", "kjv", "--calibration-windows", "4", "--eval", "kjv", "stdlib", "--eval-windows", "2",
             "--length", "32", "--no-progress"]
-    done = _cli("compress", "--model", str(tiny_folder), "--sparsity", "0.25", "--output", str(out), "--batch-size", "2", *data)
+    done = _cli("compress", "--model", str(tiny_folder), "--sparsity", "0.25", "--output", str(out), "--batch-size", "2",
+                "--compile", "cpu", "--cache-batch-size", "2", "--max-cache-len", "48", *data)
     assert done.returncode == 0, done.stderr
     assert "ppl kjv" in done.stdout and "sliced 0.25" in done.stdout and "dense" in done.stdout
+    assert f"compiled for cpu: {out / 'compiled-cpu.pt2'}" in done.stdout
     record = json.loads((out / "fxslice.json").read_text())
     assert record["calibration"]["calibration_windows"] == 4 and record["widths"][0] == 48
+    assert record["generator"] == {**record["generator"], "batch_size": 2, "max_cache_len": 48}
+    assert set(record["compiled"]["cpu"]["constants"]) == {"model", "generate"}
     evaluated = _cli("eval", str(out), "--eval", "kjv", "--eval-windows", "2", "--length", "32", "--no-progress",
                      "--calibration", "kjv", "--calibration-windows", "4")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert f"{record['perplexity']['kjv']:.3f}" in evaluated.stdout
+    assert f"{record['perplexity']['kjv']:.3f}" in evaluated.stdout  # through the compiled package
+    generated = _cli("generate", str(out), "--prompt", "And God said", "--max-new-tokens", "60")
+    assert generated.returncode == 2 and generated.stderr.count("\n") == 1
+    assert "more than the KV cache length 48" in generated.stderr and "--max-cache-len" in generated.stderr
     inspected = _cli("inspect", str(tiny_folder))
     assert inspected.returncode == 0 and "model.layers.1.mlp.{gate_proj,up_proj}" in inspected.stdout
     again = _cli("compress", "--model", str(tiny_folder), "--output", str(out), *data)
@@ -181,7 +188,7 @@ def test_cli_help_documents_every_option():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"compress", "eval", "finetune", "generate", "inspect"}
+    assert set(commands.choices) == {"compress", "eval", "finetune", "generate", "compile", "inspect"}
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, f"fxslice {name} {action.option_strings or action.dest} has no help text"

@@ -67,6 +67,18 @@ def calibration(batches: int = 3, batch_size: int = 4, length: int = 16, seed: i
     return [torch.randint(0, VOCAB, (batch_size, length), generator=gen) for _ in range(batches)]
 
 
+def masked_calibration(batches: int = 3, batch_size: int = 4, length: int = 16, seed: int = 1) -> list[dict]:
+    """``calibration`` as a tokenizer returns it with right padding: every other row ends in padding
+    (``attention_mask`` 0), the padded positions hold token 0."""
+    out = []
+    for ids in calibration(batches, batch_size, length, seed):
+        mask = torch.ones_like(ids)
+        for row in range(1, batch_size, 2):
+            mask[row, length // 2 + row:] = 0
+        out.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask})
+    return out
+
+
 def tiny_tokenizer(vocab_size: int = VOCAB):
     """A small BPE tokenizer trained on KJV text (so that real text maps into the tiny vocabulary)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

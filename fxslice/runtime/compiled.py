@@ -1,8 +1,10 @@
 """AOTInductor packages of a saved folder: the prefill and decode programs compiled ahead of time.
 
 ``compile_folder`` writes ``compiled-<device>.pt2`` beside the exported programs: one AOTInductor
-package holding two models, ``prefill`` (``model.pt2``: dynamic batch and length -> logits) and
-``decode`` (``generate.pt2``: the static KV-cache program). They are compiled with
+package holding two models named like the programs they are compiled from: ``model`` (the prefill
+program ``model.pt2``: dynamic batch and length -> logits; the package's default model, which
+``torch._inductor.aoti_load_package`` loads) and ``generate`` (the decode program ``generate.pt2``,
+with its static KV cache). They are compiled with
 ``aot_inductor.package_constants_in_so=False``, so the package holds code only: at load time each
 model receives its constants (the weights, the KV cache) from the folder's safetensors files through
 ``load_constants(..., user_managed=True)`` — the weights stay stored once and memory-mapped, and the
@@ -29,7 +31,7 @@ from torch import nn
 from ..errors import FxSliceError
 from .weightfiles import read_weights, sha256
 
-PREFILL, DECODE = "prefill", "decode"
+PREFILL, DECODE = "model", "generate"  # model names in the package: "model" is what aoti_load_package loads
 PROGRAM_OF = {PREFILL: "model.pt2", DECODE: "generate.pt2"}
 OPTIONS = {"aot_inductor.package_constants_in_so": False, "aot_inductor.package": True}
 

@@ -167,7 +167,8 @@ def generate(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 
     """Prefill ``input_ids`` ``[B, T]`` once, then decode one token per step from the KV cache.
 
     ``program`` is a cache program (:func:`with_cache`, or ``generate.pt2`` loaded by :func:`fxslice.load`).
-    Greedy by default; ``do_sample`` with temperature / top-k / top-p (seeded by ``seed``).
+    Greedy by default; ``do_sample`` with temperature / top-k / top-p (seeded by ``seed``). Fewer
+    rows than the program's cache holds are padded (with the first prompt) and dropped again.
     Returns the prompt followed by the generated tokens.
     """
     check_generation(program, input_ids, max_new_tokens)
