@@ -151,6 +151,16 @@ def test_compile_refuses_what_is_not_a_saved_folder(tmp_path):
         compile_folder(tmp_path)
 
 
+def test_compile_checks_every_device_before_compiling(compiled_folder):
+    folder, _ = compiled_folder
+    record = (folder / "fxslice.json").read_text()
+    with pytest.raises(FxSliceError, match="AOTInductor packages are built for cpu or cuda, not 'meta'"):
+        compile_folder(folder, ["cpu", "meta"], progress=False)
+    with pytest.raises(FxSliceError, match="'nonsense' is not a torch device"):
+        compile_folder(folder, ["nonsense"], progress=False)
+    assert (folder / "fxslice.json").read_text() == record
+
+
 @pytest.mark.parametrize("family", ["gpt2"])
 def test_compiled_greedy_tokens_equal_hugging_face_at_sparsity_zero(family, tmp_path):
     model = tiny_model(family)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fxslice
+from fxslice.distributed import shutdown
 from fxslice.hf import logits_of
 
 from tiny_models import VOCAB, tiny_model
@@ -42,7 +43,7 @@ def _worker(rank: int, init_file: str, source: str, basis: str, out_dir: str) ->
         torch.save({"logits": logits_of(sliced, _probe()), "tokens": sliced.fxslice.calibration_tokens,
                     "params": sliced.fxslice.param_count}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown()  # barrier, then leave: a rank that leaves while another is mid-collective aborts it
 
 
 @pytest.mark.parametrize("family, streamed, basis", [("llama", False, "position"), ("gpt2", True, "block"),
@@ -79,7 +80,7 @@ def _failing_worker(rank: int, init_file: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as handle:
             handle.write(message)
     finally:
-        dist.destroy_process_group()
+        shutdown()  # barrier, then leave: a rank that leaves while another is mid-collective aborts it
 
 
 def test_a_rank_with_bad_data_stops_every_rank(tmp_path):

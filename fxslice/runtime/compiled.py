@@ -69,11 +69,8 @@ def compile_folder(folder: str | os.PathLike, devices: Optional[list[str]] = Non
 
     path = Path(folder)
     read_record(path)  # refuse a folder fxslice did not save before compiling anything
-    outcomes = []
-    for device in devices or default_devices():
-        device_type = _device_type(device)
-        outcomes.append(_compile_for(path, device_type, progress))
-    return outcomes
+    device_types = [_device_type(device) for device in devices or default_devices()]  # all checked first
+    return [_compile_for(path, device_type, progress) for device_type in device_types]
 
 
 def _device_type(device: str) -> str:
