@@ -197,10 +197,8 @@ class CompiledProgram(nn.Module):
     def __init__(self, runner, constants: dict[str, torch.Tensor]):
         super().__init__()
         self.runner = runner
-        self.constant_names = {}
-        for number, (name, tensor) in enumerate(constants.items()):
+        for number, tensor in enumerate(constants.values()):
             self.register_buffer(f"constant_{number}", tensor, persistent=False)
-            self.constant_names[name] = f"constant_{number}"
         runner.load_constants(constants, check_full_update=True, user_managed=True)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
