@@ -219,10 +219,15 @@ class CompiledProgram(nn.Module):
         return self
 
 
-def compiled_entry(folder: Path, record: dict, device_type: str) -> Optional[dict]:
+def compiled_entry(folder: Path, record: dict, device_type: str, required: bool = False) -> Optional[dict]:
     """The folder's package for ``device_type`` after checking that it can be loaded here: None where there
-    is none; an :class:`FxSliceError` where it was built by another torch or its file is not the recorded one."""
+    is none (an :class:`FxSliceError` if ``required``); an error where it was built by another torch or
+    its file is not the recorded one."""
     entry = (record.get("compiled") or {}).get(device_type)
+    if entry is None and required:
+        built = ", ".join(sorted(record.get("compiled") or {})) or "none"
+        raise FxSliceError(f"{folder} has no package compiled for {device_type} (built: {built}); "
+                           f"build one with: fxslice compile {folder} --device {device_type}")
     if entry is None:
         return None
     if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("constants"), dict)):

@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import FxSliceError
 from ..hf import causal_lm_output, logits, vocab_size_of
-from .compiled import DECODE, PREFILL, compiled_entry, load_compiled
+from .compiled import DECODE, PREFILL, CompiledProgram, compiled_entry, load_compiled
 from .weightfiles import check_index, fill_weights, read_weights, sha256, write_weights
 
 FORMAT = "fxslice-sliced-model"
@@ -274,6 +274,11 @@ class LoadedModel(nn.Module):
             raise FxSliceError("this folder has no generate.pt2 (saved without a KV-cache program)")
         return generate(self.generator, input_ids, max_new_tokens, **options)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the programs are the folder's AOTInductor package (``fxslice compile``)."""
+        return isinstance(self.program, CompiledProgram)
+
     def forward(self, input_ids: torch.Tensor):
         return causal_lm_output(self.program(input_ids))
 
@@ -341,11 +346,7 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tok
     if not program_path.is_file():
         raise FxSliceError(f"{path} has no {PROGRAM}")
     tensors = read_weights(path, record["weights"])
-    entry = compiled_entry(path, record, device.type) if compiled is not False else None
-    if compiled is True and entry is None:
-        built = ", ".join(sorted(record.get("compiled") or {})) or "none"
-        raise FxSliceError(f"{path} has no package compiled for {device.type} (built: {built}); "
-                           f"build one with: fxslice compile {path} --device {device.type}")
+    entry = compiled_entry(path, record, device.type, required=compiled is True) if compiled is not False else None
     info = record.get("generator") or {}
     if entry is not None:
         models = load_compiled(path, record, entry, device, tensors)
@@ -358,7 +359,6 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tok
     if generator is not None:
         generator.max_cache_len, generator.cache_batch_size = info.get("max_cache_len"), info.get("batch_size", 1)
     model = LoadedModel(program, record, generator).to(device)
-    model.compiled = entry is not None
     tokenizer = None
     if with_tokenizer and (path / "tokenizer_config.json").exists():
         from ..hf import load_tokenizer
