@@ -61,7 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     comp.add_argument("--model", default=next(iter(SHIPPED)),
                       help=f"{' or '.join(SHIPPED)} (shipped, offline), a hub id or a local folder")
-    comp.add_argument("--sparsity", type=float, default=0.25, help="fraction of the stream width to delete, in [0, 1)")
+    comp.add_argument("--sparsity", type=float, default=None,
+                      help="fraction of the stream width to delete, in [0, 1) (SliceGPT; default 0.25 unless "
+                           "--target-params is given)")
+    comp.add_argument("--target-params", type=float, default=None, metavar="F",
+                      help="keep at most this fraction of the dense parameter count (stream and MLP hidden units "
+                           "sliced together), instead of --sparsity")
+    comp.add_argument("--hidden-sparsity", type=float, default=None, metavar="H",
+                      help="with --sparsity: also delete this fraction of every MLP's hidden units "
+                           "(down projection refitted)")
     comp.add_argument("--output", default=None, help="folder to save the sliced model to (default: runs/MODEL-SPARSITY)")
     comp.add_argument("--no-save", action="store_true", help="do not save the sliced model")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -77,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--pca-signal", choices=PCA_SIGNALS, default=PCA_SIGNALS[0],
                       help="PCA of the stream value (reference code) or of the norm output (paper Eq. 8)")
     comp.add_argument("--slice-head", action="store_true", help="also slice the head's input position")
-    comp.add_argument("--basis", choices=BASES, default=BASES[0],
-                      help="one PCA basis per stream position (paper), or one per block: the block's inner "
-                           "shortcut becomes the identity and is removed (smaller, faster)")
+    comp.add_argument("--basis", choices=BASES, default="block",
+                      help="one PCA basis per block: the block's inner shortcut becomes the identity and is removed "
+                           "(smaller, faster, lower perplexity); or one per stream position (the SliceGPT paper)")
     comp.add_argument("--round-to", type=int, default=8, help="round slice widths down to a multiple of this")
     comp.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     comp.add_argument("--no-eval", action="store_true", help="skip all perplexity evaluation")
@@ -151,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_compress(args) -> int:
     from .jobs.compress import compress_job
 
-    output = None if args.no_save else (args.output or f"runs/{Path(args.model).name}-{args.sparsity:g}")
-    job = compress_job(args.model, args.sparsity, _protocol(args), dtype=args.dtype, device=args.device,
+    if args.sparsity is None and args.target_params is None:
+        args.sparsity = 0.25
+    size = f"{args.sparsity:g}" if args.target_params is None else f"p{args.target_params:g}"
+    output = None if args.no_save else (args.output or f"runs/{Path(args.model).name}-{size}")
+    job = compress_job(args.model, args.sparsity, _protocol(args), target_params=args.target_params,
+                       hidden_sparsity=args.hidden_sparsity, dtype=args.dtype, device=args.device,
                        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
                        overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,

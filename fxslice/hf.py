@@ -35,6 +35,8 @@ class ModelSpec:
     device: torch.device
     param_count: int  # unique parameters, tied weights once
     accepts_use_cache: bool
+    use_cache_via: Optional[str] = "use_cache"  # the forward parameter that takes it (a ``**kwargs`` name:
+    # torch.export cannot be given a spec for it there, so ``config.use_cache`` is switched off instead)
     max_positions: Optional[int] = None  # config.max_position_embeddings, when the model says
     weights_loaded: bool = True  # False: a checkpoint's model, parameters unallocated until streamed in
 
@@ -46,7 +48,7 @@ class ModelSpec:
         """``(kwargs, dynamic_shapes)`` for ``torch.export``: dynamic batch and length, no KV cache."""
         kwargs = {"input_ids": self.example_input_ids()}
         dynamic = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}}
-        if self.accepts_use_cache:
+        if self.accepts_use_cache and self.use_cache_via == "use_cache":
             kwargs["use_cache"], dynamic["use_cache"] = False, None
         return kwargs, dynamic
 
@@ -70,6 +72,7 @@ def model_spec(model: nn.Module, weights_loaded: bool = True) -> ModelSpec:
         device=params[0].device,
         param_count=count_parameters(model),
         accepts_use_cache=_accepts(model, "use_cache"),
+        use_cache_via=_parameter_taking(model, "use_cache"),
         max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
         weights_loaded=weights_loaded,
     )
@@ -100,6 +103,17 @@ def _accepts(model: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):
         return True
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _parameter_taking(model: nn.Module, name: str) -> Optional[str]:
+    """The forward parameter that receives keyword ``name``: itself, or the ``**kwargs`` collecting it."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return name
+    if name in params:
+        return name
+    return next((p.name for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
 
 class CausalProbe:
@@ -190,6 +204,7 @@ def export_with_static_cache(model: nn.Module, batch_size: int, max_cache_len: i
     model.generation_config.cache_implementation = "static"
     try:
         wrapper = TorchExportableModuleWithStaticCache(model, batch_size=batch_size, max_cache_len=max_cache_len)
+        _match_written_heads(wrapper, model, batch_size)
         length = Dim("length", min=1, max=max_cache_len)
         example = torch.zeros(batch_size, 4, dtype=torch.long, device=next(model.parameters()).device)
         with torch.no_grad():
@@ -200,6 +215,29 @@ def export_with_static_cache(model: nn.Module, batch_size: int, max_cache_len: i
         raise GraphStructureError(f"cannot capture {type(model).__name__} with a static KV cache: {exc}") from exc
     finally:
         model.generation_config = saved_config
+
+
+def _match_written_heads(wrapper: nn.Module, model: nn.Module, batch_size: int) -> None:
+    """Give every static cache layer the head count and head sizes the model really writes (one token
+    through a dynamic cache; shapes only, so a model with unallocated weights works too): the
+    wrapper sizes them from the config, which for Falcon (multi-query, or keys broadcast to every
+    head by the new decoder architecture) is not what its attention stores."""
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            written = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True).past_key_values
+        shapes = [(layer.keys.shape, layer.values.shape) for layer in written.layers]
+    except Exception:  # the config's shapes stay; a mismatch surfaces in the export's own error
+        return
+    for i, (layer, (keys, values)) in enumerate(zip(wrapper.static_cache.layers, shapes)):
+        if layer.keys is None or layer.max_cache_len == 0 or \
+                (layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]) == (keys[1], keys[-1], values[-1]):
+            continue
+        like = layer.keys
+        layer.lazy_initialization(like.new_zeros(batch_size, keys[1], 1, keys[-1]),
+                                  like.new_zeros(batch_size, values[1], 1, values[-1]))
+        wrapper.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+        wrapper.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
 
 
 def load_pretrained(path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:

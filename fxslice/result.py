@@ -51,6 +51,13 @@ class SliceResult:
     timings: dict[str, float] = field(default_factory=dict)
     eigenvalues: list[Optional[torch.Tensor]] = field(default_factory=list)
     added_param_count: int = 0  # parameters of the inserted modules
+    hidden_sparsity: float = 0.0
+    hidden_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """MLP writer -> (hidden units kept, hidden units of the dense MLP), for the MLPs sliced."""
+    refit_errors: dict[str, float] = field(default_factory=dict)
+    """MLP writer -> ``‖H Wᵀ − H_S Xᵀ‖² / ‖H Wᵀ‖²`` of its refit on the calibration data."""
+    norm_eps: dict[str, float] = field(default_factory=dict)
+    """weightless norm -> its epsilon, where a sliced branch added its removed energy (pass 7)."""
 
     @property
     def param_fraction(self) -> float:
@@ -75,6 +82,9 @@ class SliceResult:
             "options": self.options,
             "inserted": [m.to_dict() for m in self.inserted],
             "head": self.head,
+            "hidden_sparsity": self.hidden_sparsity,
+            "hidden_widths": {k: list(v) for k, v in self.hidden_widths.items()},
+            "norm_eps": self.norm_eps,
         }
 
     def table(self) -> str:
@@ -82,6 +92,7 @@ class SliceResult:
             ["hidden size D", self.hidden_size],
             ["sparsity", self.sparsity],
             ["slice widths", _ranges(self.widths)],
+            ["MLP hidden units kept", _hidden(self.hidden_widths)],
             ["dense parameters", f"{self.dense_param_count:,}"],
             ["sliced parameters (true)", f"{self.param_count:,} ({100 * self.param_fraction:.1f}%)"],
             ["  of which shortcuts/affines", f"{self.added_param_count:,}"],
@@ -94,7 +105,12 @@ class SliceResult:
         return self.table()
 
 
-def _ranges(widths: list[int]) -> str:
+def _hidden(widths: dict[str, tuple[int, int]]) -> str:
+    """``1152/1536 x30`` (kept/full per sliced MLP, runs of equal values), ``all`` when none is sliced."""
+    return _ranges([f"{kept}/{full}" for kept, full in widths.values()]) if widths else "all"
+
+
+def _ranges(widths: list) -> str:
     """``432 x60, 576`` for runs of equal widths."""
     parts, start = [], 0
     for i in range(1, len(widths) + 1):

@@ -269,6 +269,6 @@ def fuzz_cases(draw, families: Optional[list[str]] = None, dtypes: tuple[str, ..
 
 def expected_width(hidden: int, sparsity: float, round_to: int = 8) -> int:
     """``floor(D (1 - s))`` rounded down to a multiple of ``round_to`` when it deletes anything (mirrors
-    ``p5_rotate.slice_width``)."""
+    ``widths.slice_width``)."""
     width = math.floor(hidden * (1.0 - sparsity) + 1e-9)
     return width - width % round_to if round_to > 1 and width < hidden else width

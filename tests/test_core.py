@@ -47,7 +47,7 @@ def test_each_block_runs_once_per_batch(llama):
 
 
 def test_result_reports_widths_and_true_parameter_counts(llama):
-    sliced = fxslice.compress(llama, calibration(), 0.25, progress=False)
+    sliced = fxslice.compress(llama, calibration(), 0.25, basis="position", progress=False)
     result = sliced.fxslice
     assert result.widths == [48, 48, 48, 48, 64]
     assert result.dense_param_count == sum(p.numel() for p in llama.parameters())
@@ -77,7 +77,7 @@ def test_round_to_and_slice_head_options(llama):
 
 
 def test_block_basis_shares_one_basis_per_layer(llama):
-    per_position = fxslice.compress(llama, calibration(), 0.25, progress=False)
+    per_position = fxslice.compress(llama, calibration(), 0.25, basis="position", progress=False)
     per_block = fxslice.compress(llama, calibration(), 0.25, basis="block", progress=False)
     result = per_block.fxslice
     assert [m.name for m in result.inserted if m.kind == "shortcut"] == ["model.layers.0.shortcut_2",

@@ -259,3 +259,14 @@ def test_cli_overwrite_never_deletes_foreign_files(tmp_path):
     done = _cli("compress", "--output", str(folder), "--overwrite", "--no-eval")
     assert done.returncode == 2 and "did not write" in done.stderr and "Traceback" not in done.stderr
     assert (folder / "data.csv").read_text() == "1,2,3"
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "granitemoe"])  # granitemoe takes use_cache through **kwargs
+def test_mixture_of_experts_is_refused_naming_the_dispatch_not_as_a_post_norm(model_type):
+    config = AutoConfig.for_model(model_type, **dict(COMMON, num_local_experts=4, num_experts_per_tok=2))
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(fxslice.GraphStructureError,
+                       match=r"norm 'model.layers.0.post_attention_layernorm' is read by node 'index_\d+' "
+                             r"\(call_function: aten.index.Tensor\).*mixture-of-experts") as caught:
+        fxslice.compress(model, calibration(), 0.25, progress=False)
+    assert "post-norm" not in str(caught.value)

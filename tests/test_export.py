@@ -161,6 +161,15 @@ def test_cli_compress_eval_inspect(tiny_folder, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
     bad = _cli("compress", "--model", str(tiny_folder), "--sparsity", "1.2", "--no-save", *data)
     assert bad.returncode == 2 and "sparsity must be a number in [0, 1)" in bad.stderr
+    budget = _cli("compress", "--model", str(tiny_folder), "--target-params", "0.8", "--no-save", "--no-dense",
+                  "--json", str(tmp_path / "budget.json"), *data)
+    assert budget.returncode == 0, budget.stderr
+    assert "sliced ≤80% params" in budget.stdout
+    figures = json.loads((tmp_path / "budget.json").read_text())
+    assert 0.795 <= figures["param_count"] / figures["dense_param_count"] <= 0.8 and figures["hidden_widths"]
+    both = _cli("compress", "--model", str(tiny_folder), "--target-params", "0.8", "--sparsity", "0.2", "--no-save",
+                *data)
+    assert both.returncode == 2 and "not both" in both.stderr and both.stderr.count("\n") == 1
 
 
 def test_cli_streams_a_checkpoint_alone_and_on_two_torchrun_processes(tiny_folder, tmp_path):

@@ -17,8 +17,8 @@ IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(9
 
 
 @pytest.fixture(scope="module")
-def sliced():
-    return fxslice.compress(tiny_model("llama_tied"), calibration(), 0.25, progress=False)
+def sliced():  # the budget mode: stream and MLP hidden units sliced, down projections refitted
+    return fxslice.compress(tiny_model("llama_tied"), calibration(), target_params=0.8, progress=False)
 
 
 def _data():

@@ -25,7 +25,8 @@ from fxslice.passes.p1_capture import capture
 from fxslice.passes.p2_canonicalise import canonicalise
 from fxslice.passes.p3_analyse import Structure, analyse
 from fxslice.passes.p4_fuse import Plan, TiedHead, fuse
-from fxslice.passes.p5_rotate import Rotator, SegmentRunner, basis_groups, pca_basis, plan_widths, rotate_and_slice
+from fxslice.passes.p5_rotate import Rotator, SegmentRunner, basis_groups, pca_basis, rotate_and_slice
+from fxslice.passes.widths import stream_widths as plan_widths
 from tiny_models import VOCAB, calibration, tiny_model
 from toy_models import TOY_VOCAB, ToyLM
 

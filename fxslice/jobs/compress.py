@@ -13,7 +13,7 @@ from tabulate import tabulate
 from torch.fx import GraphModule
 
 from ..calibration import check_device
-from ..compress import check_options, compress, inspect
+from ..compress import Options, compress, inspect
 from ..passes.p3_analyse import Structure
 from ..result import SliceResult
 from ..runtime.export import check_destination, save
@@ -77,21 +77,21 @@ def distinct_widths(widths: list[int]) -> str:
     return "/".join(str(w) for w in sorted(set(widths), reverse=True))
 
 
-def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype: str = "float32", device: str = "cpu",
+def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol, *, dtype: str = "float32", device: str = "cpu",
                  batch_size: int = 8, eval_batch_size: int = 4, evaluate_dense: bool = True, evaluate: bool = True,
                  output: Optional[str] = None, overwrite: bool = False, progress: bool = True,
                  max_cache_len: int = 1024, cache_batch_size: int = 1, plot_spectra: Optional[str] = None,
                  stream: bool = False, offload_dir: Optional[str] = None, compile_devices: Optional[list[str]] = None,
                  **options) -> CompressJobResult:
-    """Compress ``model_name`` at ``sparsity`` on ``protocol``; evaluate dense and sliced; save to ``output``.
+    """Compress ``model_name`` at ``sparsity`` (or ``options["target_params"]``) on ``protocol``; evaluate
+    dense and sliced; save to ``output``. ``options``: the other :class:`fxslice.compress.Options`.
 
     ``stream``: read the checkpoint block by block instead of loading the model (the dense model is
     then not evaluated). Under ``torch.distributed`` every rank calibrates on its share of the
     windows; only rank 0 evaluates and writes files. ``max_cache_len`` / ``cache_batch_size``: the
     saved KV-cache program's length and batch; ``compile_devices``: also build AOTInductor packages
     (:func:`fxslice.runtime.compiled.compile_folder`) for these devices after saving."""
-    check_options(sparsity, options.get("round_to", 8), options.get("pca_signal", "stream"),
-                  options.get("slice_head", False), options.get("basis", "position"))
+    label = "sliced " + Options(sparsity, **options).check().label()
     model_dtype = torch_dtype(dtype) if dtype is not None else None  # streamed: the checkpoint's by default
     check_device(device)
     writer = is_writer()
@@ -128,7 +128,7 @@ def compress_job(model_name: str, sparsity: float, protocol: Protocol, *, dtype:
         for name, windows in evaluations.items():
             dense.perplexities[name] = perplexity(model, batches(windows, eval_batch_size), f"dense ppl {name}", progress)
         rows.append(dense)
-    row = Row(f"sliced {sparsity:g}", result.param_count, result.dense_param_count, distinct_widths(result.widths),
+    row = Row(label, result.param_count, result.dense_param_count, distinct_widths(result.widths),
               seconds=seconds)
     for name, windows in evaluations.items():
         row.perplexities[name] = perplexity(sliced, batches(windows, eval_batch_size), f"sliced ppl {name}", progress)

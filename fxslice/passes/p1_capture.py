@@ -27,6 +27,10 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
     kwargs, dynamic = spec.export_inputs()
     was_training = model.training
     model.eval()
+    config = getattr(model, "config", None)
+    cache_default = getattr(config, "use_cache", None)
+    if spec.use_cache_via != "use_cache" and cache_default:  # use_cache only through **kwargs
+        config.use_cache = False
     try:
         with torch.no_grad():
             program = torch.export.export(model, (), kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
@@ -43,6 +47,8 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
         ) from exc
     finally:
         model.train(was_training)
+        if spec.use_cache_via != "use_cache" and cache_default:
+            config.use_cache = cache_default
     gm = program.module()
     graph = gm.graph
     strip_guards(graph)

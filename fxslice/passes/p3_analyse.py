@@ -43,6 +43,10 @@ class NormSite:
     spec: NormSpec
     readers: list[Node] = field(default_factory=list)  # Linear call_module nodes behind a reader-side norm
     reshapes: list[Node] = field(default_factory=list)  # width-carrying reshapes between the norm and them
+    # a writer-side norm on a branch (``x + norm(o_proj(...))``): the Linears writing its input, and
+    # the width-carrying reshapes between them and the norm; None when something else writes it
+    inner_writers: Optional[list[Node]] = None
+    inner_reshapes: list[Node] = field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -411,7 +415,8 @@ class StreamWalk:
 
     def norm_readers(self, site: NormSite) -> Optional[list[Node]]:
         """Linears reading a norm's output (through walk-through ops); None when the output is used
-        as the stream instead (a writer-side norm)."""
+        as the stream instead (a writer-side norm: it reaches a residual add or another norm); a
+        ``GraphStructureError`` naming the node for any other reader."""
         readers, frontier, seen = [], [site.region.output], {site.region.output}
         while frontier:
             src = frontier.pop()
@@ -425,8 +430,13 @@ class StreamWalk:
                         site.reshapes.append(user)
                 elif self.kinds.is_linear(user):
                     readers.append(user)
+                elif ops.is_tensor_add(user) or self.kinds.norm_site(user) is not None:
+                    return None  # the stream goes on from here
                 else:
-                    return None
+                    raise GraphStructureError(
+                        f"the output of norm '{site.path}' is read by {describe(user)}, which is neither a Linear "
+                        "layer nor an op that keeps the hidden dimension, so what it reads cannot be rotated "
+                        "(a mixture-of-experts router or token dispatch: not supported yet)")
         return readers
 
     def trace_writers(self, branch: Node, position: Position) -> tuple[list[Node], list[NormSite], list[Node]]:
@@ -450,6 +460,7 @@ class StreamWalk:
             site = self.kinds.norm_site(node)
             if site is not None and site.region.output is node:
                 norms.append(site)
+                self.trace_inner_writers(site, position)
             elif self.kinds.is_linear(node) or self.kinds.is_embedding(node):
                 writers.append(node)
             elif ops.is_tensor_add(node):
@@ -464,6 +475,28 @@ class StreamWalk:
                     "only rotate linear layers, embeddings and norms matched by a registered pattern there"
                 )
         return writers, norms, reshapes
+
+
+    def trace_inner_writers(self, site: NormSite, position: Position) -> None:
+        """The Linears whose sum a branch's writer-side norm normalises (none when an embedding, a norm
+        or an unknown op writes it: the norm then keeps its full-width input)."""
+        start = site.region.input  # used by the norm's nodes only, maybe more than once (x · rsqrt(mean(x²)))
+        if any(user not in site.region.nodes for user in start.users):
+            return
+        if self.kinds.is_linear(start):
+            writers, norms, reshapes = [start], [], []
+        else:
+            passed = self.kinds.passed_on(start)
+            sources = start.args[:2] if ops.is_tensor_add(start) else [passed] if passed is not None else []
+            writers, norms, reshapes = [], [], [start] if passed is not None and ops.calls(start, ops.RESHAPES) else []
+            try:
+                for source in sources:
+                    found = self.trace_writers(source, position)
+                    writers, norms, reshapes = writers + found[0], norms + found[1], reshapes + found[2]
+            except GraphStructureError:
+                return
+        if writers and not norms and all(self.kinds.is_linear(w) for w in writers):
+            site.inner_writers, site.inner_reshapes = writers, reshapes
 
 
 def check_structure(structure: Structure) -> None:

@@ -4,7 +4,9 @@
   ``β`` fold into the linears behind them: ``W ← W diag(γ)``, ``b ← b + W β`` (Eq. 3 of the paper).
 - Writer-side norms (Gemma 2/3 and OLMo 2 post-norms, Bloom's embedding norm) have no weight
   behind them to absorb a rotation: they become a weightless norm followed by a new Linear
-  ``diag(γ)`` (+ ``β``), which later becomes ``diag(γ) Q[:, :d]``.
+  ``diag(γ)`` (+ ``β``), which later becomes ``Q_dᵀ diag(γ)``. A post-norm on a branch written by
+  Linears is recorded as a :class:`NormBranch`: its input gets a basis of its own later, so that
+  the new Linear ends ``d × k`` instead of ``d × D``.
 - Every residual add gets a shortcut Linear on its skip edge, the identity for now and
   ``Q_aᵀ Q_b`` once both sides are rotated.
 - LayerNorm models: every writer is centred, ``W_out ← M W_out`` with ``M = I - 11ᵀ/D``, and so is
@@ -50,6 +52,19 @@ class TiedHead:
 
 
 @dataclass
+class NormBranch:
+    """A branch ``x + A norm(y)`` of a writer-side RMSNorm, ``y`` written by Linears: ``y`` is rotated
+    into its own PCA basis and sliced inside its block (:mod:`fxslice.passes.p7_branches`)."""
+
+    writers: list[str]  # the Linears writing y (output side rotated by R)
+    affine: str  # the Linear A after the norm (input side rotated by R)
+    norm: str  # the weightless StreamNorm between them (it keeps dividing by the full width)
+    input: Node  # the node holding y
+    position: int  # the stream position the branch is added to
+    reshapes: list[Node] = field(default_factory=list)  # width-carrying reshapes between writers and norm
+
+
+@dataclass
 class PlannedPosition:
     """What rotation touches at one stream position of the fused graph."""
 
@@ -78,6 +93,7 @@ class Plan:
     weights: Weights  # where the module weights are; every weight edit goes through it
     inserted: list[InsertedModule] = field(default_factory=list)
     tied: Optional[TiedHead] = None
+    branches: list[NormBranch] = field(default_factory=list)
 
     @property
     def last(self) -> PlannedPosition:
@@ -138,6 +154,7 @@ class Fuser:
         self.weights = weights
         self.replaced: dict[Node, Node] = {}  # erased or rerouted nodes -> the nodes now standing for them
         self.inserted: list[InsertedModule] = []
+        self.branches: list[NormBranch] = []
 
     def resolve(self, node: Node) -> Node:
         while node in self.replaced:
@@ -247,7 +264,12 @@ class Fuser:
             plan_p.readers = [str(r.target) for r in p.direct_readers]
             for site in p.writer_norms:
                 norm = self.stream_norm(site, center_input=site.spec.centered)
-                plan_p.writers.append(self.affine_after(site, norm, p.index))
+                affine = self.affine_after(site, norm, p.index)
+                plan_p.writers.append(affine)
+                if site.inner_writers and not site.spec.centered:
+                    self.branches.append(NormBranch([str(w.target) for w in site.inner_writers], affine,
+                                                    str(norm.target), norm.args[0], p.index,
+                                                    list(site.inner_reshapes)))
             for site in p.norms:
                 self.stream_norm(site, center_input=False)
                 if plan_p.norm_eps == 0.0:
@@ -273,7 +295,7 @@ class Fuser:
             plan_p.root = self.resolve(plan_p.root)
         self.gm.recompile()
         return Plan(self.gm, self.hidden, s.centered, planned, s.block_groups(),
-                    [str(r.target) for r in s.last.readers], self.weights, self.inserted, tied)
+                    [str(r.target) for r in s.last.readers], self.weights, self.inserted, tied, self.branches)
 
 
 def fuse(structure: Structure, weights: Optional[Weights] = None) -> Plan:

@@ -13,18 +13,17 @@ SliceGPT, Sec. 3.3). With ``Q_d = Q[:, :d]``:
 In a centred (LayerNorm) stream every value is orthogonal to ``u = 1/√D``; the basis puts ``u``
 last so that slicing drops that always-zero coordinate first.
 
-The module holds the whole pass, in the order it runs: the width policy (:func:`plan_widths`), the
-block-wise runner that computes each position from the cached, already rotated previous one
+The widths come from :mod:`fxslice.passes.widths`. The module holds the whole pass, in the order it
+runs: the block-wise runner that computes each position from the cached, already rotated previous one
 (:class:`SegmentRunner`), the covariance and its eigenbasis (:func:`covariance`, :func:`pca_basis`),
 the weight rewrite (:class:`Rotator`) and the loop that ties them together (:func:`rotate_and_slice`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -40,39 +39,10 @@ from ..graph.weights import f64, set_embedding, set_linear
 from ..hf import CausalProbe
 from ..result import Stopwatch
 from .p4_fuse import Plan
+from .widths import identity_shortcuts
 
 PCA_SIGNALS = ("stream", "norm_output")
 BASES = ("position", "block")
-
-
-# --- widths -----------------------------------------------------------------------------------------
-def slice_width(hidden: int, sparsity: float, round_to: int) -> int:
-    """``d = floor(D (1 - sparsity))`` rounded down to a multiple of ``round_to`` when it deletes
-    anything (``d = D`` stays ``D``: sparsity 0 is exact whatever the hidden size)."""
-    width = math.floor(hidden * (1.0 - sparsity) + 1e-9)
-    if round_to > 1 and width < hidden:
-        width -= width % round_to
-    return width
-
-
-def plan_widths(plan: Plan, sparsity: float, round_to: int, slice_head: bool) -> list[int]:
-    """The width of every stream position: ``d`` for rotated positions, ``D`` for raw ones, the head's
-    input kept whole unless ``slice_head``. A centred stream never keeps more than ``D - 1``
-    coordinates (the last one, along ``1/√D``, is always zero)."""
-    hidden = plan.hidden_size
-    width = slice_width(hidden, sparsity, round_to)
-    if width < 1:
-        raise FxSliceError(f"sparsity {sparsity} leaves no column of the hidden size {hidden} (round_to={round_to})")
-    cap = hidden - 1 if plan.centered else hidden
-    widths = []
-    for p in plan.positions:
-        if not p.rotated:
-            widths.append(hidden)
-        elif p is plan.last and not slice_head:
-            widths.append(cap)
-        else:
-            widths.append(min(width, cap))
-    return widths
 
 
 def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
@@ -95,6 +65,7 @@ class SegmentRunner(Interpreter):
     def __init__(self, gm: GraphModule, boundaries: list[Node]):
         super().__init__(gm, garbage_collect_values=False)
         self.boundaries = boundaries
+        self.taps: dict[Node, Callable[[torch.Tensor], None]] = {}  # node -> sees its value when computed
         segment = self._segments(gm, boundaries)
         count = len(boundaries)
         self.nodes: list[list[Node]] = [[] for _ in range(count)]
@@ -142,6 +113,8 @@ class SegmentRunner(Interpreter):
         self.env = env
         for node in self.nodes[k]:
             env[node] = self.run_node(node)
+            if node in self.taps:
+                self.taps[node](env[node])
         value = env[self.boundaries[k]]
         for node in self.drop[k]:
             if node is not self.boundaries[k]:
@@ -330,10 +303,22 @@ def project(value: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     return (value.to(torch.float32) @ projection).to(value.dtype)
 
 
+class InnerPass(Protocol):
+    """A rewrite inside the blocks (passes 6 and 7): it watches values while the group's segments
+    run (``taps``, with the current ``batch`` set) and edits its modules once the group is rotated."""
+
+    batch: Optional[Batch]
+
+    def taps(self, group: list[int]) -> dict[Node, Callable[[torch.Tensor], None]]: ...
+
+    def slice(self, group: list[int]) -> None: ...
+
+
 def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups: list[list[int]], *,
                      pca_signal: str = "stream", stopwatch: Optional[Stopwatch] = None,
                      progress: bool = True, activation_dir: Optional[Path] = None,
-                     probe: Optional[CausalProbe] = None) -> list[Optional[torch.Tensor]]:
+                     probe: Optional[CausalProbe] = None,
+                     inner: Sequence["InnerPass"] = ()) -> list[Optional[torch.Tensor]]:
     """Group by group of positions (one basis each): run their blocks once per batch, PCA of the
     summed covariance, rotate and slice, rotate the cached values. Shortcuts inside a group are then
     ``Q_dᵀ Q_d = I`` and are removed. Returns the eigenvalues of every rotated position.
@@ -344,7 +329,9 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
     their positions are rotated; under ``torch.distributed`` the covariances are summed over ranks.
     With ``activation_dir`` the cached (rotated) stream values wait there between segments. A
     ``probe``'s two inputs run through every block beside the batches (outside the PCA) and are
-    compared at the last rotated position: a model that is not causal is refused.
+    compared at the last rotated position: a model that is not causal is refused. The ``inner``
+    passes (writer-side norm branches, MLP hidden units) see their values while a group's segments
+    run and rewrite their modules right after the group is rotated, in the order given.
     """
     watch = stopwatch or Stopwatch()
     gm, hidden, weights = plan.gm, plan.hidden_size, plan.weights
@@ -369,8 +356,11 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                 with watch("load"):
                     weights.fetch(segment_modules[segment_of[index]])
             failure: Optional[BaseException] = None
+            runner.taps = {node: tap for part in inner for node, tap in part.taps(group).items()}
             try:
                 for number, (batch, env) in enumerate(zip(batches, envs)):
+                    for part in inner:
+                        part.batch = batch
                     if activation_dir is not None:
                         with watch("load"):
                             restore(env, weights.device)
@@ -387,6 +377,7 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                         for index in group:
                             spill(env, runner.boundaries[segment_of[index]],
                                   activation_dir / f"activation-{index}-{number}.pt")
+                runner.taps = {}
                 for env in probes:
                     for index in group:
                         with watch("calibration forward"):
@@ -414,9 +405,10 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: list[int], groups
                             env[root].projections.append(projection)
                         elif root in env:
                             env[root] = project(env[root], projection)
-                for previous, index in zip(group, group[1:]):  # each member is fed by the one before it
-                    if widths[index] == widths[previous]:  # (block_groups): Q_dᵀ Q_d = I between them
-                        rotator.remove_shortcut(index)
+                for index in identity_shortcuts(group, widths):
+                    rotator.remove_shortcut(index)
+                for part in inner:
+                    part.slice(group)
             with watch("load"):
                 weights.finish(finished[number_of_group])
             bar.update(len(group))

@@ -30,6 +30,7 @@ from ..passes.p2_canonicalise import canonicalise
 from ..passes.p3_analyse import analyse
 from ..passes.p4_fuse import fuse
 from ..passes.p5_rotate import Rotator
+from ..passes.p7_branches import resize_branch
 
 GRAPH_CLASS = "SlicedCausalLMWithCache"
 
@@ -74,6 +75,10 @@ def with_cache(model: nn.Module | str | os.PathLike, sliced: GraphModule, batch_
     transfer_weights(gm, sliced, strip=STATIC_CACHE_PREFIX, clone=not share_weights)
     for index, width in enumerate(result.widths):
         rotator.resize(index, width)
+    for branch in plan.branches:  # pass 7's branch widths and norm epsilons
+        resize_branch(branch, gm.get_submodule(branch.affine).in_features, plan.hidden_size)
+    for name, eps in result.norm_eps.items():
+        gm.get_submodule(STATIC_CACHE_PREFIX + name).eps = eps
     gm.recompile()
     gm.cache_batch_size, gm.max_cache_len = batch_size, max_cache_len
     return gm

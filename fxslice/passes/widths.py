@@ -1,0 +1,195 @@
+"""Widths — how wide every stream position and every MLP stays, from a sparsity or a parameter budget.
+
+Runs between fuse and rotate: the widths are a function of the fused plan alone (no calibration),
+because a parameter count is. :func:`sliced_parameter_count` predicts the true count of the sliced
+graph (inserted modules included, a tied head once, shortcuts that rotation removes left out)
+for any widths; :func:`plan_budget` searches the widths meeting ``target_params``.
+
+The budget's two knobs move together: a stream sparsity ``s`` and an MLP hidden sparsity
+``h = HIDDEN_PER_STREAM · s`` (capped at ``MAX_HIDDEN``). The ratio is the measured best mix on the
+shipped protocol (``scripts/bench_pareto.py``): deleting hidden units with a refit costs less
+perplexity per parameter than narrowing the stream, until it does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import FxSliceError
+from .p4_fuse import Plan
+from .p6_hidden import MLP
+
+HIDDEN_PER_STREAM = 2.3
+MAX_HIDDEN = 0.6
+TOLERANCE = 0.005  # the budget is met within this fraction of the dense count (from below)
+
+
+@dataclass
+class Widths:
+    """The hand-over value to rotation: a width per stream position, a kept-unit count per MLP writer."""
+
+    stream: list[int]
+    hidden: dict[str, int] = field(default_factory=dict)
+    stream_sparsity: float = 0.0
+    hidden_sparsity: float = 0.0
+
+
+def slice_width(full: int, sparsity: float, round_to: int) -> int:
+    """``floor(full (1 - sparsity))`` rounded down to a multiple of ``round_to`` when it deletes
+    anything (``full`` stays ``full``: sparsity 0 is exact whatever the size)."""
+    width = math.floor(full * (1.0 - sparsity) + 1e-9)
+    if round_to > 1 and width < full:
+        width -= width % round_to
+    return width
+
+
+def stream_widths(plan: Plan, sparsity: float, round_to: int, slice_head: bool) -> list[int]:
+    """The width of every stream position: ``d`` for rotated positions, ``D`` for raw ones, the head's
+    input kept whole unless ``slice_head``. A centred stream never keeps more than ``D - 1``
+    coordinates (the last one, along ``1/√D``, is always zero)."""
+    hidden = plan.hidden_size
+    width = slice_width(hidden, sparsity, round_to)
+    if width < 1:
+        raise FxSliceError(f"sparsity {sparsity} leaves no column of the hidden size {hidden} (round_to={round_to})")
+    cap = hidden - 1 if plan.centered else hidden
+    widths = []
+    for p in plan.positions:
+        if not p.rotated:
+            widths.append(hidden)
+        elif p is plan.last and not slice_head:
+            widths.append(cap)
+        else:
+            widths.append(min(width, cap))
+    return widths
+
+
+def hidden_widths(mlps: list[MLP], sparsity: float, round_to: int) -> dict[str, int]:
+    """Units kept per MLP writer: the same fraction of each (at least ``round_to``, or one)."""
+    return {m.writer: max(slice_width(m.width, sparsity, round_to), min(round_to, m.width)) for m in mlps}
+
+
+def uniform_widths(plan: Plan, mlps: list[MLP], sparsity: float, hidden_sparsity: float, round_to: int,
+                   slice_head: bool) -> Widths:
+    """Widths for a stream sparsity and an MLP hidden sparsity, the same everywhere."""
+    return Widths(stream_widths(plan, sparsity, round_to, slice_head), hidden_widths(mlps, hidden_sparsity, round_to),
+                  sparsity, hidden_sparsity)
+
+
+def identity_shortcuts(group: list[int], widths: list[int]) -> list[int]:
+    """The positions of a basis group whose incoming shortcut is ``Q_dᵀ Q_d = I`` once the group is
+    rotated: each member is fed by the one before it (``block_groups``), so equal widths suffice."""
+    return [index for previous, index in zip(group, group[1:]) if widths[index] == widths[previous]]
+
+
+def removed_shortcuts(plan: Plan, widths: list[int], groups: list[list[int]]) -> set[str]:
+    """The names of the shortcuts rotation removes (:func:`identity_shortcuts` of every group)."""
+    return {plan.positions[index].shortcut for group in groups for index in identity_shortcuts(group, widths)
+            if plan.positions[index].shortcut}
+
+
+def sliced_parameter_count(plan: Plan, mlps: list[MLP], widths: Widths, groups: list[list[int]]) -> int:
+    """The unique parameter count the sliced graph will have (tied weights once, inserted modules
+    included, shortcuts that rotation removes left out)."""
+    layout = plan.layout()
+    gone = removed_shortcuts(plan, widths.stream, groups)
+    units_in = dict(widths.hidden)  # MLP writer -> kept units (its input features)
+    units_out = {reader: parts * widths.hidden[m.writer] for m in mlps if m.writer in widths.hidden
+                 for reader, parts in m.readers.items()}
+    for branch in plan.branches:  # pass 7: y and the norm's affine at the position's width
+        units_in[branch.affine] = widths.stream[branch.position]
+        units_out.update({writer: widths.stream[branch.position] for writer in branch.writers})
+    tied_embedding = plan.tied.embedding if plan.tied is not None else None
+    total, seen = 0, set()
+    for name, module in plan.gm.named_modules():
+        direct = [p for _, p in module.named_parameters(recurse=False)]
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            seen.update(id(p) for p in direct)
+            reads, writes = layout.get(name, (None, None))
+            if isinstance(module, nn.Embedding):
+                if name != tied_embedding:
+                    total += module.num_embeddings * (widths.stream[writes] if writes is not None
+                                                      else module.embedding_dim)
+            elif name not in gone:
+                fan_in = units_in.get(name, widths.stream[reads] if reads is not None else module.in_features)
+                fan_out = units_out.get(name, widths.stream[writes] if writes is not None else module.out_features)
+                total += fan_in * fan_out + (fan_out if module.bias is not None else 0)
+        else:
+            total += sum(p.numel() for p in direct if id(p) not in seen)
+            seen.update(id(p) for p in direct)
+    return total
+
+
+def plan_budget(plan: Plan, mlps: list[MLP], target: float, dense_count: int, round_to: int, slice_head: bool,
+                groups: list[list[int]]) -> Widths:
+    """Widths whose sliced count is at most ``target · dense_count`` and within ``TOLERANCE`` of it.
+
+    First the least sparsity ``s`` (hidden ``min(HIDDEN_PER_STREAM · s, MAX_HIDDEN)``) within the
+    budget, by bisection; then hidden units are given back (:func:`fill_hidden`) while the count
+    stays within the budget (a stream column costs hundreds of parameters per block, a hidden unit
+    a few: this is what makes the budget exact). Where the stream's rounding step is too coarse for
+    that, the stream one step wider with the MLPs cut to ``MAX_HIDDEN`` and refilled is tried too,
+    and the last units are given back one at a time if ``round_to`` units are still too many.
+    Refused when the budget is out of reach or the rounding cannot meet it.
+    """
+    goal = target * dense_count
+
+    def widths_at(s: float) -> Widths:
+        return uniform_widths(plan, mlps, s, min(HIDDEN_PER_STREAM * s, MAX_HIDDEN) if mlps else 0.0, round_to,
+                              slice_head)
+
+    def count(widths: Widths) -> int:
+        return sliced_parameter_count(plan, mlps, widths, groups)
+
+    low, high = 0.0, 1.0 - min(round_to, plan.hidden_size) / plan.hidden_size  # keep one rounding step
+    if count(widths_at(low)) <= goal:
+        return widths_at(low)
+    if count(widths_at(high)) > goal:
+        raise FxSliceError(f"target_params {target} is out of reach: the narrowest slice ({round_to} stream "
+                           f"columns) keeps {count(widths_at(high)) / dense_count:.1%} of the dense parameters")
+    for _ in range(40):  # bisection on s: the count falls (in steps) as s grows
+        middle = (low + high) / 2
+        if count(widths_at(middle)) <= goal:
+            high = middle
+        else:
+            low = middle
+    floor = goal - TOLERANCE * dense_count
+    chosen, total = fill_hidden(widths_at(high), mlps, goal, round_to, count)
+    if total < floor:  # one rounding step wider, the MLPs cut harder
+        wider = uniform_widths(plan, mlps, max(high - round_to / plan.hidden_size, 0.0), MAX_HIDDEN, round_to,
+                               slice_head)
+        if count(wider) <= goal:
+            candidate, reached = fill_hidden(wider, mlps, goal, round_to, count)
+            if reached > total:
+                chosen, total = candidate, reached
+    if total < floor and round_to > 1:  # the last units one at a time (small models)
+        chosen, total = fill_hidden(chosen, mlps, goal, 1, count)
+    width_of = {m.writer: m.width for m in mlps}
+    kept, full = sum(chosen.hidden.values()), sum(width_of.values())
+    chosen.hidden_sparsity = 1.0 - kept / full if full else 0.0
+    reached = total / dense_count
+    if reached < target - TOLERANCE:
+        raise FxSliceError(f"target_params {target} cannot be met within {TOLERANCE:.1%}: the nearest count "
+                           f"below it is {reached:.2%} of dense (round_to={round_to})")
+    return chosen
+
+
+def fill_hidden(widths: Widths, mlps: list[MLP], goal: float, round_to: int, count) -> tuple[Widths, int]:
+    """Give hidden units back, ``round_to`` at a time to the MLP keeping the smallest fraction, while
+    the count stays within ``goal``; returns the widths and their count."""
+    total = count(widths)
+    step_cost = {}
+    for mlp in mlps:  # parameters of round_to more units of one MLP (linear in the units)
+        wider = Widths(widths.stream, {**widths.hidden, mlp.writer: widths.hidden[mlp.writer] + 1})
+        step_cost[mlp.writer] = (count(wider) - total) * round_to
+    width_of = {m.writer: m.width for m in mlps}
+    while True:
+        open_mlps = [w for w, kept in widths.hidden.items()
+                     if kept + round_to <= width_of[w] and total + step_cost[w] <= goal]
+        if not open_mlps:
+            return widths, total
+        writer = min(open_mlps, key=lambda w: (widths.hidden[w] / width_of[w], w))
+        widths.hidden[writer] += round_to
+        total += step_cost[writer]

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""The quality–size–speed front: true parameter count vs held-out perplexity vs prefill speed.
+
+Runs the shipped protocol (Shakespeare calibration, held-out Shakespeare and KJV, 128 × 512-token
+calibration windows, 40 evaluation windows per text) for
+
+- SliceGPT alone (``sparsity``; ``basis="position"`` = the paper, ``basis="block"``),
+- fxslice's budget mode (``target_params``: stream + MLP hidden units with refit, post-norm branches
+  in their own basis) at 90/85/80/75/70%, with uniform and energy-allocated MLP widths,
+- Gemma-3-270M (post-norm sandwich blocks) at 25% and at budgets 90/80%,
+
+each in its own process (one at a time), and prefill speed of every slice against the dense captured
+graph (batch 1 and 8, 512 tokens, interleaved rounds in the same process). Results accumulate in
+``runs/bench/pareto.jsonl`` (a finished run is not repeated; ``--fresh`` starts over); the table is
+printed and ``docs/pareto.png`` plotted from all of them.
+
+    python scripts/bench_pareto.py                      # everything (~1.5-2 h on 2 cores)
+    python scripts/bench_pareto.py --runs budget-0.8 sgpt-block-0.25   # some of it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
+RUNS: dict[str, tuple[str, dict]] = {
+    **{f"budget-{t:g}": (SMOL, {"target_params": t}) for t in (0.8, 0.75, 0.7, 0.9, 0.85)},
+    "budget-0.8-energy": (SMOL, {"target_params": 0.8, "allocation": "energy"}),
+    "sgpt-block-0.25": (SMOL, {"sparsity": 0.25}),
+    "sgpt-position-0.25": (SMOL, {"sparsity": 0.25, "basis": "position"}),
+    "gemma-budget-0.8": (GEMMA, {"target_params": 0.8}),
+    "gemma-sgpt-block-0.25": (GEMMA, {"sparsity": 0.25}),
+    "gemma-budget-0.9": (GEMMA, {"target_params": 0.9}),
+    **{f"sgpt-block-{s:g}": (SMOL, {"sparsity": s}) for s in (0.2, 0.3)},
+    "sgpt-position-0.3": (SMOL, {"sparsity": 0.3, "basis": "position"}),
+}
+NAMES = ("shakespeare", "kjv")
+
+
+def mode(options: dict) -> str:
+    """The plot series a run belongs to."""
+    if "target_params" in options:
+        return f"budget ({options.get('allocation', 'uniform')} MLP widths)"
+    return f"SliceGPT ({options.get('basis', 'block')} basis)"
+
+
+def child(name: str, out: Path) -> None:
+    """One run: compress, evaluate, time prefill against the dense captured graph; append a JSON line."""
+    import torch
+
+    from bench_speed import timed
+    from fxslice.hf import model_spec
+    from fxslice.jobs.assets import load_model
+    from fxslice.jobs.compress import compress_job
+    from fxslice.jobs.data import Protocol
+    from fxslice.passes.p1_capture import capture
+    from fxslice.passes.p2_canonicalise import canonicalise
+
+    model_name, options = RUNS[name]
+    options = dict(options)
+    sparsity = options.pop("sparsity", None)
+    first = not any(json.loads(line)["model"] == model_name for line in out.read_text().splitlines()) \
+        if out.exists() else True
+    job = compress_job(model_name, sparsity, Protocol(), output=None, progress=False, evaluate_dense=first,
+                       max_cache_len=0, **options)
+    result = job.result
+    record = {"run": name, "model": model_name, "options": RUNS[name][1], "mode": mode(RUNS[name][1]),
+              "params": result.param_count, "dense_params": result.dense_param_count,
+              "fraction": result.param_fraction, "widths": sorted(set(result.widths)),
+              "hidden_kept": sum(k for k, _ in result.hidden_widths.values()),
+              "hidden_total": sum(f for _, f in result.hidden_widths.values()),
+              "perplexity": job.rows[-1].perplexities, "seconds": job.seconds}
+    if first:
+        record["dense_perplexity"] = job.rows[0].perplexities
+    model, _ = load_model(model_name)
+    dense = canonicalise(capture(model, model_spec(model)))
+    sliced = job.sliced
+    for batch in (1, 8):
+        ids = torch.randint(0, result.vocab_size, (batch, 512), generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            times = timed({"dense": lambda: dense(ids), "sliced": lambda: sliced(ids)}, repeats=2)
+        record[f"prefill_b{batch}"] = statistics.median(times["dense"]) / statistics.median(times["sliced"])
+    with out.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def table(records: list[dict]) -> str:
+    rows = []
+    dense = {r["model"]: r["dense_perplexity"] for r in records if "dense_perplexity" in r}
+    for model in dict.fromkeys(r["model"] for r in records):
+        if model in dense:
+            rows.append([model, "dense", "100.0%", *[f"{dense[model][n]:.2f}" for n in NAMES], "1.00×", "1.00×", "-"])
+        for r in sorted((r for r in records if r["model"] == model), key=lambda r: -r["fraction"]):
+            hidden = f"{r['hidden_kept']}/{r['hidden_total']}" if r["hidden_total"] else "all"
+            rows.append([model, r["run"], f"{100 * r['fraction']:.1f}%", *[f"{r['perplexity'][n]:.2f}" for n in NAMES],
+                         f"{r['prefill_b1']:.2f}×", f"{r['prefill_b8']:.2f}×",
+                         f"stream {'/'.join(map(str, sorted(r['widths'], reverse=True)))}, MLP units {hidden}"])
+    head = ["model", "run", "params (true)", "ppl shakespeare", "ppl kjv", "prefill b1 vs dense", "prefill b8",
+            "widths"]
+    return tabulate(rows, head, tablefmt="github")
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    smol = [r for r in records if r["model"] == SMOL]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [("perplexity", "shakespeare", "held-out Shakespeare perplexity"),
+              ("perplexity", "kjv", "KJV perplexity"), ("prefill_b8", None, "prefill speed vs dense (b8 × 512)")]
+    for ax, (key, sub, label) in zip(axes, panels):
+        for series in sorted({r["mode"] for r in smol}):
+            points = sorted((r["fraction"], r[key][sub] if sub else r[key]) for r in smol if r["mode"] == series)
+            ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=series)
+        dense = next((r["dense_perplexity"] for r in smol if "dense_perplexity" in r), None)
+        if sub and dense:
+            ax.axhline(dense[sub], color="grey", ls=":", label="dense")
+        ax.set_xlabel("true parameters (% of dense)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].axvline(80, color="red", ls="--", lw=0.8)
+    axes[0].axhline(72.4, color="red", ls="--", lw=0.8)
+    axes[1].axhline(35.4, color="red", ls="--", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M, shipped protocol: size vs perplexity vs speed (red: the issue's goal)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--out", default="runs/bench/pareto.jsonl")
+    parser.add_argument("--plot", default="docs/pareto.png")
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.child:
+        child(args.child, out)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh and out.exists():
+        out.unlink()
+    done = {json.loads(line)["run"] for line in out.read_text().splitlines()} if out.exists() else set()
+    for name in args.runs:
+        if name in done:
+            continue
+        print(f"$ {name}: {RUNS[name]}", flush=True)
+        subprocess.run([sys.executable, __file__, "--child", name, "--out", str(out)], check=True)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    print(table(records))
+    plot(records, Path(args.plot))
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
