@@ -1,7 +1,8 @@
 """fxslice — SliceGPT as a torch.fx graph pass, for any Hugging Face causal LM.
 
     import fxslice
-    sliced = fxslice.compress(model, calib_batches, sparsity=0.25)
+    sliced = fxslice.compress(model, calib_batches, sparsity=0.25)        # SliceGPT
+    sliced = fxslice.compress(model, calib_batches, target_params=0.8)    # a parameter budget
     sliced(input_ids).logits
     print(sliced.fxslice)          # widths, true parameter counts, inserted modules, timings
     fxslice.inspect(model)         # the residual-stream structure fxslice finds

@@ -18,6 +18,7 @@ from .errors import FxSliceError
 from .jobs.assets import DTYPES, SHIPPED
 from .jobs.data import CORPORA, Protocol
 from .passes.p5_rotate import BASES, PCA_SIGNALS
+from .passes.p6_hidden import ALLOCATIONS
 
 PROTOCOL = Protocol()  # the default data protocol
 
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--basis", choices=BASES, default="block",
                       help="one PCA basis per block: the block's inner shortcut becomes the identity and is removed "
                            "(smaller, faster, lower perplexity); or one per stream position (the SliceGPT paper)")
+    comp.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                      help="MLP hidden units kept: the same fraction in every block, or by each unit's share of "
+                           "its block's output energy (one extra dense forward; not with --stream)")
     comp.add_argument("--round-to", type=int, default=8, help="round slice widths down to a multiple of this")
     comp.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     comp.add_argument("--no-eval", action="store_true", help="skip all perplexity evaluation")
@@ -164,7 +168,7 @@ def cmd_compress(args) -> int:
     size = f"{args.sparsity:g}" if args.target_params is None else f"p{args.target_params:g}"
     output = None if args.no_save else (args.output or f"runs/{Path(args.model).name}-{size}")
     job = compress_job(args.model, args.sparsity, _protocol(args), target_params=args.target_params,
-                       hidden_sparsity=args.hidden_sparsity, dtype=args.dtype, device=args.device,
+                       hidden_sparsity=args.hidden_sparsity, allocation=args.allocation, dtype=args.dtype, device=args.device,
                        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
                        overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,

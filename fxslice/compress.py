@@ -1,10 +1,12 @@
 """``fxslice.compress``: the graph pass, one pass after the other.
 
-    capture → canonicalise → analyse → fuse → rotate and slice
+    capture → canonicalise → analyse → fuse → widths → rotate and slice
+                                                       (post-norm branches, MLP hidden units inside)
 
 Each pass lives in its own module of :mod:`fxslice.passes` and hands the next one an explicit
 value: a captured graph, a canonical graph, a :class:`~fxslice.passes.p3_analyse.Structure`, a
-:class:`~fxslice.passes.p4_fuse.Plan`, the eigenvalues and the sliced graph.
+:class:`~fxslice.passes.p4_fuse.Plan`, :class:`~fxslice.passes.widths.Widths`, the eigenvalues and
+the sliced graph. What the user asked for travels as :class:`Options`.
 """
 
 from __future__ import annotations

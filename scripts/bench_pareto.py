@@ -16,6 +16,7 @@ printed and ``docs/pareto.png`` plotted from all of them.
 
     python scripts/bench_pareto.py                      # everything (~1.5-2 h on 2 cores)
     python scripts/bench_pareto.py --runs budget-0.8 sgpt-block-0.25   # some of it
+    python scripts/bench_pareto.py --speed-again budget-0.8            # re-time a run's prefill
 """
 
 from __future__ import annotations
@@ -55,15 +56,8 @@ def mode(options: dict) -> str:
 
 def child(name: str, out: Path) -> None:
     """One run: compress, evaluate, time prefill against the dense captured graph; append a JSON line."""
-    import torch
-
-    from bench_speed import timed
-    from fxslice.hf import model_spec
-    from fxslice.jobs.assets import load_model
     from fxslice.jobs.compress import compress_job
     from fxslice.jobs.data import Protocol
-    from fxslice.passes.p1_capture import capture
-    from fxslice.passes.p2_canonicalise import canonicalise
 
     model_name, options = RUNS[name]
     options = dict(options)
@@ -81,16 +75,51 @@ def child(name: str, out: Path) -> None:
               "perplexity": job.rows[-1].perplexities, "seconds": job.seconds}
     if first:
         record["dense_perplexity"] = job.rows[0].perplexities
-    model, _ = load_model(model_name)
-    dense = canonicalise(capture(model, model_spec(model)))
-    sliced = job.sliced
-    for batch in (1, 8):
-        ids = torch.randint(0, result.vocab_size, (batch, 512), generator=torch.Generator().manual_seed(batch))
-        with torch.no_grad():
-            times = timed({"dense": lambda: dense(ids), "sliced": lambda: sliced(ids)}, repeats=2)
-        record[f"prefill_b{batch}"] = statistics.median(times["dense"]) / statistics.median(times["sliced"])
+    record.update(prefill_speedups(model_name, job.sliced))
     with out.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def prefill_speedups(model_name: str, sliced, repeats: int = 2) -> dict:
+    """Dense captured graph time / sliced graph time, batch 1 and 8 × 512 tokens, interleaved rounds."""
+    import torch
+
+    from bench_speed import timed
+    from fxslice.hf import model_spec
+    from fxslice.jobs.assets import load_model
+    from fxslice.passes.p1_capture import capture
+    from fxslice.passes.p2_canonicalise import canonicalise
+
+    model, _ = load_model(model_name)
+    dense = canonicalise(capture(model, model_spec(model)))
+    speedups = {}
+    for batch in (1, 8):
+        ids = torch.randint(0, sliced.fxslice.vocab_size, (batch, 512), generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            times = timed({"dense": lambda: dense(ids), "sliced": lambda: sliced(ids)}, repeats=repeats)
+        speedups[f"prefill_b{batch}"] = statistics.median(times["dense"]) / statistics.median(times["sliced"])
+    return speedups
+
+
+def speed_again(name: str, out: Path) -> None:
+    """Time a finished run's prefill again (3 rounds): the widths of uniform allocations do not depend
+    on the calibration data, so two windows rebuild the same shapes; the record is rewritten."""
+    from fxslice.compress import compress
+    from fxslice.jobs.assets import load_model
+    from fxslice.jobs.data import Protocol, batches, protocol_data
+
+    model_name, options = RUNS[name]
+    if options.get("allocation") == "energy":
+        raise SystemExit(f"{name}: energy-allocated widths depend on the calibration data; rerun it whole")
+    model, tokenizer = load_model(model_name)
+    windows, _ = protocol_data(tokenizer, Protocol(calibration_windows=2, evaluation=()))
+    sliced = compress(model, batches(windows, 2), progress=False, **options)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for record in records:
+        if record["run"] == name:
+            assert record["params"] == sliced.fxslice.param_count, "the rebuilt slice differs from the run's"
+            record.update(prefill_speedups(model_name, sliced, repeats=3))
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def table(records: list[dict]) -> str:
@@ -145,12 +174,18 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/pareto.jsonl")
     parser.add_argument("--plot", default="docs/pareto.png")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument("--speed-again", nargs="+", default=None, metavar="RUN",
+                        help="time these finished runs' prefill again (3 rounds) on a quiet machine")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
     if args.child:
         child(args.child, out)
         return
+    for name in args.speed_again or []:
+        speed_again(name, out)
+    if args.speed_again:
+        args.runs = []
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.fresh and out.exists():
         out.unlink()

@@ -29,7 +29,7 @@ def run_one(model: str, sparsity: float, dense: bool, args) -> dict:
         out = handle.name
     command = [sys.executable, "-m", "fxslice.cli", "compress", "--model", model, "--sparsity", str(sparsity),
                "--no-save", "--json", out, "--no-progress", "--calibration-windows", str(args.calibration_windows),
-               "--eval-windows", str(args.windows), "--pca-signal", args.pca_signal]
+               "--eval-windows", str(args.windows), "--pca-signal", args.pca_signal, "--basis", args.basis]
     if not dense:
         command.append("--no-dense")
     print("$", " ".join(command[1:]), flush=True)
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=128)
     parser.add_argument("--windows", type=int, default=40, help="evaluation windows per text")
     parser.add_argument("--pca-signal", default="stream", choices=["stream", "norm_output"])
+    parser.add_argument("--basis", default="position", choices=["position", "block"],
+                        help="the README's table is SliceGPT's per-position basis (the budget mode: bench_pareto.py)")
     parser.add_argument("--out", default="runs/bench", help="folder for the JSON and the plot")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()

@@ -90,7 +90,9 @@ def test_streamed_compression_never_holds_two_dense_blocks(tmp_path, monkeypatch
         resident_counts.append(sum(1 for n in self.sources if n not in self.absent and n not in names))
         assert any(offload.iterdir()) or not resident_counts[:-1]  # finished modules were written out
     monkeypatch.setattr(StreamedWeights, "fetch", fetch)
-    sliced = fxslice.compress(folder, _calibration(False), 0.25, offload_dir=offload, progress=False)
+    # per position: one segment at a time (basis="block" fetches a layer's two segments together)
+    sliced = fxslice.compress(folder, _calibration(False), 0.25, offload_dir=offload, basis="position",
+                              progress=False)
     assert max(resident_counts) == 0  # nothing but the fetched segment is in memory when a segment runs
     assert torch.isfinite(logits_of(sliced, _probe())).all()
     assert any(offload.iterdir())  # the files back the sliced weights (memory-mapped) ...

@@ -30,7 +30,7 @@ def test_lora_targets_attention_and_mlp_not_head_or_shortcuts(sliced):
     targets = lora_targets(sliced, record)
     assert "model.layers.0.self_attn.q_proj" in targets and "model.layers.1.mlp.down_proj" in targets
     inserted = {m["name"] for m in record["inserted"]}
-    assert inserted and "model.layers.0.shortcut_1" in inserted and "model.norm_affine" in inserted
+    assert inserted and "model.layers.0.shortcut_2" in inserted and "model.norm_affine" in inserted
     assert "lm_head" not in targets and not inserted & set(targets)
     with_shortcuts = lora_targets(sliced, record, include_shortcuts=True)
     assert set(with_shortcuts) - set(targets) == set(sliced.fxslice.added)

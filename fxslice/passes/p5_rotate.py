@@ -293,7 +293,10 @@ def restore(env: dict, device: torch.device) -> None:
 
 
 def spill(env: dict, node: Node, path: Path) -> None:
-    """Write one cached activation to ``path`` until the next segment needs it."""
+    """Write one cached activation to ``path`` until the next segment needs it (a group's earlier
+    position that no later segment reads was dropped already: nothing to write)."""
+    if node not in env:
+        return
     torch.save(env[node], path)
     env[node] = OnDisk(path)
 

@@ -9,7 +9,8 @@ keeps: with ``Σ yᵀy = R Λ Rᵀ`` over the calibration tokens (eigenvalues de
 - writers ``W_i ← R_kᵀ W_i`` (``b ← b R_k``), the reader ``A ← A R_k``;
 - ``norm(y) = y / sqrt(‖y‖²/D + ε)`` with ``‖y‖² = ‖c‖² + ‖y − R_k c‖²``: the weightless norm keeps
   dividing by ``D`` and adds the removed energy's calibration mean ``e = Σ_{j≥k} λ_j / N`` as
-  ``ε ← ε + e / D`` (a zero-parameter correction: measured better than dropping the term);
+  ``ε ← ε + e / D`` (a zero-parameter correction: ``‖y‖²`` right on average over the calibration
+  tokens instead of always too small);
 
 so the branch costs ``k · in + d · k`` instead of ``D · in + d · D`` and is exact when ``k = D``.
 ``k`` is the width of the stream position the branch writes.

@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Census: every causal-LM model type of the installed transformers, tried on a tiny random config.
+
+For each model type in transformers' causal-LM mapping a config is shrunk from
+``AutoConfig.for_model`` (2 layers — hybrids keep one layer of each kind —, width 64, 4 heads,
+vocabulary 128, small experts), the model is built with random weights, and fxslice is asked to
+compress it at sparsity 0 (compared with the model: exact when the logits agree within 1e-4) and at
+25% (finite logits, true parameter count). The result per family is one of
+
+    exact       sparsity 0 reproduces the model, 25% slices it
+    inexact     sparsity 0 runs but differs from the model
+    refused     fxslice's own error (``FxSliceError``/``GraphStructureError``): the message is listed
+    failed      any other exception (the first line is listed)
+    no config   transformers cannot build a tiny model of it (not fxslice's business)
+
+Families run in a worker process; one that exceeds ``--timeout`` seconds or crashes the worker is
+recorded as failed (the worker is restarted for the rest). Results go to ``runs/bench/census.jsonl`` and a table is printed.
+
+    python scripts/census.py                       # all (~15-25 min on 2 cores)
+    python scripts/census.py --only llama mixtral  # some
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHRINK = {  # attribute -> tiny value, applied where the config has the attribute
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "model_dim": 64,
+    "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "ffn_hidden_size": 128, "hidden_dim": 128,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "decoder_layers": 2,
+    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "decoder_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "kv_channels": 16,
+    "vocab_size": 128, "max_position_embeddings": 64, "n_positions": 64,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2,
+    "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "n_shared_experts": 1,
+    "first_k_dense_replace": 1, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8, "v_head_dim": 16, "sliding_window": 32, "attention_chunk_size": 32,
+}
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    text = getattr(config, "text_config", None)
+    for target in [config] + ([text] if text is not None and text is not config else []):
+        for key, value in SHRINK.items():
+            current = getattr(target, key, None)
+            if isinstance(current, int) and not isinstance(current, bool):
+                _set(target, key, value)
+        for key in TOKEN_IDS:
+            current = getattr(target, key, None)
+            if isinstance(current, int) and current >= 128:
+                _set(target, key, 1)
+        kinds = getattr(target, "layer_types", None)
+        settable = not isinstance(getattr(type(target), "layer_types", None), property)
+        if isinstance(kinds, (list, tuple)) and kinds and settable:
+            distinct = list(dict.fromkeys(kinds))  # a hybrid keeps one layer of each kind
+            target.layer_types = distinct if len(distinct) > 1 else [kinds[0]] * 2
+            for key in ("num_hidden_layers", "num_layers", "n_layer"):
+                if hasattr(target, key):
+                    setattr(target, key, len(target.layer_types))
+    return config
+
+
+def _set(config, key: str, value) -> None:
+    try:
+        setattr(config, key, value)
+    except AttributeError:  # a derived property: it follows the attributes it is derived from
+        pass
+
+
+def try_family(model_type: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import fxslice
+
+    record = {"model_type": model_type}
+    try:
+        config = tiny_config(model_type)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        vocab = model.get_input_embeddings().num_embeddings
+    except Exception as exc:  # noqa: BLE001 - transformers' own limits are recorded, not fixed
+        return {**record, "status": "no config", "error": f"{type(exc).__name__}: {_first_line(exc)}"}
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, vocab, (2, 16), generator=generator) for _ in range(2)]
+    ids = torch.randint(0, vocab, (2, 11), generator=generator)
+    try:
+        exact = fxslice.compress(model, batches, 0.0, progress=False)
+        with torch.no_grad():
+            difference = float((exact(ids).logits - model(ids).logits).abs().max())
+        if not difference < 1e-4:
+            return {**record, "status": "inexact", "error": f"max |logit difference| {difference:.2e}"}
+        sliced = fxslice.compress(model, batches, 0.25, progress=False)
+        with torch.no_grad():
+            finite = bool(torch.isfinite(sliced(ids).logits).all())
+        return {**record, "status": "exact" if finite else "inexact",
+                "fraction_at_25": sliced.fxslice.param_fraction, "error": "" if finite else "non-finite at 25%"}
+    except fxslice.FxSliceError as exc:
+        return {**record, "status": "refused", "error": f"{type(exc).__name__}: {_first_line(exc)}"}
+    except Exception as exc:  # noqa: BLE001
+        return {**record, "status": "failed", "error": f"{type(exc).__name__}: {_first_line(exc)}"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def worker(names: list[str], out: Path, timeout: int) -> None:
+    import signal
+    import warnings
+
+    def give_up(*_):
+        raise TimeoutError(f"more than {timeout} s")
+
+    signal.signal(signal.SIGALRM, give_up)
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    for name in names:
+        with out.open("a") as handle:
+            handle.write(json.dumps({"model_type": name, "status": "started"}) + "\n")
+        signal.alarm(timeout)
+        try:
+            record = try_family(name)
+        except TimeoutError as exc:
+            record = {"model_type": name, "status": "failed", "error": f"TimeoutError: {exc}"}
+        signal.alarm(0)
+        with out.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def model_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def results(out: Path) -> dict[str, dict]:
+    """The last record per family (a 'started' one left alone means the worker died on it)."""
+    found: dict[str, dict] = {}
+    for line in out.read_text().splitlines() if out.exists() else []:
+        record = json.loads(line)
+        found[record["model_type"]] = record
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", default=None, metavar="MODEL_TYPE")
+    parser.add_argument("--out", default="runs/bench/census.jsonl")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per family")
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.worker:
+        worker(args.worker, out, args.timeout)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh and out.exists():
+        out.unlink()
+    names = args.only or model_types()
+    while True:
+        done = results(out)
+        todo = [n for n in names if n not in done]
+        crashed = [n for n in names if done.get(n, {}).get("status") == "started"]
+        for name in crashed:  # the worker died (or timed out) on it
+            with out.open("a") as handle:
+                handle.write(json.dumps({"model_type": name, "status": "failed",
+                                         "error": "worker crashed or timed out"}) + "\n")
+        if not todo:
+            break
+        try:
+            subprocess.run([sys.executable, __file__, "--worker", *todo, "--out", str(out), "--timeout",
+                            str(args.timeout)], timeout=2 * args.timeout * len(todo), check=False)
+        except subprocess.TimeoutExpired:  # hung outside Python: the family in progress is recorded failed
+            pass
+    final = {n: r for n, r in results(out).items() if n in names}
+    counts = Counter(r["status"] for r in final.values())
+    print(tabulate(sorted(counts.items()), ["status", "families"], tablefmt="github"))
+    print()
+    rows = [[n, r["status"], f"{100 * r['fraction_at_25']:.0f}%" if "fraction_at_25" in r else "", r.get("error", "")[:140]]
+            for n, r in sorted(final.items())]
+    print(tabulate(rows, ["model type", "status", "params at 25%", "error"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
