@@ -15,12 +15,13 @@ def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "right-padded-mask"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask/position-basis", "right-padded-mask/block-basis"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sparsity_zero_is_exact_and_source_untouched(family, masked):
     model = tiny_model(family)
     before = _snapshot(model)
-    sliced = fxslice.compress(model, masked_calibration() if masked else calibration(), 0.0, progress=False)
+    sliced = fxslice.compress(model, masked_calibration() if masked else calibration(), 0.0,
+                              basis="block" if masked else "position", progress=False)
     assert isinstance(sliced, torch.fx.GraphModule)
     for ids in INPUTS:  # other batch sizes and lengths than calibration and capture
         with torch.no_grad():
@@ -33,6 +34,10 @@ def test_sparsity_zero_is_exact_and_source_untouched(family, masked):
     assert all(torch.equal(before[k], after[k]) for k in before), "compress changed the caller's model"
     stream_linears = [n for n, (r, w) in sliced.fxslice.layout.items() if isinstance(sliced.get_submodule(n), nn.Linear)]
     assert stream_linears, "no Linear module touches the stream"
+    structure = fxslice.inspect(model, show=False)
+    skips = sum(1 for p in structure.positions if p.skip is not None)
+    shared = sum(len(group) - 1 for group in structure.block_groups()) if masked else 0  # block basis: removed
+    assert len([m for m in sliced.fxslice.inserted if m.kind == "shortcut"]) == skips - shared
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -68,16 +73,10 @@ def test_quarter_sparsity_slices_every_stream_weight(family):
     assert torch.isfinite(logits).all()
     assert rotated
     assert result.param_count == sum(p.numel() for p in sliced.parameters())
+    # smaller than dense with the default options (basis="block", post-norm branches in their own basis)
+    assert result.param_fraction <= TINY_ABOVE_95.get(family, 0.95), result.param_fraction
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_block_basis_is_exact_and_drops_the_inner_shortcuts(family):
-    model = tiny_model(family)
-    sliced = fxslice.compress(model, calibration(), 0.0, basis="block", progress=False)
-    with torch.no_grad():
-        assert (sliced(INPUTS[1]).logits - model(INPUTS[1]).logits).abs().max().item() < 1e-4
-    structure = fxslice.inspect(model, show=False)
-    shared = sum(len(group) - 1 for group in structure.block_groups())
-    skips = sum(1 for p in structure.positions if p.skip is not None)
-    shortcuts = [m.name for m in sliced.fxslice.inserted if m.kind == "shortcut"]
-    assert len(shortcuts) == skips - shared
+# tiny configs whose fixed costs (a tied embedding kept whole, the D×D head affine, a d×d affine per
+# post-norm) keep a 25% slice above 0.95 of dense; their 25% slices were 1.12-1.21× dense before
+TINY_ABOVE_95 = {"bloom": 0.96, "gemma2": 1.05, "gemma3_text": 1.05, "olmo2": 0.98}
