@@ -24,6 +24,15 @@ class Batch:
         return int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
 
 
+def token_rows(value: torch.Tensor, batch: Optional[Batch]) -> torch.Tensor:
+    """``value`` (``[B, T, D]``, or ``[B·T, D]`` where a model flattens its tokens: B-major either way)
+    as one row per token, the tokens ``batch`` masks out left out."""
+    rows = value.reshape(-1, value.shape[-1])
+    if batch is not None and batch.attention_mask is not None:
+        rows = rows[batch.attention_mask.reshape(-1)]
+    return rows
+
+
 def token_count(batches: list[Batch]) -> int:
     return sum(b.tokens for b in batches)
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 from tqdm.auto import tqdm
 
-from ..calibration import Batch
+from ..calibration import Batch, token_rows
 from ..distributed import all_reduce_sum, broadcast_from_first, world_size
 from ..errors import CalibrationError, FxSliceError, GraphStructureError
 from ..graph.edit import remove_module_call
@@ -132,9 +132,7 @@ def covariance(value: torch.Tensor, batch: Batch, pca_signal: str, eps: float) -
     signal = value.to(torch.float64)
     if pca_signal == "norm_output":
         signal = signal * torch.rsqrt(signal.pow(2).sum(-1, keepdim=True) / signal.shape[-1] + eps)
-    rows = signal.reshape(-1, signal.shape[-1])  # [B, T, D] or a flattened [B·T, D] (OPT), B-major either way
-    if batch.attention_mask is not None:
-        rows = rows[batch.attention_mask.reshape(-1)]
+    rows = token_rows(signal, batch)
     return rows.T @ rows
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.fx import Node
 
+from ..calibration import token_rows
 from ..distributed import all_reduce_sum, broadcast_from_first
 from ..errors import GraphStructureError
 from ..graph import ops
@@ -245,10 +246,7 @@ class HiddenSlicer:
 
     def _accumulator(self, writer: str):
         def accumulate(value: torch.Tensor) -> None:
-            rows = value.reshape(-1, value.shape[-1])
-            if self.batch is not None and self.batch.attention_mask is not None:
-                rows = rows[self.batch.attention_mask.reshape(-1)]
-            rows = rows.to(torch.float32)
+            rows = token_rows(value, self.batch).to(torch.float32)
             self.grams[writer] += (rows.T @ rows).to(torch.float64)
         return accumulate
 
@@ -278,16 +276,12 @@ def unit_energies(plan: Plan, mlps: list[MLP], batches) -> dict[str, torch.Tenso
     handles = []
     for mlp in mlps:
         def hook(_module, args, writer=mlp.writer):
-            rows = args[0].reshape(-1, args[0].shape[-1])
-            mask = current.get("mask")
-            if mask is not None:
-                rows = rows[mask.reshape(-1)]
-            squares[writer] += rows.to(torch.float64).pow(2).sum(0)
+            squares[writer] += token_rows(args[0], current.get("batch")).to(torch.float64).pow(2).sum(0)
         handles.append(gm.get_submodule(mlp.writer).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for batch in batches:
-                current["mask"] = batch.attention_mask
+                current["batch"] = batch
                 gm(batch.input_ids)
     finally:
         for handle in handles:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
+from ..calibration import token_rows
 from ..distributed import all_reduce_sum, broadcast_from_first
 from .p4_fuse import NormBranch, Plan
 from .p5_rotate import pca_basis, rotate_reader, rotate_writer
@@ -54,10 +55,7 @@ class BranchRotator:
 
     def _accumulator(self, key: str):
         def accumulate(value: torch.Tensor) -> None:
-            rows = value.reshape(-1, value.shape[-1])
-            if self.batch is not None and self.batch.attention_mask is not None:
-                rows = rows[self.batch.attention_mask.reshape(-1)]
-            rows = rows.to(torch.float64)
+            rows = token_rows(value, self.batch).to(torch.float64)
             self.sums[key] += rows.T @ rows
             self.counts[key] += rows.shape[0]
         return accumulate
