@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -116,6 +117,40 @@ def _parameter_taking(model: nn.Module, name: str) -> Optional[str]:
     return next((p.name for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
 
+EXPERTS_IMPLEMENTATION = "batched_mm"
+"""How mixture-of-experts blocks are captured: every (token, expert) row gathers its expert's weight
+(no data-dependent shapes; ``patterns/experts.py`` turns each gathered matmul into one module)."""
+
+
+@contextmanager
+def exportable(model: nn.Module, use_cache_via: Optional[str] = "use_cache"):
+    """``model`` set up for ``torch.export``, restored afterwards: ``config.use_cache`` off where the
+    model takes ``use_cache`` only through ``**kwargs``, and experts in their gathered-matmul form
+    where the model lets its experts implementation be chosen."""
+    config = getattr(model, "config", None)
+    cache_default = getattr(config, "use_cache", None)
+    cache_off = use_cache_via != "use_cache" and bool(cache_default)
+    experts = None
+    if callable(getattr(model, "set_experts_implementation", None)) and _has_experts(model):
+        experts = model.get_experts_implementation()
+    if cache_off:
+        config.use_cache = False
+    try:
+        if experts is not None:
+            model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        yield model
+    finally:
+        if cache_off:
+            config.use_cache = cache_default
+        if experts is not None:
+            model.set_experts_implementation(experts)
+
+
+def _has_experts(model: nn.Module) -> bool:
+    """Whether a module of ``model`` dispatches through transformers' experts interface."""
+    return any(hasattr(m, "has_gate") and hasattr(m, "is_transposed") for m in model.modules())
+
+
 class CausalProbe:
     """Two inputs that differ only in their last token: in a causal model every earlier position
     gets the same values from both (an encoder such as BERT mixes the last token into all)."""
@@ -207,7 +242,7 @@ def export_with_static_cache(model: nn.Module, batch_size: int, max_cache_len: i
         _match_written_heads(wrapper, model, batch_size)
         length = Dim("length", min=1, max=max_cache_len)
         example = torch.zeros(batch_size, 4, dtype=torch.long, device=next(model.parameters()).device)
-        with torch.no_grad():
+        with torch.no_grad(), exportable(model):
             return torch.export.export(
                 wrapper, (), kwargs={"input_ids": example, "cache_position": torch.arange(4, device=example.device)},
                 dynamic_shapes={"input_ids": {1: length}, "cache_position": {0: length}}, strict=False)

@@ -158,7 +158,12 @@ NormMatcher = Callable[[Region], Optional[NormSpec]]
 
 @dataclass
 class LinearMatch:
-    """A subgraph computing ``y = x W^T + b`` that becomes one ``nn.Linear`` named ``name``."""
+    """A subgraph computing ``y = x W^T + b`` that becomes one ``nn.Linear`` named ``name``.
+
+    With ``expert_ids`` (a graph value with one expert index per row of ``input``) the weight is a
+    grouped ``[E, out, in]`` tensor (bias ``[E, out]``) and the subgraph becomes one
+    :class:`~fxslice.graph.modules.ExpertLinear`: ``y_s = W[e_s] x_s + b[e_s]``.
+    """
 
     nodes: list[Node]
     input: Node
@@ -166,6 +171,7 @@ class LinearMatch:
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     name: str
+    expert_ids: Optional[Node] = None
 
 
 LinearMatcher = Callable[[GraphModule, Node], Optional[LinearMatch]]

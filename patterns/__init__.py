@@ -6,8 +6,10 @@ Everything that differs between model families is recognised here, never in the 
   LayerNorm (with, without or with partial affine parameters).
 - ``linears``: ``aten.linear`` with a parameter weight, GPT-2's ``Conv1D`` (``view -> addmm -> view``),
   Falcon's ``FalconLinear`` (``x @ W.T [+ b]``).
+- ``experts``: grouped mixture-of-experts weights ``[E, out, in]`` gathered per row and applied with
+  ``bmm`` (transformers' ``batched_mm`` experts) become one ``ExpertLinear``.
 
 Register more with :func:`fxslice.register_norm_pattern` / :func:`fxslice.register_linear_pattern`.
 """
 
-from . import linears, norms  # noqa: F401  (importing registers the patterns)
+from . import experts, linears, norms  # noqa: F401  (importing registers the patterns)

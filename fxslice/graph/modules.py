@@ -36,3 +36,44 @@ class StreamNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"full_width={self.full_width}, eps={self.eps}, center={self.center}"
 
+
+
+class ExpertLinear(nn.Module):
+    """The linear layers of a mixture-of-experts block, stored as one grouped weight.
+
+    ``weight`` is ``[E, out, in]`` (``bias`` ``[E, out]``); row ``s`` of the input is multiplied by the
+    weight of expert ``expert_ids[s]``: ``y_s = W[e_s] x_s + b[e_s]``. For the stream algebra this is a
+    Linear like any other — a reader rotates ``W ← W Q`` along ``in``, a writer ``W ← Qᵀ W`` along
+    ``out`` — for every expert at once (the products broadcast over ``E``).
+
+    Eager calls run expert by expert over the rows routed to it (no weight copies); under
+    ``torch.export`` the gathered-weight form ``bmm(W[e], x)`` is traced instead, which has no
+    data-dependent shapes.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        self.num_experts, self.out_features, self.in_features = (int(s) for s in weight.shape)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or x.device.type == "meta":
+            out = torch.bmm(weight[expert_ids], x.unsqueeze(-1)).squeeze(-1)
+            return out if bias is None else out + bias[expert_ids]
+        out = x.new_empty(*x.shape[:-1], weight.shape[1])
+        for expert in torch.unique(expert_ids).tolist():
+            rows = (expert_ids == expert).nonzero().squeeze(-1)
+            out[rows] = nn.functional.linear(x[rows], weight[expert], None if bias is None else bias[expert])
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, bias={self.bias is not None}")
+
+
+LINEARS = (nn.Linear, ExpertLinear)
+"""Modules whose weight maps the last dimension of their input: ``W[..., out, in]``."""
+WEIGHTED = LINEARS + (nn.Embedding,)
+"""Every module kind whose weights the passes edit."""

@@ -14,6 +14,10 @@ IDENTITIES = frozenset({aten.clone.default, aten.alias.default, aten.detach.defa
 """Copies and views that change nothing when the layout is kept."""
 RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 LEADING_INDEXING = frozenset({aten.slice.Tensor, aten.select.int})
+ROW_GATHERS = frozenset({aten.repeat_interleave.self_int, aten.index_select.default})
+"""``op(x, ..., dim)`` picking or repeating whole rows along a leading ``dim`` (token dispatch to experts)."""
+ROW_SUMS = frozenset({aten.sum.dim_IntList, aten.mean.dim})
+"""``op(x, dims, keepdim)``: sums over leading dims (the top-k experts of a token) keep the hidden dimension."""
 SCALINGS = frozenset({aten.mul.Tensor, aten.div.Tensor})
 TRANSPOSES = frozenset({aten.numpy_T.default, aten.t.default, aten.permute.default, aten.transpose.int})
 LAYER_NORMS = frozenset({aten.layer_norm.default, aten.native_layer_norm.default})

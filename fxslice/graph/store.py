@@ -27,14 +27,15 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..errors import FxSliceError
+from .modules import WEIGHTED
 from .weights import meta_parameter, new_linear, share_embedding
 
 Make = Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]  # builds (weight, bias) in float64
 
 
 def managed_modules(gm: nn.Module) -> list[str]:
-    """The modules whose weights a store manages: every Linear and Embedding."""
-    return [name for name, m in gm.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    """The modules whose weights a store manages: every Linear (experts' too) and Embedding."""
+    return [name for name, m in gm.named_modules() if isinstance(m, WEIGHTED)]
 
 
 class Weights:

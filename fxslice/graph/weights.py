@@ -20,13 +20,19 @@ def _parameter(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.to(device=like.device, dtype=like.dtype), requires_grad=False)
 
 
-def set_linear(linear: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """``linear`` computes ``x weightᵀ + bias`` from now on (its shape follows ``weight``)."""
+def set_linear(linear: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """``linear`` computes ``x weightᵀ + bias`` from now on (its shape follows ``weight``; an
+    ``ExpertLinear``'s ``[E, out, in]`` weight is one such matrix per expert)."""
     like = linear.weight
     linear.weight = _parameter(weight, like)
-    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    sync_features(linear)
     if bias is not None:
         linear.bias = _parameter(bias, like)
+
+
+def sync_features(linear: nn.Module) -> None:
+    """``in_features`` / ``out_features`` of a Linear (or ``ExpertLinear``) read off its weight ``[..., out, in]``."""
+    linear.in_features, linear.out_features = linear.weight.shape[-1], linear.weight.shape[-2]
 
 
 def set_embedding(embedding: nn.Embedding, weight: torch.Tensor) -> None:

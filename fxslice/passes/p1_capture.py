@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import plain_graph_module, strip_guards
-from ..hf import ModelSpec, causal_lm_output, check_causal, logits_leaf
+from ..hf import ModelSpec, causal_lm_output, check_causal, exportable, logits_leaf
 
 GRAPH_CLASS = "SlicedCausalLM"
 
@@ -27,13 +27,10 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
     kwargs, dynamic = spec.export_inputs()
     was_training = model.training
     model.eval()
-    config = getattr(model, "config", None)
-    cache_default = getattr(config, "use_cache", None)
-    if spec.use_cache_via != "use_cache" and cache_default:  # use_cache only through **kwargs
-        config.use_cache = False
     try:
         with torch.no_grad():
-            program = torch.export.export(model, (), kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
+            with exportable(model, spec.use_cache_via):
+                program = torch.export.export(model, (), kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
             out_spec = program.call_spec.out_spec
             leaf = logits_leaf(pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec))
             if spec.weights_loaded:  # a streamed checkpoint's model has no values to probe
@@ -47,8 +44,6 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
         ) from exc
     finally:
         model.train(was_training)
-        if spec.use_cache_via != "use_cache" and cache_default:
-            config.use_cache = cache_default
     gm = program.module()
     graph = gm.graph
     strip_guards(graph)

@@ -1,7 +1,7 @@
 """Pass 2 — canonicalise: no-op nodes go, linears and embeddings become real modules.
 
-After this pass every weight that can touch the residual stream lives in an ``nn.Linear`` or
-``nn.Embedding`` submodule named after the original module path (``model.layers.0.self_attn.q_proj``),
+After this pass every weight that can touch the residual stream lives in an ``nn.Linear``,
+:class:`~fxslice.graph.modules.ExpertLinear` (mixture-of-experts weights) or ``nn.Embedding`` submodule named after the original module path (``model.layers.0.self_attn.q_proj``),
 so that later passes change weights, not graph structure, and peft can find the layers. Which
 subgraphs are linear layers is the registered linear patterns' decision (``patterns/linears.py``).
 The parameters still share storage with the caller's model; nothing here writes to them.
@@ -16,6 +16,7 @@ from torch.fx import GraphModule, Node
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.edit import mark_module_call
+from ..graph.modules import ExpertLinear
 from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, module_path
 from ..registry import REGISTRY, LinearMatch
 from .p1_capture import GRAPH_CLASS
@@ -128,12 +129,17 @@ class ModuleBuilder:
         replaced.replace_all_uses_with(node)
 
     def linear(self, match: LinearMatch) -> None:
-        out_features, in_features = match.weight.shape
-        linear = nn.Linear(in_features, out_features, bias=match.bias is not None, device="meta")
-        linear.weight = self.parameter(match.weight)
-        if match.bias is not None:
-            linear.bias = self.parameter(match.bias)
-        self._install(match.name, linear, match.output, (match.input,))
+        bias = None if match.bias is None else self.parameter(match.bias)
+        if match.expert_ids is not None:  # grouped expert weights [E, out, in], one expert per input row
+            self._install(match.name, ExpertLinear(self.parameter(match.weight), bias), match.output,
+                          (match.input, match.expert_ids))
+        else:
+            out_features, in_features = match.weight.shape
+            linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+            linear.weight = self.parameter(match.weight)
+            if bias is not None:
+                linear.bias = bias
+            self._install(match.name, linear, match.output, (match.input,))
         for dead in reversed(match.nodes):
             if not dead.users:
                 match.output.graph.erase_node(dead)

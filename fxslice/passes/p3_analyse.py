@@ -29,6 +29,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import GraphStructureError
 from ..graph import ops
+from ..graph.modules import LINEARS
 from ..graph.nodes import describe, example_value, module_path
 from ..registry import NormSpec, Region, match_norm, module_index, region_of
 
@@ -181,7 +182,9 @@ class NodeKinds:
         return self.modules.get(str(node.target)) if node.op == "call_module" else None
 
     def is_linear(self, node: Node) -> bool:
-        return isinstance(self.module_of(node), nn.Linear)
+        """A Linear, or the grouped Linear of a mixture of experts (whose second argument, the
+        expert of each row, is not stream data)."""
+        return isinstance(self.module_of(node), LINEARS)
 
     def is_embedding(self, node: Node) -> bool:
         return isinstance(self.module_of(node), nn.Embedding)
@@ -212,12 +215,36 @@ class NodeKinds:
         if ops.calls(node, ops.LEADING_INDEXING):
             dim = node.args[1] if len(node.args) > 1 else 0
             return node.args[0] is src and dim not in (-1, vin.dim() - 1)
+        if ops.calls(node, ops.ROW_GATHERS | {ops.aten.index.Tensor}):
+            return node.args[0] is src and self.leading_only(node, vin)
+        if ops.calls(node, ops.ROW_SUMS):
+            dims = [d % vin.dim() for d in node.args[1]] if len(node.args) > 1 and node.args[1] else []
+            return node.args[0] is src and bool(dims) and vin.dim() - 1 not in dims
         if ops.calls(node, ops.SCALINGS) and len(node.args) == 2:
             a, b = node.args
             if a is src:
-                return self.constant_scalar(b)
-            return node.target is ops.aten.mul.Tensor and b is src and self.constant_scalar(a)
+                return self.row_scalar(b, vin)
+            return node.target is ops.aten.mul.Tensor and b is src and self.row_scalar(a, vin)
         return False
+
+    def row_scalar(self, value, stream) -> bool:
+        """A factor the same for every hidden coordinate of a row: a constant scalar, or a tensor
+        whose last dimension is 1 (per-token routing weights: ``(w x) Q = w (x Q)``)."""
+        if self.constant_scalar(value):
+            return True
+        example = example_value(value)
+        return example is not None and 0 < example.dim() <= stream.dim() and example.shape[-1] == 1
+
+    @staticmethod
+    def leading_only(node: Node, value) -> bool:
+        """Whether a gather picks rows along leading dims only: ``x[idx]``, ``index_select(x, 0, i)``,
+        ``repeat_interleave(x, k, 0)``."""
+        if node.target is ops.aten.index.Tensor:
+            return 0 < len(node.args[1]) < value.dim()
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if node.target is ops.aten.index_select.default:
+            dim = node.args[1]
+        return isinstance(dim, int) and dim % value.dim() != value.dim() - 1
 
     def passed_on(self, node: Node) -> Optional[Node]:
         """The tensor a walk-through node passes on (inverse of :meth:`walks_through`)."""

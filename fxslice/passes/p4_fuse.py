@@ -139,8 +139,9 @@ def center(module: nn.Module) -> None:
         weight = f64(module.weight)
         set_embedding(module, weight - weight.mean(1, keepdim=True))
     else:
-        weight, bias = f64(module.weight), f64(module.bias)
-        set_linear(module, weight - weight.mean(0, keepdim=True), None if bias is None else bias - bias.mean())
+        weight, bias = f64(module.weight), f64(module.bias)  # [..., D, in], [..., D]
+        set_linear(module, weight - weight.mean(-2, keepdim=True),
+                   None if bias is None else bias - bias.mean(-1, keepdim=True))
 
 
 # --- the rewrite --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import FxSliceError
+from ..graph.modules import WEIGHTED
 from .p4_fuse import Plan
 from .p6_hidden import MLP
 
@@ -105,7 +106,7 @@ def sliced_parameter_count(plan: Plan, mlps: list[MLP], widths: Widths, groups: 
     total, seen = 0, set()
     for name, module in plan.gm.named_modules():
         direct = [p for _, p in module.named_parameters(recurse=False)]
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, WEIGHTED):
             seen.update(id(p) for p in direct)
             reads, writes = layout.get(name, (None, None))
             if isinstance(module, nn.Embedding):
@@ -115,7 +116,8 @@ def sliced_parameter_count(plan: Plan, mlps: list[MLP], widths: Widths, groups: 
             elif name not in gone:
                 fan_in = units_in.get(name, widths.stream[reads] if reads is not None else module.in_features)
                 fan_out = units_out.get(name, widths.stream[writes] if writes is not None else module.out_features)
-                total += fan_in * fan_out + (fan_out if module.bias is not None else 0)
+                experts = getattr(module, "num_experts", 1)  # an ExpertLinear: one matrix per expert
+                total += experts * (fan_in * fan_out + (fan_out if module.bias is not None else 0))
         else:
             total += sum(p.numel() for p in direct if id(p) not in seen)
             seen.update(id(p) for p in direct)

@@ -24,7 +24,9 @@ from ..checkpoint import Checkpoint, is_checkpoint, read_unmanaged
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import plain_graph_module, strip_guards
 from ..graph.inserted import SHORTCUT
+from ..graph.modules import LINEARS, WEIGHTED
 from ..graph.store import Weights
+from ..graph.weights import sync_features
 from ..hf import STATIC_CACHE_PREFIX, export_with_static_cache
 from ..passes.p2_canonicalise import canonicalise
 from ..passes.p3_analyse import analyse
@@ -100,7 +102,7 @@ def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "", clon
     modules = dict(source.named_modules())
     shared: dict[int, nn.Parameter] = {}
     for name, module in target.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
+        if not isinstance(module, WEIGHTED):
             continue
         twin = modules.get(name[len(strip):] if strip and name.startswith(strip) else name)
         if twin is None or not isinstance(twin, type(module)):
@@ -112,8 +114,8 @@ def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "", clon
                     shared[id(param)] = nn.Parameter(param.detach().clone() if clone else param.detach(),
                                                      requires_grad=False)
                 setattr(module, attr, shared[id(param)])
-        if isinstance(module, nn.Linear):
-            module.in_features, module.out_features = module.weight.shape[1], module.weight.shape[0]
+        if isinstance(module, LINEARS):
+            sync_features(module)
         else:
             module.embedding_dim = module.weight.shape[1]
 
