@@ -41,10 +41,26 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "olmo2": ("olmo2", {}),
 }
 
+# mixture-of-experts families: 4 experts, 2 per token (name -> (model_type, config overrides))
+MOE = dict(num_experts_per_tok=2, intermediate_size=96)
+MOE_FAMILIES: dict[str, tuple[str, dict]] = {
+    "mixtral": ("mixtral", dict(MOE, num_local_experts=4)),
+    "qwen2_moe": ("qwen2_moe", dict(MOE, num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                                    decoder_sparse_step=1, mlp_only_layers=[])),
+    "qwen3_moe": ("qwen3_moe", dict(MOE, num_experts=4, moe_intermediate_size=48, head_dim=16, mlp_only_layers=[])),
+    "olmoe": ("olmoe", dict(MOE, num_experts=4)),
+    "granitemoe": ("granitemoe", dict(MOE, num_local_experts=4, embedding_multiplier=12.0, residual_multiplier=0.22)),
+    "phimoe": ("phimoe", dict(MOE, num_local_experts=4)),
+    "gpt_oss": ("gpt_oss", dict(MOE, num_local_experts=4, head_dim=16, sliding_window=8)),  # transposed, biases
+    "flex_olmo": ("flex_olmo", dict(MOE, num_experts=4)),
+    "granitemoeshared": ("granitemoeshared", dict(MOE, num_local_experts=4, shared_intermediate_size=64)),
+}
+
 
 def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    """A tiny model of family ``name`` with random weights; norm weights/biases randomised too."""
-    model_type, overrides = FAMILIES[name]
+    """A tiny model of family ``name`` (dense or mixture-of-experts) with random weights; norm
+    weights/biases randomised too."""
+    model_type, overrides = FAMILIES[name] if name in FAMILIES else MOE_FAMILIES[name]
     base = {} if "n_embd" in overrides or model_type == "bloom" else dict(COMMON)
     if model_type == "bloom":
         base = {"vocab_size": VOCAB, "hidden_size": 64}
