@@ -26,7 +26,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .graph.nodes import fetch_attr, module_path
+from .graph.nodes import call_number, fetch_attr, module_call, module_path
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,18 @@ class Region:
         return [n for n in self.nodes if n.op == "call_function" and n.target is target]
 
     def tensor(self, node_or_none) -> Optional[torch.Tensor]:
+        """The value of a parameter node, or of a node computed from parameters and constants only
+        (``weight + 1`` of a LayerNorm1P); None for None."""
         if node_or_none is None:
             return None
-        return fetch_attr(self.gm, str(node_or_none.target)).detach()
+        if node_or_none.op == "get_attr":
+            return fetch_attr(self.gm, str(node_or_none.target)).detach()
+        if node_or_none.op != "call_function":
+            raise ValueError(f"node '{node_or_none.name}' is not computed from parameters only")
+        args = map_arg(node_or_none.args, self.tensor)
+        kwargs = map_arg(node_or_none.kwargs, self.tensor)
+        with torch.no_grad():
+            return node_or_none.target(*args, **kwargs)
 
     def param(self, name: str) -> Optional[torch.Tensor]:
         """A parameter read by the region, by its last name; None when absent."""
@@ -128,24 +137,28 @@ def as_op(op):
         raise ValueError(f"unknown op {op!r}: expected a name like 'aten.rsqrt.default'") from None
 
 
-def module_index(gm: GraphModule) -> dict[str, list[Node]]:
-    """Module path -> the call_function nodes inside that module (nested modules included), in graph order."""
-    index: dict[str, list[Node]] = {}
+def module_index(gm: GraphModule) -> dict[tuple[str, int], list[Node]]:
+    """(module path, call number) -> the call_function nodes inside that call of the module (nested
+    modules included), in graph order. A module called twice (one norm before the first block and
+    after the last) gives two regions."""
+    index: dict[tuple[str, int], list[Node]] = {}
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
-        for path, _ in (n.meta.get("nn_module_stack") or {}).values():
-            index.setdefault(path, []).append(n)
+        for key, (path, _) in (n.meta.get("nn_module_stack") or {}).items():
+            index.setdefault((path, call_number(key)), []).append(n)
     return index
 
 
-def region_of(gm: GraphModule, node: Node, index: Optional[dict[str, list[Node]]] = None) -> Optional[Region]:
-    """The region of the module call that ``node`` belongs to, else the node alone; None if neither is single-in single-out."""
+def region_of(gm: GraphModule, node: Node, index: Optional[dict] = None) -> Optional[Region]:
+    """The region of the module call that ``node`` belongs to, else the node alone; None if neither is
+    single-in single-out. A later call ``k`` of a module is named ``<path>_<k>``."""
     path, cls = module_path(node)
     candidates = []
     if path:
-        members = (index if index is not None else module_index(gm)).get(path, [])
-        candidates.append(Region(gm, members, path, cls))
+        _, call = module_call(node)
+        members = (index if index is not None else module_index(gm)).get((path, call), [])
+        candidates.append(Region(gm, members, f"{path}_{call}" if call else path, cls))
     candidates.append(Region(gm, [node], path, cls))
     for region in candidates:
         if region.valid:

@@ -45,32 +45,68 @@ SHRINK = {  # attribute -> tiny value, applied where the config has the attribut
     "first_k_dense_replace": 1, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8, "v_head_dim": 16, "sliding_window": 32, "attention_chunk_size": 32,
 }
+FILL = {"head_dim": 16, "num_key_value_heads": 2}  # sizes some default configs leave None (derived nowhere)
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
 
 
 def tiny_config(model_type: str):
+    """The default config of ``model_type`` rebuilt with the tiny sizes (so that the values its
+    constructor derives from them follow), then shrunk attribute by attribute where needed."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type)
+    default = AutoConfig.for_model(model_type)
+    sizes = {key: value for key, value in SHRINK.items() if _int_attribute(default, key)}
+    sizes.update({key: value for key, value in FILL.items() if key in vars(default) and vars(default)[key] is None})
+    kinds = _layer_kinds(default)
+    if kinds is not None:
+        sizes["layer_types"] = kinds
+        sizes.update({key: len(kinds) for key in LAYER_COUNTS if _int_attribute(default, key)})
+    if _int_attribute(default, "rotary_dim"):  # partial rotary: at most the tiny head size
+        sizes["rotary_dim"] = 8
+    try:
+        config = AutoConfig.for_model(model_type, **sizes)
+    except Exception:  # noqa: BLE001 - a constructor that refuses some size: shrink the default instead
+        config = default
     text = getattr(config, "text_config", None)
     for target in [config] + ([text] if text is not None and text is not config else []):
         for key, value in SHRINK.items():
-            current = getattr(target, key, None)
-            if isinstance(current, int) and not isinstance(current, bool):
+            if _int_attribute(target, key) and getattr(target, key) != value:
                 _set(target, key, value)
         for key in TOKEN_IDS:
             current = getattr(target, key, None)
             if isinstance(current, int) and current >= 128:
                 _set(target, key, 1)
-        kinds = getattr(target, "layer_types", None)
-        settable = not isinstance(getattr(type(target), "layer_types", None), property)
-        if isinstance(kinds, (list, tuple)) and kinds and settable:
-            distinct = list(dict.fromkeys(kinds))  # a hybrid keeps one layer of each kind
-            target.layer_types = distinct if len(distinct) > 1 else [kinds[0]] * 2
-            for key in ("num_hidden_layers", "num_layers", "n_layer"):
-                if hasattr(target, key):
-                    setattr(target, key, len(target.layer_types))
+        kinds = _layer_kinds(target)
+        if kinds is not None and list(target.layer_types) != kinds:
+            target.layer_types = kinds
+            for key in LAYER_COUNTS:
+                if _int_attribute(target, key):
+                    _set(target, key, len(kinds))
     return config
+
+
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer")
+
+
+def _int_attribute(config, key: str) -> bool:
+    try:
+        value = getattr(config, key, None)
+    except Exception:  # noqa: BLE001 - per-layer attributes refuse a global read
+        return False
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layer_kinds(config):
+    """One layer of each kind of a hybrid's ``layer_types`` (two layers of a uniform one); None when
+    the config has no settable list."""
+    try:
+        kinds = getattr(config, "layer_types", None)
+    except Exception:  # noqa: BLE001
+        return None
+    if not isinstance(kinds, (list, tuple)) or not kinds or isinstance(getattr(type(config), "layer_types", None), property):
+        return None
+    distinct = list(dict.fromkeys(kinds))
+    return distinct if len(distinct) > 1 else [kinds[0]] * 2
 
 
 def _set(config, key: str, value) -> None:

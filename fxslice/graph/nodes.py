@@ -40,6 +40,21 @@ def module_path(node: Node) -> tuple[str, str]:
     return path, cls_name.rsplit(".", 1)[-1]
 
 
+def module_call(node: Node) -> tuple[str, int]:
+    """The innermost module path of ``node`` and which call of that module made it (0 for the first;
+    ``torch.export`` tells repeated calls of one module apart as ``path@1``, ``path@2``, …)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", 0
+    key, (path, _) = list(stack.items())[-1]
+    return path, call_number(key)
+
+
+def call_number(stack_key: str) -> int:
+    head, _, number = str(stack_key).rpartition("@")
+    return int(number) if head and number.isdigit() else 0
+
+
 def describe(node: Node) -> str:
     """``node 'name' (op) in module 'path' (Class)`` — the way every error names a node."""
     path, cls = module_path(node)

@@ -22,12 +22,26 @@ SCALINGS = frozenset({aten.mul.Tensor, aten.div.Tensor})
 TRANSPOSES = frozenset({aten.numpy_T.default, aten.t.default, aten.permute.default, aten.transpose.int})
 LAYER_NORMS = frozenset({aten.layer_norm.default, aten.native_layer_norm.default})
 ADD = aten.add.Tensor
-ADD_INPLACE = aten.add_.Tensor
 EMBEDDING = aten.embedding.default
+NEUTRAL_CONSTANT = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.Tensor: 1}
+"""Ops that change nothing when their second argument is this number."""
 SLICE = aten.slice.Tensor
 DROPOUT = aten.dropout.default
 SYM_SIZE = aten.sym_size.int
 ASSERT_METADATA = aten._assert_tensor_metadata.default
+
+
+def functional_twin(node: Node):
+    """``aten.mul.Tensor`` for a call of ``aten.mul_.Tensor`` (any in-place op with an out-of-place
+    overload of the same name); None for anything else."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    schema = node.target._schema
+    name = schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_") or not schema.arguments or not schema.arguments[0].is_write:
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, node.target._overloadname, None) if packet is not None else None
 
 
 def calls(node: object, ops) -> bool:

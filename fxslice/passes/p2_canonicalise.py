@@ -17,7 +17,7 @@ from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.edit import mark_module_call
 from ..graph.modules import ExpertLinear
-from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, module_path
+from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, module_path, parameter_of
 from ..registry import REGISTRY, LinearMatch
 from .p1_capture import GRAPH_CLASS
 
@@ -40,6 +40,9 @@ def canonicalise(gm: GraphModule) -> GraphModule:
             if match is not None:
                 modules.linear(match)
                 break
+    for node in list(graph.nodes):  # after the linears, which take their gathered expert biases along
+        if node.graph is graph and node.users and is_table_gather(gm, node):
+            modules.table_lookup(node)
     drop_dead_nodes(graph)
     canonical = GraphModule(modules.root(graph), graph, class_name=GRAPH_CLASS)
     canonical.graph.lint()
@@ -62,7 +65,7 @@ def _full_slice(node: Node) -> bool:
 
 
 def is_noop(node: Node) -> bool:
-    """Same-layout casts and copies, eval-mode dropout, full slices."""
+    """Same-layout casts and copies, eval-mode dropout, full slices, adding 0 and multiplying by 1."""
     if ops.calls(node, ops.IDENTITIES | ops.CASTS):
         return _same_layout(node)
     if ops.calls(node, ops.DROPOUT):
@@ -70,21 +73,38 @@ def is_noop(node: Node) -> bool:
         return train is False
     if ops.calls(node, ops.SLICE):
         return _full_slice(node)
+    if ops.calls(node, frozenset(ops.NEUTRAL_CONSTANT)) and len(node.args) == 2 and not isinstance(node.args[1], (Node, bool)):
+        return node.args[1] == ops.NEUTRAL_CONSTANT[node.target] and _same_layout(node)  # x + 0, x * 1
     return False
 
 
+def is_table_gather(gm: GraphModule, node: Node) -> bool:
+    """``T[ids]`` or ``index_select(T, 0, ids)`` of a 2-D floating-point parameter or buffer ``T``
+    with integer ``ids``: an embedding lookup written by hand (sinusoidal or learned position tables)."""
+    if ops.calls(node, ops.aten.index.Tensor) and len(node.args[1]) == 1:
+        table, ids = node.args[0], node.args[1][0]
+    elif ops.calls(node, ops.aten.index_select.default) and node.args[1] == 0:
+        table, ids = node.args[0], node.args[2]
+    else:
+        return False
+    values, rows = parameter_of(gm, table), example_value(ids)
+    return (values is not None and values.dim() == 2 and values.is_floating_point()
+            and rows is not None and not rows.is_floating_point() and not rows.dtype == torch.bool)
+
+
 def remove_noops(graph) -> None:
-    """Drop identity nodes and metadata asserts; make ``add_`` on a temporary functional."""
+    """Drop identity nodes and metadata asserts; make in-place ops on temporaries functional."""
     for node in list(graph.nodes):
         if ops.calls(node, ops.ASSERT_METADATA):
             graph.erase_node(node)
         elif is_noop(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-        elif ops.calls(node, ops.ADD_INPLACE):
-            mutated = node.args[0]
-            if len(mutated.users) == 1 and mutated.op == "call_function":  # a temporary: same as a functional add
-                node.target = ops.ADD
+        else:
+            functional = ops.functional_twin(node)
+            mutated = node.args[0] if functional is not None else None
+            if isinstance(mutated, Node) and len(mutated.users) == 1 and mutated.op == "call_function":
+                node.target = functional  # a temporary no one reads afterwards: ``x.mul_(s)`` is ``x * s``
 
 
 def drop_dead_nodes(graph) -> None:
@@ -152,6 +172,17 @@ class ModuleBuilder:
         embedding = nn.Embedding(weight.shape[0], weight.shape[1], device="meta")
         embedding.weight = self.parameter(weight)
         self._install(module_path(node)[0] or str(weight_node.target).rsplit(".", 1)[0], embedding, node, (ids,))
+        node.graph.erase_node(node)
+
+    def table_lookup(self, node: Node) -> None:
+        """A gather from a constant table (:func:`is_table_gather`) becomes an ``nn.Embedding`` named
+        after the table."""
+        table = node.args[0]
+        ids = node.args[1][0] if node.target is ops.aten.index.Tensor else node.args[2]
+        weight = fetch_attr(self.gm, str(table.target)).detach()
+        embedding = nn.Embedding(weight.shape[0], weight.shape[1], device="meta")
+        embedding.weight = self.parameter(weight)
+        self._install(str(table.target), embedding, node, (ids,))
         node.graph.erase_node(node)
 
     def root(self, graph) -> dict[str, object]:

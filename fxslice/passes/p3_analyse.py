@@ -276,16 +276,29 @@ class NodeKinds:
                 "register one with fxslice.register_norm_pattern")
 
     def token_embedding(self) -> Node:
-        """The ``nn.Embedding`` call that reads ``input_ids`` (through casts and reshapes only)."""
-        for node in self.gm.graph.nodes:
-            if not self.is_embedding(node):
-                continue
-            ids = node.args[0]
-            while ops.calls(ids, ops.RESHAPES | ops.CASTS):
-                ids = ids.args[0]
-            if isinstance(ids, Node) and ids.op == "placeholder":
-                return node
+        """The ``nn.Embedding`` call that reads ``input_ids``: through casts and reshapes only, else
+        (Gemma 3 replaces out-of-vocabulary ids first) through any ops that take the ids as their
+        first argument and keep them integers (``clone``, ``index_put``, ``masked_fill``)."""
+        embeddings = [node for node in self.gm.graph.nodes if self.is_embedding(node)]
+        for steps in (ops.RESHAPES | ops.CASTS, None):
+            for node in embeddings:
+                ids = node.args[0]
+                while _integer_step(ids, steps):
+                    ids = ids.args[0]
+                if isinstance(ids, Node) and ids.op == "placeholder":
+                    return node
         raise GraphStructureError("no token embedding (an nn.Embedding reading input_ids) found in the graph")
+
+
+def _integer_step(node: object, steps) -> bool:
+    """Whether ``node`` computes integer ids from its first argument (by one of ``steps``, or by any
+    op when ``steps`` is None)."""
+    if steps is not None:
+        return ops.calls(node, steps)
+    if not isinstance(node, Node) or node.op != "call_function" or not node.args or not isinstance(node.args[0], Node):
+        return False
+    value = example_value(node)
+    return value is not None and not value.is_floating_point()
 
 
 # --- the walk ---------------------------------------------------------------------------------
@@ -463,7 +476,7 @@ class StreamWalk:
                     raise GraphStructureError(
                         f"the output of norm '{site.path}' is read by {describe(user)}, which is neither a Linear "
                         "layer nor an op that keeps the hidden dimension, so what it reads cannot be rotated "
-                        "(a mixture-of-experts router or token dispatch: not supported yet)")
+                        "(a mixture-of-experts dispatch that no pattern of patterns/experts.py knows?)")
         return readers
 
     def trace_writers(self, branch: Node, position: Position) -> tuple[list[Node], list[NormSite], list[Node]]:
@@ -535,8 +548,9 @@ def check_structure(structure: Structure) -> None:
             if p.direct_readers:
                 raise GraphStructureError(
                     f"position {p.index} is read by linears without a norm "
-                    f"({short_names([str(r.target) for r in p.direct_readers])}) in a LayerNorm model; the stream "
-                    "cannot be centred (a post-norm architecture, which SliceGPT does not cover?)"
+                    f"({short_names([str(r.target) for r in p.direct_readers])}) in a LayerNorm model: "
+                    "post-LayerNorm blocks are not computationally invariant (the LayerNorm sits on the stream "
+                    "after the residual add, so no rotation passes through it); SliceGPT needs pre-norm blocks"
                 )
             plain = [s.path for s in p.norms if not s.spec.centered]
             if plain:
