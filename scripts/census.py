@@ -46,6 +46,7 @@ SHRINK = {  # attribute -> tiny value, applied where the config has the attribut
     "qk_nope_head_dim": 8, "v_head_dim": 16, "sliding_window": 32, "attention_chunk_size": 32,
 }
 FILL = {"head_dim": 16, "num_key_value_heads": 2}  # sizes some default configs leave None (derived nowhere)
+DECODER = {"is_decoder": True}  # encoder-decoder stacks offered as causal LMs run causally only as decoders
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
 
 
@@ -57,6 +58,7 @@ def tiny_config(model_type: str):
     default = AutoConfig.for_model(model_type)
     sizes = {key: value for key, value in SHRINK.items() if _int_attribute(default, key)}
     sizes.update({key: value for key, value in FILL.items() if key in vars(default) and vars(default)[key] is None})
+    sizes.update({key: value for key, value in DECODER.items() if key in vars(default)})
     kinds = _layer_kinds(default)
     if kinds is not None:
         sizes["layer_types"] = kinds

@@ -14,6 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import plain_graph_module, strip_guards
@@ -48,6 +49,7 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
     graph = gm.graph
     strip_guards(graph)
     _keep_only_input_ids(graph)
+    _check_dynamic(graph, spec)
     output = next(n for n in graph.nodes if n.op == "output")
     logits = pytree.tree_leaves(output.args[0])[leaf]
     with graph.inserting_before(output):
@@ -55,6 +57,19 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
     output.args = (wrapped,)
     graph.eliminate_dead_code()
     return plain_graph_module(gm, graph, GRAPH_CLASS)
+
+
+def _check_dynamic(graph, spec: ModelSpec) -> None:
+    """Refuse a graph that only runs on the example's batch size or length (``torch.export``
+    specialised it: a Python loop over the tokens, such as a recurrent scan, unrolled)."""
+    ids = next(n for n in graph.nodes if n.op == "placeholder" and n.target == "input_ids")
+    shape = ids.meta["val"].shape
+    fixed = [(axis, int(size)) for axis, size in zip(("batch size", "sequence length"), shape) if is_concrete_int(size)]
+    if fixed:
+        what = ", ".join(f"the {axis} to {size}" for axis, size in fixed)
+        raise GraphStructureError(f"torch.export fixed {what} when capturing {spec.class_name} (a Python loop over "
+                                  "the tokens, such as a recurrent scan, was unrolled): the graph would only run on "
+                                  "inputs of that shape")
 
 
 def _keep_only_input_ids(graph) -> None:

@@ -309,7 +309,7 @@ class Use(enum.Enum):
     LINEAR = "reads it directly"
     RESIDUAL_ADD = "adds a branch to it"
     ALIAS = "passes it on unchanged in the hidden dimension"
-    SHAPE_QUERY = "asks for a leading dimension's size"
+    SHAPE_QUERY = "asks for its shape (a leading dimension's size, or a new tensor like it)"
 
 
 class StreamWalk:
@@ -401,6 +401,8 @@ class StreamWalk:
         if kinds.walks_through(user, src):
             return Use.ALIAS, None
         if ops.calls(user, ops.SYM_SIZE) and user.args[1] not in (-1, example_value(src).dim() - 1):
+            return Use.SHAPE_QUERY, None
+        if ops.calls(user, ops.LIKE) and user.args[0] is src:  # a new tensor of the (sliced) stream's shape
             return Use.SHAPE_QUERY, None
         raise GraphStructureError(
             f"{describe(user)} consumes the residual stream (position {index}, value '{src.name}'); only norms matched by a "
