@@ -26,6 +26,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -221,14 +222,16 @@ def main() -> None:
         for name in crashed:  # the worker died (or timed out) on it
             with out.open("a") as handle:
                 handle.write(json.dumps({"model_type": name, "status": "failed",
-                                         "error": "worker crashed or timed out"}) + "\n")
+                                         "error": f"worker crashed or hung for more than {2 * args.timeout} s"}) + "\n")
         if not todo:
             break
-        try:
-            subprocess.run([sys.executable, __file__, "--worker", *todo, "--out", str(out), "--timeout",
-                            str(args.timeout)], timeout=2 * args.timeout * len(todo), check=False)
-        except subprocess.TimeoutExpired:  # hung outside Python: the family in progress is recorded failed
-            pass
+        worker_process = subprocess.Popen([sys.executable, __file__, "--worker", *todo, "--out", str(out),
+                                           "--timeout", str(args.timeout)])
+        while worker_process.poll() is None:  # hung outside Python (no alarm gets through): killed,
+            time.sleep(2)                     # and the family in progress is recorded failed
+            if time.time() - out.stat().st_mtime > 2 * args.timeout:
+                worker_process.kill()
+                worker_process.wait()
     final = {n: r for n, r in results(out).items() if n in names}
     counts = Counter(r["status"] for r in final.values())
     print(tabulate(sorted(counts.items()), ["status", "families"], tablefmt="github"))

@@ -28,8 +28,9 @@ NEUTRAL_CONSTANT = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, 
 SLICE = aten.slice.Tensor
 DROPOUT = aten.dropout.default
 SYM_SIZE = aten.sym_size.int
-LIKE = frozenset({aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default})
-"""New tensors shaped like their input: they read its shape, never its values."""
+LIKE = frozenset({aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+                  aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default})
+"""New tensors made from their input's shape, dtype or device, never from its values."""
 ASSERT_METADATA = aten._assert_tensor_metadata.default
 
 

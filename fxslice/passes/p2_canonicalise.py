@@ -165,24 +165,24 @@ class ModuleBuilder:
                 match.output.graph.erase_node(dead)
 
     def embedding(self, node: Node) -> None:
+        """``aten.embedding(weight, ids)`` becomes an ``nn.Embedding`` named after its module."""
         weight_node, ids = node.args[0], node.args[1]
         if weight_node.op != "get_attr":
             raise GraphStructureError(f"{describe(node)} looks up an embedding table that is not a parameter")
-        weight = fetch_attr(self.gm, str(weight_node.target)).detach()
-        embedding = nn.Embedding(weight.shape[0], weight.shape[1], device="meta")
-        embedding.weight = self.parameter(weight)
-        self._install(module_path(node)[0] or str(weight_node.target).rsplit(".", 1)[0], embedding, node, (ids,))
-        node.graph.erase_node(node)
+        self._lookup(node, weight_node, ids, module_path(node)[0] or str(weight_node.target).rsplit(".", 1)[0])
 
     def table_lookup(self, node: Node) -> None:
         """A gather from a constant table (:func:`is_table_gather`) becomes an ``nn.Embedding`` named
         after the table."""
         table = node.args[0]
         ids = node.args[1][0] if node.target is ops.aten.index.Tensor else node.args[2]
+        self._lookup(node, table, ids, str(table.target))
+
+    def _lookup(self, node: Node, table: Node, ids: Node, name: str) -> None:
         weight = fetch_attr(self.gm, str(table.target)).detach()
         embedding = nn.Embedding(weight.shape[0], weight.shape[1], device="meta")
         embedding.weight = self.parameter(weight)
-        self._install(str(table.target), embedding, node, (ids,))
+        self._install(name, embedding, node, (ids,))
         node.graph.erase_node(node)
 
     def root(self, graph) -> dict[str, object]:

@@ -402,7 +402,7 @@ class StreamWalk:
             return Use.ALIAS, None
         if ops.calls(user, ops.SYM_SIZE) and user.args[1] not in (-1, example_value(src).dim() - 1):
             return Use.SHAPE_QUERY, None
-        if ops.calls(user, ops.LIKE) and user.args[0] is src:  # a new tensor of the (sliced) stream's shape
+        if ops.calls(user, ops.LIKE) and user.args[0] is src:  # a new tensor made from the stream's shape or dtype
             return Use.SHAPE_QUERY, None
         raise GraphStructureError(
             f"{describe(user)} consumes the residual stream (position {index}, value '{src.name}'); only norms matched by a "
