@@ -14,6 +14,8 @@ IDENTITIES = frozenset({aten.clone.default, aten.alias.default, aten.detach.defa
 """Copies and views that change nothing when the layout is kept."""
 RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 LEADING_INDEXING = frozenset({aten.slice.Tensor, aten.select.int})
+UNIT_DIMS = frozenset({aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default})
+"""Adding or removing size-1 dimensions (never the hidden one when the last dimension keeps its size)."""
 ROW_GATHERS = frozenset({aten.repeat_interleave.self_int, aten.index_select.default})
 """``op(x, ..., dim)`` picking or repeating whole rows along a leading ``dim`` (token dispatch to experts)."""
 ROW_SUMS = frozenset({aten.sum.dim_IntList, aten.mean.dim})

@@ -210,7 +210,7 @@ class NodeKinds:
         vin, vout = example_value(src), example_value(node)
         if vin is None or vout is None or vin.dim() == 0 or vout.dim() == 0 or vin.shape[-1] != vout.shape[-1]:
             return False
-        if ops.calls(node, ops.CASTS | ops.RESHAPES):
+        if ops.calls(node, ops.CASTS | ops.RESHAPES | ops.UNIT_DIMS):
             return node.args[0] is src
         if ops.calls(node, ops.LEADING_INDEXING):
             dim = node.args[1] if len(node.args) > 1 else 0

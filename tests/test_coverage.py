@@ -1,0 +1,136 @@
+"""Ways of writing a decoder that the census met, each in a toy model without transformers code:
+exact at sparsity 0 and sliced at 25%, or refused naming what cannot be captured."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxslice
+from fxslice.errors import GraphStructureError
+from toy_models import TOY_VOCAB, toy_calibration
+
+IDS = torch.randint(0, TOY_VOCAB, (3, 9), generator=torch.Generator().manual_seed(7))
+WIDTH = 32
+
+
+class PowRMSNorm(nn.Module):
+    """Gemma 4: the inverse root written as ``pow(·, -0.5)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(WIDTH) + 0.5)
+
+    def forward(self, x):
+        return self.weight * x * torch.pow(x.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+
+
+class L2Norm(nn.Module):
+    """``x / sqrt(sum(x^2) + eps)`` (nGPT-style, no weight)."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+
+class LayerNorm1P(nn.LayerNorm):
+    """Nemotron: the scale is stored minus one and ``weight + 1`` is passed to ``layer_norm``."""
+
+    def __init__(self):
+        super().__init__(WIDTH)
+        nn.init.normal_(self.weight, 0.0, 0.3)
+        nn.init.normal_(self.bias, 0.0, 0.3)
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, (WIDTH,), self.weight + 1, self.bias, self.eps)
+
+
+class Decoder(nn.Module):
+    """Two pre-norm MLP blocks; ``norm`` builds every norm, ``shared_final`` calls one weightless norm
+    both before the first block and after the last (NanoChat), ``scale_in_place`` scales the embedding
+    with ``mul_`` and adds ``0`` (CTRL), ``positions`` adds a sinusoidal table gathered by position
+    (XGLM), ``clamp_ids`` edits the ids before the embedding (Gemma 3)."""
+
+    def __init__(self, norm=lambda: nn.RMSNorm(WIDTH, eps=1e-6), shared_final=False, scale_in_place=False,
+                 positions=False, clamp_ids=False):
+        super().__init__()
+        self.embed = nn.Embedding(TOY_VOCAB, WIDTH)
+        self.norms = nn.ModuleList(norm() for _ in range(2))
+        self.up = nn.ModuleList(nn.Linear(WIDTH, 64) for _ in range(2))
+        self.down = nn.ModuleList(nn.Linear(64, WIDTH) for _ in range(2))
+        self.shared = L2Norm() if shared_final else None
+        self.final = norm()
+        self.head = nn.Linear(WIDTH, TOY_VOCAB, bias=False)
+        self.scale_in_place, self.clamp_ids = scale_in_place, clamp_ids
+        if positions:
+            position = torch.arange(64).unsqueeze(1)
+            frequency = torch.exp(torch.arange(0, WIDTH, 2) * (-math.log(10000.0) / WIDTH))
+            table = torch.zeros(64, WIDTH)
+            table[:, 0::2], table[:, 1::2] = torch.sin(position * frequency), torch.cos(position * frequency)
+            self.register_buffer("table", table, persistent=False)
+        else:
+            self.table = None
+
+    def forward(self, input_ids):
+        if self.clamp_ids:
+            input_ids = input_ids.clone()
+            input_ids[input_ids >= TOY_VOCAB - 1] = 0
+        x = self.embed(input_ids)
+        if self.scale_in_place:
+            x.mul_(math.sqrt(WIDTH))
+            x = x + 0
+        if self.table is not None:
+            positions = torch.arange(input_ids.shape[1])
+            x = x + self.table.index_select(0, positions).unsqueeze(0)
+        if self.shared is not None:
+            x = self.shared(x)
+        for norm, up, down in zip(self.norms, self.up, self.down):
+            x = x + down(torch.relu(up(norm(x))))
+        x = self.shared(x) if self.shared is not None else x
+        return self.head(self.final(x))
+
+
+CASES = {
+    "pow_rms_norm": dict(norm=PowRMSNorm),
+    "l2_norm": dict(norm=L2Norm),
+    "layer_norm_1p": dict(norm=LayerNorm1P),
+    "one_norm_called_twice": dict(shared_final=True),
+    "in_place_embedding_scale": dict(scale_in_place=True),
+    "sinusoidal_positions": dict(positions=True),
+    "ids_edited_before_embedding": dict(clamp_ids=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_toy_decoder_is_exact_and_slices(case):
+    torch.manual_seed(0)
+    model = Decoder(**CASES[case]).eval()
+    exact = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
+    with torch.no_grad():
+        assert (exact(IDS).logits - model(IDS)).abs().max() < 1e-4
+    sliced = fxslice.compress(model, toy_calibration(), 0.25, progress=False)
+    assert sliced.get_submodule("up.1").in_features == 24
+    with torch.no_grad():
+        assert torch.isfinite(sliced(IDS).logits).all()
+
+
+class Scan(nn.Module):
+    """A recurrence unrolled over the tokens in Python: torch.export fixes the length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(TOY_VOCAB, WIDTH)
+        self.head = nn.Linear(WIDTH, TOY_VOCAB)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        state, outputs = torch.zeros_like(x[:, 0]), []
+        for t in range(x.shape[1]):
+            state = 0.5 * state + x[:, t]
+            outputs.append(state)
+        return self.head(torch.stack(outputs, 1))
+
+
+def test_a_graph_fixed_to_the_example_length_is_refused():
+    with pytest.raises(GraphStructureError, match=r"torch.export fixed the sequence length to 16 when capturing Scan"):
+        fxslice.compress(Scan().eval(), toy_calibration(), 0.25, progress=False)
