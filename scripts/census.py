@@ -17,7 +17,8 @@ Families run in a worker process; one that exceeds ``--timeout`` seconds or cras
 recorded as failed (the worker is restarted for the rest). Results go to ``runs/bench/census.jsonl`` and a table is printed.
 
     python scripts/census.py                       # all (~15-25 min on 2 cores)
-    python scripts/census.py --only llama mixtral  # some
+    python scripts/census.py --only llama mixtral  # some (added to the results of earlier runs)
+    python scripts/census.py --summary             # the exact families on one line (README)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ SHRINK = {  # attribute -> tiny value, applied where the config has the attribut
     "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "n_shared_experts": 1,
     "first_k_dense_replace": 1, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8, "v_head_dim": 16, "sliding_window": 32, "attention_chunk_size": 32,
+    "n_group": 1, "topk_group": 1,
 }
 FILL = {"head_dim": 16, "num_key_value_heads": 2}  # sizes some default configs leave None (derived nowhere)
 DECODER = {"is_decoder": True}  # encoder-decoder stacks offered as causal LMs run causally only as decoders
@@ -66,14 +68,17 @@ def tiny_config(model_type: str):
         sizes.update({key: len(kinds) for key in LAYER_COUNTS if _int_attribute(default, key)})
     if _int_attribute(default, "rotary_dim"):  # partial rotary: at most the tiny head size
         sizes["rotary_dim"] = 8
+    if _int_attribute(default, "qk_rope_head_dim"):  # multi-head latent attention: rotary on the rope part
+        sizes["head_dim"] = SHRINK["qk_rope_head_dim"]
     try:
         config = AutoConfig.for_model(model_type, **sizes)
     except Exception:  # noqa: BLE001 - a constructor that refuses some size: shrink the default instead
         config = default
     text = getattr(config, "text_config", None)
     for target in [config] + ([text] if text is not None and text is not config else []):
+        built = target is config and config is not default  # what the constructor took stays as it made it
         for key, value in SHRINK.items():
-            if _int_attribute(target, key) and getattr(target, key) != value:
+            if not (built and key in sizes) and _int_attribute(target, key) and getattr(target, key) != value:
                 _set(target, key, value)
         for key in TOKEN_IDS:
             current = getattr(target, key, None)
@@ -205,6 +210,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/census.jsonl")
     parser.add_argument("--timeout", type=int, default=120, help="seconds per family")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--summary", action="store_true", help="list the exact families on one line")
     parser.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
@@ -215,10 +221,12 @@ def main() -> None:
     if args.fresh and out.exists():
         out.unlink()
     names = args.only or model_types()
+    again = set(args.only or [])  # families named with --only run again even when recorded
     while True:
         done = results(out)
-        todo = [n for n in names if n not in done]
-        crashed = [n for n in names if done.get(n, {}).get("status") == "started"]
+        todo = [n for n in names if n not in done or n in again]
+        again = set()
+        crashed = [n for n in names if done.get(n, {}).get("status") == "started" and n not in todo]
         for name in crashed:  # the worker died (or timed out) on it
             with out.open("a") as handle:
                 handle.write(json.dumps({"model_type": name, "status": "failed",
@@ -229,13 +237,16 @@ def main() -> None:
                                            "--timeout", str(args.timeout)])
         while worker_process.poll() is None:  # hung outside Python (no alarm gets through): killed,
             time.sleep(2)                     # and the family in progress is recorded failed
-            if time.time() - out.stat().st_mtime > 2 * args.timeout:
+            if out.exists() and time.time() - out.stat().st_mtime > 2 * args.timeout:
                 worker_process.kill()
                 worker_process.wait()
     final = {n: r for n, r in results(out).items() if n in names}
     counts = Counter(r["status"] for r in final.values())
     print(tabulate(sorted(counts.items()), ["status", "families"], tablefmt="github"))
     print()
+    if args.summary:  # the exact families on one line, a row for each of the others
+        print("exact: " + ", ".join(n for n, r in sorted(final.items()) if r["status"] == "exact") + "\n")
+        final = {n: r for n, r in final.items() if r["status"] != "exact"}
     rows = [[n, r["status"], f"{100 * r['fraction_at_25']:.0f}%" if "fraction_at_25" in r else "", r.get("error", "")[:140]]
             for n, r in sorted(final.items())]
     print(tabulate(rows, ["model type", "status", "params at 25%", "error"], tablefmt="github"))
