@@ -49,10 +49,11 @@ class Decoder(nn.Module):
     """Two pre-norm MLP blocks; ``norm`` builds every norm, ``shared_final`` calls one weightless norm
     both before the first block and after the last (NanoChat), ``scale_in_place`` scales the embedding
     with ``mul_`` and adds ``0`` (CTRL), ``positions`` adds a sinusoidal table gathered by position
-    (XGLM), ``clamp_ids`` edits the ids before the embedding (Gemma 3)."""
+    (XGLM), ``clamp_ids`` edits the ids before the embedding (Gemma 3), ``view_update`` scales the first
+    token through an in-place update of a view (linear-attention layers write state that way)."""
 
     def __init__(self, norm=lambda: nn.RMSNorm(WIDTH, eps=1e-6), shared_final=False, scale_in_place=False,
-                 positions=False, clamp_ids=False):
+                 positions=False, clamp_ids=False, view_update=False):
         super().__init__()
         self.embed = nn.Embedding(TOY_VOCAB, WIDTH)
         self.norms = nn.ModuleList(norm() for _ in range(2))
@@ -61,7 +62,7 @@ class Decoder(nn.Module):
         self.shared = L2Norm() if shared_final else None
         self.final = norm()
         self.head = nn.Linear(WIDTH, TOY_VOCAB, bias=False)
-        self.scale_in_place, self.clamp_ids = scale_in_place, clamp_ids
+        self.scale_in_place, self.clamp_ids, self.view_update = scale_in_place, clamp_ids, view_update
         if positions:
             position = torch.arange(64).unsqueeze(1)
             frequency = torch.exp(torch.arange(0, WIDTH, 2) * (-math.log(10000.0) / WIDTH))
@@ -79,6 +80,10 @@ class Decoder(nn.Module):
         if self.scale_in_place:
             x.mul_(math.sqrt(WIDTH))
             x = x + 0
+        if self.view_update:  # an in-place update of a view reaches the tensor it views: not a temporary
+            scale = torch.ones(*x.shape[:-1], 1)
+            scale[:, 0].mul_(3.0)
+            x = x * scale
         if self.table is not None:
             positions = torch.arange(input_ids.shape[1])
             x = x + self.table.index_select(0, positions).unsqueeze(0)
@@ -98,6 +103,7 @@ CASES = {
     "in_place_embedding_scale": dict(scale_in_place=True),
     "sinusoidal_positions": dict(positions=True),
     "ids_edited_before_embedding": dict(clamp_ids=True),
+    "in_place_update_of_a_view": dict(view_update=True),
 }
 
 

@@ -49,6 +49,15 @@ def functional_twin(node: Node):
     return getattr(packet, node.target._overloadname, None) if packet is not None else None
 
 
+def fresh_tensor(node: Node) -> bool:
+    """Whether ``node`` makes a new tensor: an op whose result aliases none of its inputs (not a view
+    such as ``select`` or ``slice``, whose in-place update would reach the tensor it views)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    returns = node.target._schema.returns
+    return len(returns) == 1 and returns[0].alias_info is None
+
+
 def calls(node: object, ops) -> bool:
     """Whether ``node`` is a ``call_function`` of ``ops`` (one overload or a set of them)."""
     if not isinstance(node, Node) or node.op != "call_function":
