@@ -227,6 +227,14 @@ class NodeKinds:
             return node.target is ops.aten.mul.Tensor and b is src and self.row_scalar(a, vin)
         return False
 
+    @staticmethod
+    def shape_query(node: Node, src: Node) -> bool:
+        """Whether ``node`` reads only the shape, dtype or device of ``src``: the size of a leading
+        dimension, or a new tensor made like it (``zeros_like``, ``new_zeros``)."""
+        if ops.calls(node, ops.SYM_SIZE):
+            return node.args[1] not in (-1, example_value(src).dim() - 1)
+        return ops.calls(node, ops.LIKE) and node.args[0] is src
+
     def row_scalar(self, value, stream) -> bool:
         """A factor the same for every hidden coordinate of a row: a constant scalar, or a tensor
         whose last dimension is 1 (per-token routing weights: ``(w x) Q = w (x Q)``)."""
@@ -400,9 +408,7 @@ class StreamWalk:
             return Use.RESIDUAL_ADD, None
         if kinds.walks_through(user, src):
             return Use.ALIAS, None
-        if ops.calls(user, ops.SYM_SIZE) and user.args[1] not in (-1, example_value(src).dim() - 1):
-            return Use.SHAPE_QUERY, None
-        if ops.calls(user, ops.LIKE) and user.args[0] is src:  # a new tensor made from the stream's shape or dtype
+        if kinds.shape_query(user, src):
             return Use.SHAPE_QUERY, None
         raise GraphStructureError(
             f"{describe(user)} consumes the residual stream (position {index}, value '{src.name}'); only norms matched by a "
@@ -472,6 +478,8 @@ class StreamWalk:
                         site.reshapes.append(user)
                 elif self.kinds.is_linear(user):
                     readers.append(user)
+                elif self.kinds.shape_query(user, src):
+                    continue
                 elif ops.is_tensor_add(user) or self.kinds.norm_site(user) is not None:
                     return None  # the stream goes on from here
                 else:
