@@ -49,13 +49,21 @@ def functional_twin(node: Node):
     return getattr(packet, node.target._overloadname, None) if packet is not None else None
 
 
-def fresh_tensor(node: Node) -> bool:
-    """Whether ``node`` makes a new tensor: an op whose result aliases none of its inputs (not a view
-    such as ``select`` or ``slice``, whose in-place update would reach the tensor it views)."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return False
-    returns = node.target._schema.returns
-    return len(returns) == 1 and returns[0].alias_info is None
+def private_tensor(node: Node) -> bool:
+    """Whether an in-place update of ``node`` can be seen by nothing but its one user: ``node`` makes a
+    new tensor, or is a view (``squeeze``, ``select``) of one that nothing else reads either."""
+    while True:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            return False
+        returns = node.target._schema.returns
+        if len(returns) != 1:
+            return False
+        if returns[0].alias_info is None:
+            return True
+        base = node.args[0] if node.args else None
+        if not isinstance(base, Node) or len(base.users) != 1:  # the viewed tensor is read elsewhere
+            return False
+        node = base
 
 
 def calls(node: object, ops) -> bool:

@@ -103,7 +103,7 @@ def remove_noops(graph) -> None:
         else:
             functional = ops.functional_twin(node)
             mutated = node.args[0] if functional is not None else None
-            if isinstance(mutated, Node) and len(mutated.users) == 1 and ops.fresh_tensor(mutated):
+            if isinstance(mutated, Node) and len(mutated.users) == 1 and ops.private_tensor(mutated):
                 node.target = functional  # a temporary no one reads afterwards: ``x.mul_(s)`` is ``x * s``
 
 
