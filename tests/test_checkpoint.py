@@ -48,7 +48,8 @@ def _save(model, folder: Path, **kwargs) -> Path:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("sparsity, masked, basis", [(0.0, False, "position"), (0.25, True, "block")])
+@pytest.mark.parametrize("sparsity, masked, basis", [pytest.param(0.0, False, "position", marks=pytest.mark.slow),
+                                                    (0.25, True, "block")])
 def test_streamed_checkpoint_equals_the_model_in_memory(tmp_path, family, sparsity, masked, basis):
     model = tiny_model(family)
     folder = _save(model, tmp_path / "ckpt")

@@ -17,6 +17,8 @@ from fxslice.runtime.compiled import compile_folder
 from fxslice.runtime.generate import generate, with_cache
 from tiny_models import VOCAB, calibration, tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # AOTInductor compiles: minutes on 2 cores
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
 

@@ -15,6 +15,8 @@ from fxslice.hf import logits_of
 
 from tiny_models import VOCAB, tiny_model
 
+pytestmark = pytest.mark.slow  # two gloo processes per test
+
 WORLD = 2
 
 

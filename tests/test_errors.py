@@ -176,6 +176,7 @@ fxslice.save(sliced, {target!r}, overwrite=True, record={{"sparsity": 0.5}})
 """
 
 
+@pytest.mark.slow
 def test_a_save_killed_midway_leaves_the_previous_folder_intact(sliced, tmp_path):
     target = tmp_path / "model"
     fxslice.save(sliced, target, record={"sparsity": 0.25})
@@ -244,6 +245,7 @@ def test_cli_refuses_bad_options_before_any_work_in_one_line(args, message):
     assert time.perf_counter() - started < 60, "the option was checked only after real work"
 
 
+@pytest.mark.slow
 def test_cli_generate_past_the_cache_is_one_line(sliced, llama, tmp_path):
     program = with_cache(llama, sliced, max_cache_len=16)
     folder = fxslice.save(sliced, tmp_path / "gen", tokenizer=tiny_tokenizer(), generator=program)

@@ -15,7 +15,8 @@ def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["no-mask/position-basis", "right-padded-mask/block-basis"])
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["no-mask/position-basis", "right-padded-mask/block-basis"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sparsity_zero_is_exact_and_source_untouched(family, masked):
     model = tiny_model(family)

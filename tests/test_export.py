@@ -135,6 +135,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "fxslice.cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_compress_eval_inspect(tiny_folder, tmp_path):
     out = tmp_path / "sliced"
     data = ["--calibration", "kjv", "--calibration-windows", "4", "--eval", "kjv", "stdlib", "--eval-windows", "2",
@@ -172,6 +173,7 @@ def test_cli_compress_eval_inspect(tiny_folder, tmp_path):
     assert both.returncode == 2 and "not both" in both.stderr and both.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_streams_a_checkpoint_alone_and_on_two_torchrun_processes(tiny_folder, tmp_path):
     data = ["--calibration", "kjv", "--calibration-windows", "4", "--eval", "kjv", "--eval-windows", "2",
             "--length", "32", "--batch-size", "1", "--no-progress", "--max-cache-len", "64"]
@@ -190,6 +192,7 @@ def test_cli_streams_a_checkpoint_alone_and_on_two_torchrun_processes(tiny_folde
     assert abs(first["perplexity"]["kjv"] - second["perplexity"]["kjv"]) < 1e-3 * first["perplexity"]["kjv"]
 
 
+@pytest.mark.slow
 def test_cli_help_documents_every_option():
     import argparse
 

@@ -80,6 +80,7 @@ def test_loglikelihood_matches_a_direct_computation_and_batching(sliced):
     assert abs(one[0][0] - direct) < 1e-4
 
 
+@pytest.mark.slow
 def test_local_kjv_task_runs_end_to_end(sliced):
     results = evaluate_tasks(sliced, tiny_tokenizer(), ["kjv_verse_end"], limit=8, batch_size=4)
     accuracy = results["results"]["kjv_verse_end"]["acc,none"]
@@ -89,6 +90,7 @@ def test_local_kjv_task_runs_end_to_end(sliced):
         evaluate_tasks(sliced, tiny_tokenizer(), ["no_such_task_xyz"], limit=2)
 
 
+@pytest.mark.slow
 def test_cli_finetune_and_task_eval(sliced, tmp_path):
     tokenizer = tiny_tokenizer()
     folder = save(sliced, tmp_path / "sliced", tokenizer=tokenizer, record={"sparsity": 0.25, "source_model": "tiny"})

