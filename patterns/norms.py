@@ -12,14 +12,14 @@ RMS_NORM = ops.aten.rms_norm.default
 LAYER_NORM = tuple(ops.LAYER_NORMS)
 POW = ops.aten.pow.Tensor_Scalar
 MEANS = frozenset({ops.aten.mean.dim, ops.aten.mean.default})
-SUMS = frozenset({ops.aten.sum.dim_IntList})
+SUM = ops.aten.sum.dim_IntList
 
 
 def _eps_added_to_mean(region: Region, default: float = 1e-6) -> float:
     """The constant added to ``mean(x^2)`` (or ``sum(x^2)``) before the inverse root (the epsilon)."""
     for node in region.nodes_calling(ops.ADD):
         first, second = node.args[0], node.args[1]
-        if isinstance(second, float) and ops.calls(first, MEANS | SUMS):
+        if isinstance(second, float) and ops.calls(first, MEANS | {SUM}):
             return second
     return default
 
@@ -32,7 +32,7 @@ def _inverse_root(region: Region) -> bool:
 def _sums_squares(region: Region) -> bool:
     """An L2 norm ``x / sqrt(sum(x^2) + eps)``: sums where an RMSNorm averages."""
     squares = region.nodes_calling(POW)
-    return not region.uses(*MEANS) and any(n.args[0] in squares for n in region.nodes_calling(ops.aten.sum.dim_IntList))
+    return not region.uses(*MEANS) and any(n.args[0] in squares for n in region.nodes_calling(SUM))
 
 
 def _single_vector_param(region: Region) -> torch.Tensor | None:

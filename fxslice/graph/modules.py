@@ -55,7 +55,11 @@ class ExpertLinear(nn.Module):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
-        self.num_experts, self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.out_features, self.in_features = int(weight.shape[1]), int(weight.shape[2])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.weight.shape[0])
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias

@@ -9,6 +9,8 @@ The parameters still share storage with the caller's model; nothing here writes 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
@@ -41,8 +43,9 @@ def canonicalise(gm: GraphModule) -> GraphModule:
                 modules.linear(match)
                 break
     for node in list(graph.nodes):  # after the linears, which take their gathered expert biases along
-        if node.graph is graph and node.users and is_table_gather(gm, node):
-            modules.table_lookup(node)
+        gather = table_gather(gm, node) if node.graph is graph and node.users else None
+        if gather is not None:
+            modules.table_lookup(node, *gather)
     drop_dead_nodes(graph)
     canonical = GraphModule(modules.root(graph), graph, class_name=GRAPH_CLASS)
     canonical.graph.lint()
@@ -73,23 +76,26 @@ def is_noop(node: Node) -> bool:
         return train is False
     if ops.calls(node, ops.SLICE):
         return _full_slice(node)
-    if ops.calls(node, frozenset(ops.NEUTRAL_CONSTANT)) and len(node.args) == 2 and not isinstance(node.args[1], (Node, bool)):
+    if node.op == "call_function" and node.target in ops.NEUTRAL_CONSTANT and len(node.args) == 2 \
+            and not isinstance(node.args[1], (Node, bool)):
         return node.args[1] == ops.NEUTRAL_CONSTANT[node.target] and _same_layout(node)  # x + 0, x * 1
     return False
 
 
-def is_table_gather(gm: GraphModule, node: Node) -> bool:
-    """``T[ids]`` or ``index_select(T, 0, ids)`` of a 2-D floating-point parameter or buffer ``T``
-    with integer ``ids``: an embedding lookup written by hand (sinusoidal or learned position tables)."""
+def table_gather(gm: GraphModule, node: Node) -> Optional[tuple[Node, Node]]:
+    """``(T, ids)`` for ``T[ids]`` or ``index_select(T, 0, ids)`` of a 2-D floating-point parameter or
+    buffer ``T`` with integer ``ids``: an embedding lookup written by hand (sinusoidal or learned
+    position tables); None for anything else."""
     if ops.calls(node, ops.aten.index.Tensor) and len(node.args[1]) == 1:
         table, ids = node.args[0], node.args[1][0]
     elif ops.calls(node, ops.aten.index_select.default) and node.args[1] == 0:
         table, ids = node.args[0], node.args[2]
     else:
-        return False
+        return None
     values, rows = parameter_of(gm, table), example_value(ids)
-    return (values is not None and values.dim() == 2 and values.is_floating_point()
-            and rows is not None and not rows.is_floating_point() and not rows.dtype == torch.bool)
+    found = (values is not None and values.dim() == 2 and values.is_floating_point()
+             and rows is not None and not rows.is_floating_point() and rows.dtype != torch.bool)
+    return (table, ids) if found else None
 
 
 def remove_noops(graph) -> None:
@@ -171,11 +177,9 @@ class ModuleBuilder:
             raise GraphStructureError(f"{describe(node)} looks up an embedding table that is not a parameter")
         self._lookup(node, weight_node, ids, module_path(node)[0] or str(weight_node.target).rsplit(".", 1)[0])
 
-    def table_lookup(self, node: Node) -> None:
-        """A gather from a constant table (:func:`is_table_gather`) becomes an ``nn.Embedding`` named
+    def table_lookup(self, node: Node, table: Node, ids: Node) -> None:
+        """A gather from a constant table (:func:`table_gather`) becomes an ``nn.Embedding`` named
         after the table."""
-        table = node.args[0]
-        ids = node.args[1][0] if node.target is ops.aten.index.Tensor else node.args[2]
         self._lookup(node, table, ids, str(table.target))
 
     def _lookup(self, node: Node, table: Node, ids: Node, name: str) -> None:
