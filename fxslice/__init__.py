@@ -9,7 +9,9 @@
     fxslice.save(sliced, "out", tokenizer); model, tokenizer = fxslice.load("out")
     sliced = fxslice.compress("path/to/checkpoint", calib_batches, 0.25)   # streamed, block by block
 
-Layout: ``passes/`` (the graph pass, one module per step), ``graph/`` (helpers the passes share,
+Layout: ``passes/`` (the graph pass, one module per step, numbered in run order; the recorded slice
+and its replay), ``options.py`` (what the user asks for), ``source.py`` (what a second capture of
+the model needs), ``graph/`` (helpers the passes share,
 the weight store every weight edit goes through), ``runtime/`` (saving, loading and running the
 sliced program), ``jobs/`` (what users run around it: shipped models and texts, perplexity,
 fine-tuning, zero-shot tasks), ``hf.py`` (every Hugging Face assumption about a model object),
@@ -23,9 +25,9 @@ from .graph.inserted import InsertedModule
 from .passes.p3_analyse import Structure
 from .registry import LinearMatch, NormSpec, Region, register_linear_pattern, register_norm_pattern, unregister_pattern
 from .result import SliceResult
-from .runtime.export import load, save
-
-__version__ = "0.1.0"
+from .runtime.load import load
+from .runtime.save import save
+from .version import __version__
 
 from . import patterns  # noqa: E402,F401  (registers the built-in patterns from the top-level patterns/ folder)
 

@@ -1,4 +1,4 @@
-"""Calibration data: validated before anything is captured or changed, handed to pass 5 as batches."""
+"""Calibration data: validated before anything is captured or changed, handed to the passes as batches."""
 
 from __future__ import annotations
 

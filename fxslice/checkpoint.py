@@ -234,7 +234,7 @@ def checkpoint_weights(gm: nn.Module, checkpoint: Checkpoint, storage_keys: dict
     Embedding reads its parameters from the checkpoint when fetched (the same view of the stored
     tensor the graph took, e.g. a GPT-2 ``Conv1D`` weight transposed); every other unread tensor
     of the graph is read now."""
-    from .graph.store import Source, StreamedWeights, held, managed_modules
+    from .graph.store import StreamedWeights, held, managed_modules
 
     managed = managed_modules(gm)
     sources: dict[str, dict[str, Source]] = {}

@@ -17,8 +17,7 @@ from .distributed import init_from_environment, is_writer, shutdown
 from .errors import FxSliceError
 from .jobs.assets import DTYPES, SHIPPED
 from .jobs.data import CORPORA, Protocol
-from .passes.p5_rotate import BASES, PCA_SIGNALS
-from .passes.p6_hidden import ALLOCATIONS
+from .options import ALLOCATIONS, BASES, PCA_SIGNALS
 
 PROTOCOL = Protocol()  # the default data protocol
 
@@ -46,6 +45,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """An integer >= 0 (0 switches the thing off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -96,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     comp.add_argument("--no-eval", action="store_true", help="skip all perplexity evaluation")
     comp.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    comp.add_argument("--max-cache-len", type=int, default=1024,
+    comp.add_argument("--max-cache-len", type=_count, default=1024,
                       help="KV-cache length of the saved generation program (0: save no generation program)")
     comp.add_argument("--cache-batch-size", type=_positive_int, default=1,
                       help="sequences the saved KV-cache program generates at once (fewer are padded)")

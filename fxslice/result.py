@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from tabulate import tabulate
 
 from .graph.inserted import InsertedModule
+
+if TYPE_CHECKING:
+    from .passes.slice_record import Slice
+    from .source import ModelSource
 
 
 class Stopwatch:
@@ -58,6 +62,11 @@ class SliceResult:
     """MLP writer -> ``‖H Wᵀ − H_S Xᵀ‖² / ‖H Wᵀ‖²`` of its refit on the calibration data."""
     norm_eps: dict[str, float] = field(default_factory=dict)
     """weightless norm -> its epsilon, where a sliced branch added its removed energy (pass 7)."""
+    slice: Optional["Slice"] = None
+    """every graph edit the rotation made, in order (:mod:`fxslice.passes.slice_record`): what another
+    capture of the model replays to take the sliced shapes."""
+    source: Optional["ModelSource"] = None
+    """how the model can be captured again (:mod:`fxslice.source`); not part of the record."""
 
     @property
     def param_fraction(self) -> float:
@@ -85,6 +94,7 @@ class SliceResult:
             "hidden_sparsity": self.hidden_sparsity,
             "hidden_widths": {k: list(v) for k, v in self.hidden_widths.items()},
             "norm_eps": self.norm_eps,
+            **({"slice": self.slice.to_record()} if self.slice is not None else {}),
         }
 
     def table(self) -> str:

@@ -110,7 +110,7 @@ def run(shape: str, path: str, out: str) -> None:
     saved_bytes = 0
     if is_writer():
         with tempfile.TemporaryDirectory(prefix="fxslice-bench-") as folder:
-            program = with_cache(model, sliced, max_cache_len=LENGTH, share_weights=True)
+            program = with_cache(sliced, max_cache_len=LENGTH, share_weights=True)
             target = fxslice.save(sliced, Path(folder) / "sliced", generator=program)
             saved_bytes = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     record = {"shape": shape, "path": path, "processes": world_size(), "rank": rank(), "checkpoint_bytes": nbytes,

@@ -44,7 +44,8 @@ from fxslice.jobs.data import Protocol, batches, protocol_data  # noqa: E402
 from fxslice.passes.p1_capture import capture  # noqa: E402
 from fxslice.passes.p2_canonicalise import canonicalise  # noqa: E402
 from fxslice.runtime.compiled import build_package, load_with_own_constants  # noqa: E402
-from fxslice.runtime.export import export_generator, export_program, save  # noqa: E402
+from fxslice.runtime.programs import export_generator, export_program  # noqa: E402
+from fxslice.runtime.save import save  # noqa: E402
 from fxslice.runtime.generate import capture_with_cache, with_cache  # noqa: E402
 
 
@@ -209,7 +210,7 @@ def main() -> None:
     timings = dict(sliced["25%"].fxslice.timings)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:  # what `fxslice compress` saves: model.pt2 and generate.pt2
-        generator = with_cache(model, sliced["25%"], batch_size=1, max_cache_len=1024)
+        generator = with_cache(sliced["25%"], batch_size=1, max_cache_len=1024)
         save(sliced["25%"], Path(folder) / "m", tokenizer, {"sparsity": 0.25}, generator=generator)
     timings["export"] = time.perf_counter() - started
     # speed does not depend on the calibration data: two batches suffice for the other basis
@@ -246,7 +247,7 @@ def main() -> None:
             lambda prompt, p=compiled[f"decode b{batch}"]: program_decode(p, prompt, STEPS))
     eager_programs = {}
     for name, net in sliced.items():
-        programs = {b: with_cache(model, net, b, CACHE) for b in (1, 8)}
+        programs = {b: with_cache(net, b, CACHE) for b in (1, 8)}
         eager_programs[name] = programs
         prefill[f"sliced {name} eager"] = net
         compiled = aoti({"prefill": export_program(net, vocab),

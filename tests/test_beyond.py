@@ -11,12 +11,14 @@ from fxslice.hf import model_spec
 from fxslice.passes.p1_capture import capture
 from fxslice.passes.p2_canonicalise import canonicalise
 from fxslice.passes.p3_analyse import analyse
-from fxslice.passes.p4_fuse import fuse
-from fxslice.passes.p5_rotate import basis_groups
-from fxslice.passes.p6_hidden import find_mlps, refit, select_units, trace_mlp
-from fxslice.passes.p7_branches import BranchRotator
-from fxslice.passes.widths import plan_budget, sliced_parameter_count, uniform_widths
-from fxslice.runtime.export import load, save
+from fxslice.passes.p4_mlps import find_mlps, trace_mlp
+from fxslice.passes.p5_fuse import fuse
+from fxslice.passes.p6_widths import basis_groups, plan_budget, sliced_parameter_count, uniform_widths
+from fxslice.passes.p7_rotate.branches import BranchRotator
+from fxslice.passes.p7_rotate.hidden import refit, select_units
+from fxslice.passes.slice_record import Slice
+from fxslice.runtime.load import load
+from fxslice.runtime.save import save
 from fxslice.runtime.generate import generate, with_cache
 from tiny_models import FAMILIES, VOCAB, calibration, masked_calibration, tiny_model, tiny_tokenizer
 
@@ -34,8 +36,11 @@ def _plan(family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_has_one_mlp_per_layer_found_from_the_graph(family):
-    model, plan = _plan(family)
-    search = find_mlps(plan)
+    model = tiny_model(family)
+    structure = analyse(canonicalise(capture(model, model_spec(model))))
+    search = find_mlps(structure)
+    plan = fuse(structure, mlps=search.mlps)
+    assert plan.mlps == search.mlps
     layers = model.config.num_hidden_layers
     assert len(search.mlps) == layers, search.skipped
     for mlp in search.mlps:
@@ -53,7 +58,7 @@ def test_every_family_has_one_mlp_per_layer_found_from_the_graph(family):
 def test_a_hidden_unit_meeting_a_non_elementwise_op_is_refused_with_the_node():
     _, plan = _plan("llama")
     with pytest.raises(GraphStructureError, match=r"o_proj' cannot be sliced: node '.*' \(call_function: aten\.\w+"):
-        trace_mlp(plan, "model.layers.0.self_attn.o_proj", 1)
+        trace_mlp(plan.gm, "model.layers.0.self_attn.o_proj", 1)
 
     class SoftmaxMLP(nn.Module):  # softmax mixes the hidden units
         def __init__(self):
@@ -65,13 +70,8 @@ def test_a_hidden_unit_meeting_a_non_elementwise_op_is_refused_with_the_node():
 
     gm = canonicalise(torch.export.export(SoftmaxMLP(), (torch.randn(2, 8),)).module())
 
-    class Stub:
-        pass
-
-    stub = Stub()
-    stub.gm = gm
     with pytest.raises(GraphStructureError, match=r"'down' cannot be sliced: node '.*softmax.*' .* is not elementwise"):
-        trace_mlp(stub, "down", 1)
+        trace_mlp(gm, "down", 1)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "gemma2", "falcon_new"])
@@ -87,9 +87,11 @@ def test_keeping_every_unit_and_every_branch_direction_is_exact(family):
         reference = getattr(reference, "logits", reference)
         rotator = BranchRotator(plan, [plan.hidden_size] * len(plan.positions))
         rotator.branches = list(plan.branches)
-        for branch in plan.branches:
+        record = Slice(len(plan.positions))
+        for number in range(len(plan.branches)):
             summed = torch.randn(plan.hidden_size, plan.hidden_size, dtype=torch.float64)
-            rotator.rotate(branch, summed @ summed.T, 100.0)
+            rotator.rotate(number, summed @ summed.T, 100.0, record)
+        plan.gm.recompile()
         out = plan.gm(IDS)
         assert (getattr(out, "logits", out) - reference).abs().max() < 1e-4
 
@@ -97,7 +99,7 @@ def test_keeping_every_unit_and_every_branch_direction_is_exact(family):
 def _hidden_statistics(family):
     model = tiny_model(family)
     sliced = fxslice.compress(model, calibration(), 0.0, progress=False)
-    mlp = find_mlps(fuse(analyse(canonicalise(capture(model, model_spec(model)))))).mlps[0]
+    mlp = find_mlps(analyse(canonicalise(capture(model, model_spec(model))))).mlps[0]
     seen = []
     module = sliced.get_submodule(mlp.writer)
     handle = module.register_forward_pre_hook(lambda _, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
@@ -131,9 +133,8 @@ def test_predicted_count_is_the_true_count(family, basis):
     sliced = fxslice.compress(model, calibration(), 0.25, hidden_sparsity=0.3, basis=basis, progress=False)
     result = sliced.fxslice
     _, plan = _plan(family)
-    mlps = find_mlps(plan).mlps
-    widths = uniform_widths(plan, mlps, 0.25, 0.3, 8, False)
-    assert sliced_parameter_count(plan, mlps, widths, basis_groups(plan, basis)) == result.param_count
+    widths = uniform_widths(plan, 0.25, 0.3, 8, False, basis_groups(plan, basis))
+    assert sliced_parameter_count(plan, widths) == result.param_count
     assert result.param_count == sum(p.numel() for p in sliced.parameters())
     assert all(kept < full for kept, full in result.hidden_widths.values()) and result.hidden_widths
     with torch.no_grad():
@@ -167,7 +168,7 @@ def test_target_params_refusals():
     _, plan = _plan("llama")
     dense = sum(p.numel() for p in tiny_model("llama").parameters())
     with pytest.raises(FxSliceError, match=r"out of reach: the narrowest slice \(64 stream columns\)"):
-        plan_budget(plan, find_mlps(plan).mlps, 0.8, dense, 64, False, basis_groups(plan, "block"))
+        plan_budget(plan, 0.8, dense, 64, False, basis_groups(plan, "block"))
 
 
 @pytest.mark.parametrize("family", ["gemma2", "phi3"])
@@ -175,7 +176,7 @@ def test_budget_slices_generate_save_and_reload(family, tmp_path):
     model = tiny_model(family)
     sliced = fxslice.compress(model, masked_calibration(), target_params=0.8, progress=False)
     assert sliced.fxslice.hidden_widths and (family != "gemma2" or sliced.fxslice.norm_eps)
-    program = with_cache(model, sliced, max_cache_len=32)
+    program = with_cache(sliced, max_cache_len=32)
     prompt = IDS[:1, :7]
     with torch.no_grad():
         assert (program(prompt, torch.arange(7)) - sliced(prompt).logits).abs().max() < 1e-4

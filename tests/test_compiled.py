@@ -28,7 +28,7 @@ def compiled_folder(tmp_path_factory):
     """A 25% slice of tiny Llama (tied head, block basis) saved with a batch-2 KV cache, compiled for the CPU."""
     model = tiny_model("llama_tied")
     sliced = fxslice.compress(model, calibration(), 0.25, basis="block", progress=False)
-    generator = with_cache(model, sliced, batch_size=2, max_cache_len=32)
+    generator = with_cache(sliced, batch_size=2, max_cache_len=32)
     folder = fxslice.save(sliced, tmp_path_factory.mktemp("compiled") / "sliced", tiny_tokenizer(), generator=generator)
     before = {p.name: p.stat().st_size for p in folder.iterdir()}
     [outcome] = compile_folder(folder, ["cpu"], progress=False)
@@ -90,7 +90,7 @@ def test_cli_generate_and_eval_use_the_package(compiled_folder, capsys):
     folder, _ = compiled_folder
     assert main(["generate", str(folder), "--prompt", "And God said", "--max-new-tokens", "4"]) == 0
     from fxslice.jobs.generation import generate_job
-    from fxslice.runtime.export import load
+    from fxslice.runtime.load import load
 
     assert load(folder)[0].compiled
     assert generate_job(str(folder), "In the beginning", 3).new_tokens == 3
@@ -167,7 +167,7 @@ def test_compile_checks_every_device_before_compiling(compiled_folder):
 def test_compiled_greedy_tokens_equal_hugging_face_at_sparsity_zero(family, tmp_path):
     model = tiny_model(family)
     sliced = fxslice.compress(model, calibration(), 0.0, progress=False)
-    folder = fxslice.save(sliced, tmp_path / "dense", generator=with_cache(model, sliced, max_cache_len=32))
+    folder = fxslice.save(sliced, tmp_path / "dense", generator=with_cache(sliced, max_cache_len=32))
     assert compile_folder(folder, ["cpu"], progress=False)[0].failure is None
     compiled, _ = fxslice.load(folder)
     assert compiled.compiled

@@ -34,7 +34,7 @@ def sliced(llama):
 
 @pytest.fixture(scope="module")
 def saved(sliced, tmp_path_factory):
-    return fxslice.save(sliced, tmp_path_factory.mktemp("saved") / "sliced")
+    return fxslice.save(sliced, tmp_path_factory.mktemp("saved") / "sliced", max_cache_len=0)
 
 
 def _state(model):
@@ -105,7 +105,7 @@ def test_encoder_model_is_refused_as_not_causal():
 ])
 def test_save_checks_its_arguments(sliced, tmp_path, model, tokenizer, message):
     with pytest.raises(FxSliceError, match=message):
-        fxslice.save(sliced if model == "sliced" else model, tmp_path / "out", tokenizer)
+        fxslice.save(sliced if model == "sliced" else model, tmp_path / "out", tokenizer, max_cache_len=0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -114,15 +114,15 @@ def test_overwrite_refuses_a_folder_fxslice_did_not_write(sliced, tmp_path):
     folder.mkdir()
     (folder / "notes.txt").write_text("precious")
     with pytest.raises(FxSliceError, match="did not write"):
-        fxslice.save(sliced, folder, overwrite=True)
+        fxslice.save(sliced, folder, overwrite=True, max_cache_len=0)
     assert (folder / "notes.txt").read_text() == "precious" and len(list(folder.iterdir())) == 1
     afile = tmp_path / "file"
     afile.write_text("x")
     with pytest.raises(FxSliceError, match="not a folder"):
-        fxslice.save(sliced, afile, overwrite=True)
+        fxslice.save(sliced, afile, overwrite=True, max_cache_len=0)
     empty = tmp_path / "empty"
     empty.mkdir()
-    fxslice.save(sliced, empty, overwrite=True)  # an empty folder may be filled
+    fxslice.save(sliced, empty, overwrite=True, max_cache_len=0)  # an empty folder may be filled
     assert (empty / "fxslice.json").is_file()
 
 
@@ -172,14 +172,14 @@ def slow_save(program, path, *args, **kwargs):
     open({marker!r}, "w").write("half written")
     time.sleep(60)
 torch.export.save = slow_save
-fxslice.save(sliced, {target!r}, overwrite=True, record={{"sparsity": 0.5}})
+fxslice.save(sliced, {target!r}, overwrite=True, record={{"sparsity": 0.5}}, max_cache_len=0)
 """
 
 
 @pytest.mark.slow
 def test_a_save_killed_midway_leaves_the_previous_folder_intact(sliced, tmp_path):
     target = tmp_path / "model"
-    fxslice.save(sliced, target, record={"sparsity": 0.25})
+    fxslice.save(sliced, target, record={"sparsity": 0.25}, max_cache_len=0)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     marker = tmp_path.parent / f"{tmp_path.name}.marker"
     script = KILLED_SAVE.format(tests=TESTS, marker=str(marker), target=str(target))
@@ -198,7 +198,7 @@ def test_a_save_killed_midway_leaves_the_previous_folder_intact(sliced, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["model"], "a partial folder was left beside the target"
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert fxslice.load(target)[0].record["sparsity"] == 0.25
-    fxslice.save(sliced, target, overwrite=True, record={"sparsity": 0.5})  # cleans up after the killed save
+    fxslice.save(sliced, target, overwrite=True, record={"sparsity": 0.5}, max_cache_len=0)  # cleans up after the killed save
     leftovers = [p for where in (tmp_path, Path(tempfile.gettempdir())) for p in where.glob(".model.fxslice-*")
                  if p.name.split("fxslice-")[1].split("-")[0] == str(process.pid)]
     assert not leftovers and fxslice.load(target)[0].record["sparsity"] == 0.5
@@ -206,7 +206,7 @@ def test_a_save_killed_midway_leaves_the_previous_folder_intact(sliced, tmp_path
 
 # --- generation --------------------------------------------------------------------------------------------
 def test_generation_beyond_the_cache_is_refused(llama, sliced):
-    program = with_cache(llama, sliced, max_cache_len=16)
+    program = with_cache(sliced, max_cache_len=16)
     prompt = torch.randint(0, VOCAB, (1, 10))
     with pytest.raises(FxSliceError, match="needs 17 cache slots, more than the KV cache length 16"):
         generate(program, prompt, 8)
@@ -247,7 +247,7 @@ def test_cli_refuses_bad_options_before_any_work_in_one_line(args, message):
 
 @pytest.mark.slow
 def test_cli_generate_past_the_cache_is_one_line(sliced, llama, tmp_path):
-    program = with_cache(llama, sliced, max_cache_len=16)
+    program = with_cache(sliced, max_cache_len=16)
     folder = fxslice.save(sliced, tmp_path / "gen", tokenizer=tiny_tokenizer(), generator=program)
     done = _cli("generate", str(folder), "--prompt", "And God said", "--max-new-tokens", "40")
     assert done.returncode == 2 and "more than the KV cache length 16" in done.stderr

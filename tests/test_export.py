@@ -10,7 +10,8 @@ import torch
 
 import fxslice
 from fxslice.errors import FxSliceError
-from fxslice.runtime.export import load, save
+from fxslice.runtime.load import load
+from fxslice.runtime.save import save
 from tiny_models import VOCAB, calibration, tiny_model, tiny_tokenizer
 
 IDS = [torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (5, 21))]
@@ -24,7 +25,7 @@ def sliced():
 @pytest.fixture(scope="module")
 def saved(sliced, tmp_path_factory):
     folder = tmp_path_factory.mktemp("saved") / "gemma3-tiny-0.25"
-    return save(sliced, folder, record={"source_model": "tiny gemma3", "sparsity": 0.25, "widths": sliced.fxslice.widths})
+    return save(sliced, folder, record={"source_model": "tiny gemma3", "sparsity": 0.25, "widths": sliced.fxslice.widths}, max_cache_len=0)
 
 
 def test_roundtrip_matches_the_sliced_graph(sliced, saved):
@@ -70,8 +71,8 @@ def test_plain_torch_loads_the_program_without_fxslice_or_model_code(sliced, sav
 
 def test_existing_folder_needs_overwrite(sliced, saved):
     with pytest.raises(FxSliceError, match="already exists"):
-        save(sliced, saved)
-    save(sliced, saved, overwrite=True, record={"sparsity": 0.25})
+        save(sliced, saved, max_cache_len=0)
+    save(sliced, saved, overwrite=True, record={"sparsity": 0.25}, max_cache_len=0)
     assert load(saved)[0].record["sparsity"] == 0.25
     assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]
 
@@ -82,7 +83,7 @@ def test_interrupted_save_leaves_nothing_behind(sliced, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.export, "save", boom)
     with pytest.raises(KeyboardInterrupt):
-        save(sliced, tmp_path / "never")
+        save(sliced, tmp_path / "never", max_cache_len=0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -126,7 +127,7 @@ def tiny_folder(tmp_path_factory):
 
 def test_tokenizer_larger_than_vocabulary_is_refused(sliced, tmp_path):
     folder = save(sliced, tmp_path / "mismatch", tokenizer=tiny_tokenizer(VOCAB + 60),
-                  record={"sparsity": 0.25})
+                  record={"sparsity": 0.25}, max_cache_len=0)
     with pytest.raises(FxSliceError, match="vocabulary"):
         load(folder)
 
@@ -206,3 +207,32 @@ def test_cli_help_documents_every_option():
             assert action.help, f"fxslice {name} {action.option_strings or action.dest} has no help text"
         done = _cli(name, "--help")
         assert done.returncode == 0 and f"usage: fxslice {name}" in done.stdout
+
+
+def test_every_saved_file_gets_the_users_umask(tmp_path):
+    """safetensors writes private files; a saved folder is as readable as any file the user creates."""
+    import os
+    import stat
+
+    sliced = fxslice.compress(tiny_model("llama"), calibration(), 0.25, progress=False)
+    previous = os.umask(0o022)
+    try:
+        folder = save(sliced, tmp_path / "shared", max_cache_len=16)
+    finally:
+        os.umask(previous)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.pt2", "generate.pt2", "weights.safetensors", "fxslice.json"}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("name", ["../elsewhere.safetensors", "/etc/passwd", "shards/../../x.safetensors", 7])
+def test_a_record_pointing_outside_the_folder_is_refused_before_opening_it(name, tmp_path):
+    sliced = fxslice.compress(tiny_model("llama"), calibration(), 0.25, progress=False)
+    folder = save(sliced, tmp_path / "m", max_cache_len=0)
+    record = json.loads((folder / "fxslice.json").read_text())
+    key = next(iter(record["weights"]["weight_map"]))
+    record["weights"]["weight_map"][key] = name
+    (folder / "fxslice.json").write_text(json.dumps(record))
+    with pytest.raises(FxSliceError, match=r"outside the folder|not a file name"):
+        load(folder)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fxslice
-from fxslice.runtime.export import load, save
+from fxslice.runtime.load import load
+from fxslice.runtime.save import save
 from fxslice.jobs.finetune import finetune, lora_targets, merge, train_adapters
 from fxslice.jobs.lmeval import FxSliceLM, evaluate_tasks
 from tiny_models import VOCAB, calibration, tiny_model, tiny_tokenizer
@@ -55,7 +56,7 @@ def test_lora_trains_changes_output_and_merges_exactly(sliced):
 
 
 def test_finetune_from_a_saved_folder_and_save_again(sliced, tmp_path):
-    folder = save(sliced, tmp_path / "sliced", record={"sparsity": 0.25})
+    folder = save(sliced, tmp_path / "sliced", record={"sparsity": 0.25}, max_cache_len=0)
     loaded, _ = load(folder)
     train, val = _data()
     merged, report = finetune(loaded, train[:2], val, lr=1e-2, eval_every=1, progress=False)

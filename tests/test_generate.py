@@ -8,7 +8,8 @@ import torch
 
 import fxslice
 from fxslice.errors import FxSliceError
-from fxslice.runtime.export import load, save
+from fxslice.runtime.load import load
+from fxslice.runtime.save import save
 from fxslice.jobs.finetune import finetune
 from fxslice.runtime.generate import generate, retarget, with_cache
 from tiny_models import VOCAB, calibration, tiny_model, tiny_tokenizer
@@ -19,7 +20,7 @@ PROMPT = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed
 @pytest.mark.parametrize("family", ["llama_tied", "gpt2", "gemma3_text", "phi", "falcon_new", "falcon_old"])
 def test_greedy_tokens_equal_the_dense_model_at_sparsity_zero(family):  # Falcon: cache heads as written
     model = tiny_model(family)
-    program = with_cache(model, fxslice.compress(model, calibration(), 0.0, progress=False), max_cache_len=64)
+    program = with_cache(fxslice.compress(model, calibration(), 0.0, progress=False), max_cache_len=64)
     ours = generate(program, PROMPT, 12)
     reference = model.generate(PROMPT, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert torch.equal(ours, reference)
@@ -28,7 +29,7 @@ def test_greedy_tokens_equal_the_dense_model_at_sparsity_zero(family):  # Falcon
 def test_cache_program_follows_the_block_basis():
     model = tiny_model("llama_tied")
     sliced = fxslice.compress(model, calibration(), 0.25, basis="block", progress=False)
-    program = with_cache(model, sliced, max_cache_len=64)
+    program = with_cache(sliced, max_cache_len=64)
     shortcuts = sorted(n.removeprefix("model.") for n, _ in program.named_modules() if ".shortcut_" in n)
     assert shortcuts == sorted(m.name for m in sliced.fxslice.inserted if m.kind == "shortcut")
     assert shortcuts == ["model.layers.0.shortcut_2", "model.layers.1.shortcut_4"]
@@ -40,7 +41,7 @@ def test_cache_program_follows_the_block_basis():
 def tied():
     model = tiny_model("llama_tied")
     sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
-    return model, sliced, with_cache(model, sliced, max_cache_len=64)
+    return model, sliced, with_cache(sliced, max_cache_len=64)
 
 
 def test_cached_decoding_matches_the_sliced_graph(tied):

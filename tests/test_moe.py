@@ -8,7 +8,8 @@ from torch import nn
 import fxslice
 from fxslice.errors import GraphStructureError
 from fxslice.graph.modules import ExpertLinear
-from fxslice.runtime.export import load, save
+from fxslice.runtime.load import load
+from fxslice.runtime.save import save
 from fxslice.runtime.generate import generate, with_cache
 from tiny_models import MOE_FAMILIES, VOCAB, calibration, masked_calibration, tiny_model
 
@@ -90,7 +91,7 @@ def test_bfloat16_moe_is_exact_to_its_own_rounding():
 def test_kv_cache_program_save_and_reload(family, tmp_path):
     model = tiny_model(family)
     sliced = fxslice.compress(model, masked_calibration(), 0.25, progress=False)
-    program = with_cache(model, sliced, max_cache_len=64)
+    program = with_cache(sliced, max_cache_len=64)
     with torch.no_grad():
         assert (program(PROMPT, torch.arange(PROMPT.shape[1])) - sliced(PROMPT).logits).abs().max() < 1e-4
     tokens = generate(program, PROMPT, 8)

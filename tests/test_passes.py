@@ -24,9 +24,9 @@ from fxslice.hf import causal_lm_output, model_spec
 from fxslice.passes.p1_capture import capture
 from fxslice.passes.p2_canonicalise import canonicalise
 from fxslice.passes.p3_analyse import Structure, analyse
-from fxslice.passes.p4_fuse import Plan, TiedHead, fuse
-from fxslice.passes.p5_rotate import Rotator, SegmentRunner, basis_groups, pca_basis, rotate_and_slice
-from fxslice.passes.widths import stream_widths as plan_widths
+from fxslice.passes.p5_fuse import Plan, TiedHead, fuse
+from fxslice.passes.p6_widths import Widths, basis_groups, stream_widths as plan_widths
+from fxslice.passes.p7_rotate import Rotator, SegmentRunner, pca_basis, rotate_and_slice
 from tiny_models import VOCAB, calibration, tiny_model
 from toy_models import TOY_VOCAB, ToyLM
 
@@ -540,7 +540,7 @@ def test_bloom_embedding_position_stays_raw(fused):
     assert plan.positions[1].root.target == "transformer.word_embeddings_layernorm_affine"
 
 
-# --- pass 5 pieces: widths, PCA, rotation, the block-wise runner ---------------------------------------
+# --- passes 6 and 7 pieces: widths, PCA, rotation, the block-wise runner ---------------------------------------
 def test_plan_widths(fused):
     llama, gpt2, bloom = fused("llama").plan, fused("gpt2").plan, fused("bloom").plan
     assert plan_widths(llama, 0.25, 8, False) == [48, 48, 48, 48, 64]
@@ -651,7 +651,7 @@ def test_rotate_and_slice_at_full_width_is_exact(model, fresh_plan, reference):
     hf = model("llama")
     before = {k: v.clone() for k, v in hf.state_dict().items()}
     plan = fresh_plan("llama")
-    eigenvalues = rotate_and_slice(plan, _batches(), [HIDDEN] * 5, basis_groups(plan, "position"), progress=False)
+    _, eigenvalues = rotate_and_slice(plan, _batches(), Widths([HIDDEN] * 5, groups=basis_groups(plan, "position")), progress=False)
     assert max_error(logits(plan.gm), reference("llama")) < 1e-4
     assert len(eigenvalues) == 5
     for spectrum in eigenvalues:
@@ -666,7 +666,7 @@ def test_rotate_and_slice_centered_at_full_width_is_exact(fresh_plan, reference)
     plan = fresh_plan("gpt2")
     widths = plan_widths(plan, 0.0, 1, True)
     assert widths == [63] * 5
-    eigenvalues = rotate_and_slice(plan, _batches(), widths, basis_groups(plan, "position"), progress=False)
+    _, eigenvalues = rotate_and_slice(plan, _batches(), Widths(widths, groups=basis_groups(plan, "position")), progress=False)
     assert max_error(logits(plan.gm), reference("gpt2")) < 1e-4
     assert all(spectrum[-1] == 0 for spectrum in eigenvalues)  # the mean direction, last
     assert plan.gm.get_submodule("transformer.wte").weight is plan.gm.get_submodule("lm_head").weight
@@ -676,7 +676,7 @@ def test_rotate_and_slice_block_basis_removes_inner_shortcuts(fresh_plan, refere
     plan = fresh_plan("llama")
     groups = basis_groups(plan, "block")
     assert groups == [[0, 1], [2, 3], [4]]
-    eigenvalues = rotate_and_slice(plan, _batches(), [HIDDEN] * 5, groups, progress=False)
+    _, eigenvalues = rotate_and_slice(plan, _batches(), Widths([HIDDEN] * 5, groups=groups), progress=False)
     assert max_error(logits(plan.gm), reference("llama")) < 1e-4
     shortcuts = [m.name for m in plan.inserted if m.kind == SHORTCUT]
     assert shortcuts == ["model.layers.0.shortcut_2", "model.layers.1.shortcut_4"]
@@ -690,7 +690,7 @@ def test_rotate_and_slice_block_basis_removes_inner_shortcuts(fresh_plan, refere
 def test_rotate_and_slice_slices_every_weight_of_a_tied_model(fresh_plan):
     plan = fresh_plan("llama_tied")
     widths = plan_widths(plan, 0.25, 8, False)
-    rotate_and_slice(plan, _batches(), widths, basis_groups(plan, "position"), progress=False)
+    rotate_and_slice(plan, _batches(), Widths(widths, groups=basis_groups(plan, "position")), progress=False)
     gm = plan.gm
     shapes = {name: tuple(gm.get_submodule(name).weight.shape) for name in (
         "model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj",

@@ -4,12 +4,14 @@ The fuse and rotate passes never touch a weight directly: they hand an *edit* (a
 module) to the graph's weight store.
 
 - :class:`Weights` (a model in memory, computed where it is): edits apply at once.
+- :class:`SkeletonWeights` (a graph whose weights are all replaced afterwards): edits are dropped.
 - :class:`StreamedWeights` (a checkpoint read tensor by tensor, or a model calibrated on another
   device): a module's parameters are on the ``meta`` device until the segment that runs it is
   fetched; edits for an absent module wait in its queue and are replayed, in order, when it is
   loaded. A module whose positions are all rotated is finished: moved home (the CPU, or the
   model's device), or written to the offload folder (one per compression) and memory-mapped from
-  there from then on. At most one block's dense weights are ever
+  there from then on (:class:`OffloadFiles` records which parameters map which file, so that a
+  save copies the files). At most one block's dense weights are ever
   resident, plus the finished ones (at their sliced size) unless they are offloaded.
 """
 
@@ -39,16 +41,10 @@ def managed_modules(gm: nn.Module) -> list[str]:
 
 
 class Weights:
-    """Every module in memory where it computes: edits apply at once.
+    """Every module in memory where it computes: edits apply at once."""
 
-    With ``apply_edits=False`` edits are dropped and added Linears stay on the meta device: for a
-    graph whose Linear and Embedding weights are all replaced afterwards (the KV-cache capture
-    receives the sliced model's weights), so that no dense copy is ever made.
-    """
-
-    def __init__(self, gm: GraphModule, apply_edits: bool = True):
+    def __init__(self, gm: GraphModule):
         self.gm = gm
-        self.apply_edits = apply_edits
         first = next((p for p in gm.parameters() if p.is_floating_point()), None)
         self.like = torch.empty(0, dtype=first.dtype if first is not None else torch.float32,
                                 device=first.device if first is not None else "cpu")
@@ -65,15 +61,16 @@ class Weights:
 
     def edit(self, name: str, fn: Callable, *args) -> None:
         """``fn(module, *args)`` on module ``name`` (its weights replaced, never written in place)."""
-        if self.apply_edits:
-            fn(self.module(name), *args)
+        fn(self.module(name), *args)
 
     def add_linear(self, name: str, out_features: int, in_features: int, bias: bool, make: Make) -> nn.Linear:
         """A new Linear for the graph (not installed): ``make()`` gives its float64 weight and bias."""
-        if not self.apply_edits:
-            return nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=self.like.dtype)
         weight, b = make()
         return new_linear(weight, b, self.like)
+
+    def meta_linear(self, out_features: int, in_features: int, bias: bool) -> nn.Linear:
+        """A Linear of the graph's dtype whose weights are not there yet (on the meta device)."""
+        return nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=self.like.dtype)
 
     def tie(self, embedding: str, head: str) -> None:
         """The embedding reads the head's weight itself from now on."""
@@ -99,6 +96,19 @@ class Weights:
         """Every module resident at home, every waiting edit applied, ties restored."""
 
 
+class SkeletonWeights(Weights):
+    """A graph whose Linear/Embedding weights are all replaced afterwards (the KV-cache capture
+    receives the sliced model's weights): edits are dropped, added Linears stay on the meta device,
+    so that no dense copy is ever made."""
+
+    def edit(self, name: str, fn: Callable, *args) -> None:
+        """Dropped: the module's weights are replaced anyway."""
+
+    def add_linear(self, name: str, out_features: int, in_features: int, bias: bool, make: Make) -> nn.Linear:
+        """A meta Linear (``make`` is never called)."""
+        return self.meta_linear(out_features, in_features, bias)
+
+
 @dataclass
 class Source:
     """How to produce one parameter of an absent module: ``read()`` gives its values (any dtype, CPU)."""
@@ -108,21 +118,34 @@ class Source:
     file: Optional[tuple[Path, str]] = None  # (safetensors file, key) when ``read()`` maps it from disk
 
 
-FILE_BACKED: dict[int, tuple[Path, str, tuple, torch.dtype]] = {}
-"""Parameters whose memory is a mapping of an offload file: ``data_ptr -> (file, key, shape, dtype)``
-(an entry leaves with the parameter it was made for; views such as an exported program's state
-dict share the address).
-A save copies the file instead of reading the weights through memory
-(:mod:`fxslice.runtime.weightfiles`). Edits that replace a parameter (as every fxslice edit does)
-drop it from here; an in-place write through ``.data`` cannot be seen: save before such edits."""
+class OffloadFiles:
+    """The parameters a store mapped from its offload files, by address: ``data_ptr -> (file, key,
+    shape, dtype)`` (an entry leaves with the parameter it was made for; views such as an exported
+    program's state dict share the address). A save copies the files instead of reading the weights
+    through memory (:mod:`fxslice.runtime.weightfiles`). Edits that replace a parameter (as every
+    fxslice edit does) drop its entry; an in-place write through ``.data`` cannot be seen: save
+    before such edits."""
 
+    def __init__(self) -> None:
+        self._mapped: dict[int, tuple[Path, str, tuple, torch.dtype]] = {}
 
-def file_backing(tensor: torch.Tensor) -> Optional[tuple[Path, str]]:
-    """The offload file and key ``tensor`` maps, if it is such a parameter still holding that mapping."""
-    entry = FILE_BACKED.get(tensor.data_ptr()) if tensor.numel() else None
-    if entry is None or entry[2] != tuple(tensor.shape) or entry[3] != tensor.dtype or not entry[0].exists():
-        return None
-    return entry[0], entry[1]
+    def __reduce__(self):
+        """A copy (of a copied or pickled graph, whose parameters are new tensors) maps nothing."""
+        return OffloadFiles, ()
+
+    def record(self, param: nn.Parameter, file: tuple[Path, str]) -> None:
+        """``param``'s memory is the mapping of ``file`` = (safetensors file, key)."""
+        address = param.data_ptr()
+        self._mapped[address] = (*file, tuple(param.shape), param.dtype)
+        weakref.finalize(param, self._mapped.pop, address, None)
+
+    def backing(self, tensor: torch.Tensor) -> Optional[tuple[Path, str]]:
+        """The (file, key) ``tensor`` maps, if it is such a parameter (or shares its address) still holding
+        that mapping."""
+        entry = self._mapped.get(tensor.data_ptr()) if tensor.numel() else None
+        if entry is None or entry[2] != tuple(tensor.shape) or entry[3] != tensor.dtype or not entry[0].exists():
+            return None
+        return entry[0], entry[1]
 
 
 def held(tensor: torch.Tensor) -> Source:
@@ -168,7 +191,6 @@ class StreamedWeights(Weights):
     def __init__(self, gm: GraphModule, sources: dict[str, dict[str, Source]], device: torch.device,
                  dtype: torch.dtype, offload: Optional[Path] = None, home: torch.device | str = "cpu"):
         self.gm = gm
-        self.apply_edits = True
         self.like = torch.empty(0, dtype=dtype, device=device)
         self.home = torch.device(home)
         self.offload = offload
@@ -177,6 +199,7 @@ class StreamedWeights(Weights):
         self.ties: dict[str, str] = {}
         self.absent: set[str] = set()
         self.written: list[Path] = []  # offload files, removed by finalise
+        self.offload_files = OffloadFiles()  # which loaded parameters map them; the graph's after finalise
         placeholders: dict[int, nn.Parameter] = {}  # one per parameter: shared (tied) ones stay shared
         for name, params in sources.items():
             module = self.module(name)
@@ -194,7 +217,7 @@ class StreamedWeights(Weights):
             fn(self.module(name), *args)
 
     def add_linear(self, name: str, out_features: int, in_features: int, bias: bool, make: Make) -> nn.Linear:
-        linear = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=self.like.dtype)
+        linear = self.meta_linear(out_features, in_features, bias)
         built: dict[str, torch.Tensor] = {}
 
         def part(key: str) -> Source:
@@ -236,8 +259,7 @@ class StreamedWeights(Weights):
             value = read.to(device=device, dtype=self.like.dtype)
             param = nn.Parameter(value, requires_grad=False)
             if source.file is not None and value is read and param.numel():
-                FILE_BACKED[param.data_ptr()] = (*source.file, tuple(param.shape), param.dtype)
-                weakref.finalize(param, FILE_BACKED.pop, param.data_ptr(), None)
+                self.offload_files.record(param, source.file)
             setattr(module, pname, param)
         self.absent.discard(name)
         for fn, args in self.pending.pop(name, []):
@@ -296,6 +318,7 @@ class StreamedWeights(Weights):
         # the offload files now back the finished weights (memory-mapped): removed with the graph
         weakref.finalize(self.gm, _remove, list(self.written))
         self.written = []
+        self.gm.fxslice_offload_files = self.offload_files
 
     def check_room(self, segment_modules: list[list[str]], activation_bytes: int) -> None:
         """Refuse a CUDA device whose free memory cannot hold the largest segment's weights, one module

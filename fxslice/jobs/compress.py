@@ -13,12 +13,15 @@ from tabulate import tabulate
 from torch.fx import GraphModule
 
 from ..calibration import check_device
-from ..compress import Options, compress, inspect
-from ..passes.p3_analyse import Structure
-from ..result import SliceResult
-from ..runtime.export import check_destination, save
+from ..compress import compress, inspect
 from ..distributed import barrier, is_writer, rank, world_size
 from ..hf import load_tokenizer
+from ..options import Options
+from ..passes.p3_analyse import Structure
+from ..result import SliceResult
+from ..runtime.compiled import compile_folder
+from ..runtime.folder import check_destination
+from ..runtime.save import save
 from .assets import load_model, resolve_model, torch_dtype
 from .data import Protocol, batches, protocol_data
 from .evaluate import perplexity
@@ -144,16 +147,9 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
     }
     job = CompressJobResult(rows, list(evaluations), record, sliced, result, seconds, peak_rss_mb())
     if output and writer:
-        generator = None
-        if max_cache_len > 0:
-            from ..runtime.generate import with_cache
-
-            generator = with_cache(model if model is not None else source, sliced, batch_size=cache_batch_size,
-                                   max_cache_len=max_cache_len, share_weights=True)
-        job.saved = save(sliced, output, tokenizer, record, overwrite=overwrite, generator=generator)
+        job.saved = save(sliced, output, tokenizer, record, overwrite=overwrite, max_cache_len=max_cache_len,
+                         cache_batch_size=cache_batch_size)
         if compile_devices is not None:
-            from ..runtime.compiled import compile_folder
-
             job.compiled = compile_folder(job.saved, compile_devices or None, progress=progress)
     if plot_spectra and writer:
         from .plots import plot_spectra as plot

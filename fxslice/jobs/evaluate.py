@@ -61,7 +61,8 @@ class EvalJobResult:
 def open_model(reference: str, dtype: str = "float32"):
     """``(model, tokenizer, label, parameter count)`` for a folder saved by fxslice, a shipped name, a
     hub id or a Hugging Face folder."""
-    from ..runtime.export import RECORD, load
+    from ..runtime.folder import RECORD
+    from ..runtime.load import load
     from ..graph.weights import count_parameters
     from .assets import load_model, torch_dtype
 

@@ -55,7 +55,7 @@ def trainable_copy(model: nn.Module) -> torch.fx.GraphModule:
     """A private GraphModule with real ``nn.Linear`` layers: a copy of a sliced graph, or a loaded
     ``.pt2`` program canonicalised back into modules (its module names are the sliced graph's)."""
     from ..passes.p2_canonicalise import canonicalise
-    from ..runtime.export import LoadedModel
+    from ..runtime.load import LoadedModel
 
     if isinstance(model, LoadedModel):
         return canonicalise(copy.deepcopy(model.program))
@@ -195,7 +195,9 @@ def finetune_job(folder: str, protocol, *, output: Optional[str] = None, overwri
                  evaluate: bool = True, progress: bool = True, **options) -> FinetuneJobResult:
     """LoRA-fine-tune a saved sliced folder on the windows after its calibration windows, evaluate
     before and after, save the merged model (and its KV-cache program) to ``output``."""
-    from ..runtime.export import check_destination, load, save
+    from ..runtime.folder import check_destination
+    from ..runtime.load import load
+    from ..runtime.save import save
     from .data import batches, finetune_data, protocol_data
     from .evaluate import perplexity
 

@@ -22,7 +22,7 @@ class GenerationResult:
 def generate_job(folder: str, prompt: str, max_new_tokens: int = 48, **sampling) -> GenerationResult:
     """Continue ``prompt`` with the folder's model (greedy, or ``do_sample`` with the sampling options
     of :func:`fxslice.runtime.generate.generate`)."""
-    from ..runtime.export import load
+    from ..runtime.load import load
 
     model, tokenizer = load(folder)
     if tokenizer is None:

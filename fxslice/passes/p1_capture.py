@@ -10,6 +10,8 @@ share its storage.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
@@ -19,6 +21,9 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import plain_graph_module, strip_guards
 from ..hf import ModelSpec, causal_lm_output, check_causal, exportable, logits_leaf
+
+if TYPE_CHECKING:
+    from .run import Run
 
 GRAPH_CLASS = "SlicedCausalLM"
 
@@ -86,3 +91,11 @@ def _keep_only_input_ids(graph) -> None:
             graph.erase_node(node)
     if not found:
         raise GraphStructureError("the captured graph has no input_ids placeholder")
+
+
+NAME = "capture"
+
+
+def step(run: "Run") -> None:
+    with run.watch(NAME):
+        run.gm = capture(run.module, run.spec)

@@ -9,7 +9,7 @@ The parameters still share storage with the caller's model; nothing here writes 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,7 +21,11 @@ from ..graph.edit import mark_module_call
 from ..graph.modules import ExpertLinear
 from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, module_path, parameter_of
 from ..registry import REGISTRY, LinearMatch
+from ..source import keep_module
 from .p1_capture import GRAPH_CLASS
+
+if TYPE_CHECKING:
+    from .run import Run
 
 INT64_MAX = 2**63 - 1
 
@@ -196,3 +200,17 @@ class ModuleBuilder:
             if node.op == "get_attr" or (node.op == "call_module" and node.target not in root):
                 root[str(node.target)] = fetch_attr(self.gm, str(node.target))
         return root
+
+
+NAME = "canonicalise"
+
+
+def step(run: "Run") -> None:
+    """Canonicalise, keep what a second capture needs (:mod:`fxslice.source`), then put the canonical
+    graph's weights behind the run's weight store."""
+    with run.watch(NAME):
+        run.gm = canonicalise(run.gm)
+    if run.source is None:  # a model in memory: keep its skeleton while the graph still shares its storage
+        run.source = keep_module(run.module, run.gm, run.spec.device)
+    run.weights = run.store(run.gm)
+    run.module = None  # the graph holds what the passes need (a checkpoint's empty model is dropped here)

@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 from tabulate import tabulate
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from ..calibration import check_lengths
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.modules import LINEARS
 from ..graph.nodes import describe, example_value, module_path
 from ..registry import NormSpec, Region, match_norm, module_index, region_of
+
+if TYPE_CHECKING:
+    from .run import Run
 
 
 # --- the result -------------------------------------------------------------------------------
@@ -109,6 +113,12 @@ class Structure:
                 if self.module(reader).weight is embedding.weight:
                     return writer, reader
         return None
+
+    def branch_sites(self) -> list[tuple[int, NormSite]]:
+        """``(position, site)`` of every writer-side RMSNorm whose input is written by Linears only: a
+        branch ``x + A·norm(y)`` that fuse records as a ``NormBranch`` and pass 7 slices in its own basis."""
+        return [(p.index, site) for p in self.positions for site in p.writer_norms
+                if site.inner_writers and not site.spec.centered]
 
     def has_position_table(self) -> bool:
         """Whether an embedding besides the token embedding writes the first position (learned
@@ -581,3 +591,13 @@ def analyse(gm: GraphModule) -> Structure:
     structure = StreamWalk(gm).run()
     check_structure(structure)
     return structure
+
+
+NAME = "analyse"
+
+
+def step(run: "Run") -> None:
+    """Analyse; calibration windows longer than a learned position table are refused here."""
+    with run.watch(NAME):
+        run.structure = analyse(run.gm)
+    check_lengths(run.batches, run.spec.max_positions if run.structure.has_position_table() else None)

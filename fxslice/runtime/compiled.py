@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from ..errors import FxSliceError
-from .weightfiles import read_weights, sha256
+from .folder import GENERATOR, PROGRAM, RECORD, current_umask, read_record, write_record
+from .programs import export_generator, export_program, load_programs, program_file
+from .weightfiles import inside, read_weights, sha256
 
 PREFILL, DECODE = "model", "generate"  # model names in the package: "model" is what aoti_load_package loads
-PROGRAM_OF = {PREFILL: "model.pt2", DECODE: "generate.pt2"}
+PROGRAM_OF = {PREFILL: PROGRAM, DECODE: GENERATOR}
 OPTIONS = {"aot_inductor.package_constants_in_so": False, "aot_inductor.package": True}
 
 
@@ -65,8 +67,6 @@ def compile_folder(folder: str | os.PathLike, devices: Optional[list[str]] = Non
     """Compile the saved folder's programs for every device in ``devices`` (default: CPU, and CUDA
     when present). A compilation that fails (no C++ compiler, an op AOTInductor cannot lower) is
     returned as a failed :class:`CompileOutcome` — the folder is left as it was — never raised."""
-    from .export import read_record
-
     path = Path(folder)
     read_record(path)  # refuse a folder fxslice did not save before compiling anything
     device_types = [_device_type(device) for device in devices or default_devices()]  # all checked first
@@ -106,6 +106,7 @@ def _compile_for(folder: Path, device_type: str, progress: bool) -> CompileOutco
                  "device": device_type, "constants": constants}
         temporary = folder / f".{package.name}.{os.getpid()}.tmp"
         shutil.copyfile(package, temporary)
+        temporary.chmod(0o666 & ~current_umask())
         os.replace(temporary, target)
         _update_record(folder, device_type, entry)
     finally:
@@ -117,13 +118,12 @@ def _compile_for(folder: Path, device_type: str, progress: bool) -> CompileOutco
 def _build(folder: Path, device_type: str, staging: Path, progress: bool) -> tuple[Path, dict]:
     """The folder's programs re-exported on the device and compiled into ``staging``; with the constant
     name -> stored key map of each model."""
-    from .export import export_generator, export_program, load
-
-    model, _ = load(folder, device=device_type, with_tokenizer=False, compiled=False)
-    record = model.record
-    programs = {PREFILL: export_program(model.program, record["vocab_size"])}
-    if model.generator is not None:
-        programs[DECODE] = export_generator(model.generator)
+    record = read_record(folder)
+    program_file(folder)  # refused before any weight is read
+    program, generator = load_programs(folder, record, read_weights(folder, record["weights"]))
+    programs = {PREFILL: export_program(program.to(device_type), record["vocab_size"])}
+    if generator is not None:
+        programs[DECODE] = export_generator(generator.to(device_type))
     package = build_package(programs, staging / package_name(device_type), progress)
     constants = {name: _constant_keys(package, name, record["weights"]["programs"][PROGRAM_OF[name]])
                  for name in programs}
@@ -180,14 +180,9 @@ def _constant_keys(package: Path, model_name: str, stored: dict[str, str]) -> di
 
 def _update_record(folder: Path, device_type: str, entry: dict) -> None:
     """Add ``entry`` under ``compiled[device_type]`` of ``fxslice.json``, replacing the file atomically."""
-    from .export import RECORD
-
-    path = folder / RECORD
-    record = json.loads(path.read_text())
+    record = json.loads((folder / RECORD).read_text())
     record.setdefault("compiled", {})[device_type] = entry
-    temporary = folder / f".{RECORD}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(temporary, path)
+    write_record(folder, record)
 
 
 class CompiledProgram(nn.Module):
@@ -231,14 +226,14 @@ def compiled_entry(folder: Path, record: dict, device_type: str, required: bool 
     if entry is None:
         return None
     if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("constants"), dict)):
-        raise FxSliceError(f"{folder / 'fxslice.json'} is corrupted: 'compiled.{device_type}' lacks file or constants")
+        raise FxSliceError(f"{folder / RECORD} is corrupted: 'compiled.{device_type}' lacks file or constants")
     if entry.get("device") != device_type:
         raise FxSliceError(f"{folder / entry['file']} was built for {entry.get('device')}, not {device_type}; "
                            f"rebuild it with: fxslice compile {folder} --device {device_type}")
     if entry.get("torch_version") != torch.__version__:
         raise FxSliceError(f"{folder / entry['file']} was built with torch {entry.get('torch_version')}, this is torch "
                            f"{torch.__version__}; rebuild it with: fxslice compile {folder} (or load with compiled=False)")
-    path = folder / entry["file"]
+    path = inside(folder, entry["file"], f"compiled.{device_type}.file")
     if not path.is_file() or sha256(path) != entry.get("sha256"):
         raise FxSliceError(f"{path} is missing or does not match the checksum in fxslice.json; rebuild it with: "
                            f"fxslice compile {folder}")

@@ -1,18 +1,19 @@
 """Text generation with a KV cache from a sliced model.
 
-The original model is captured a second time with a static KV cache (:func:`fxslice.hf.export_with_static_cache`):
+The model is captured a second time with a static KV cache (:func:`fxslice.hf.export_with_static_cache`):
 ``forward(input_ids [B, T], cache_position [T]) -> logits`` with the keys and values kept in
-buffers, so the same program serves prefill (T tokens) and one-token decode steps. The capture goes
-through the same canonicalise / analyse / fuse passes, then receives the sliced model's weights
-module by module (the inserted modules are named alike in both captures, :mod:`fxslice.graph.inserted`)
-and its widths position by position (:meth:`Rotator.resize`). The result is exported beside the
-sliced program (``generate.pt2``) and needs no model code.
+buffers, so the same program serves prefill (T tokens) and one-token decode steps. The capture is
+rebuilt from what ``compress`` kept of the model (:mod:`fxslice.source`: no caller's model needed),
+goes through the same canonicalise / analyse / fuse passes, takes the sliced shapes by replaying the
+slice (:meth:`~fxslice.passes.slice_record.Slice.replay`, the one function that applies a slice)
+and receives the sliced model's weights module by module (the inserted modules are named alike in
+both captures, :mod:`fxslice.graph.inserted`). ``fxslice.save`` exports it beside the sliced program
+(``generate.pt2``); it needs no model code.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from typing import Optional
 
 import torch
@@ -20,19 +21,15 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
-from ..checkpoint import Checkpoint, is_checkpoint, read_unmanaged
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import plain_graph_module, strip_guards
-from ..graph.inserted import SHORTCUT
 from ..graph.modules import LINEARS, WEIGHTED
-from ..graph.store import Weights
+from ..graph.store import SkeletonWeights
 from ..graph.weights import sync_features
 from ..hf import STATIC_CACHE_PREFIX, export_with_static_cache
 from ..passes.p2_canonicalise import canonicalise
 from ..passes.p3_analyse import analyse
-from ..passes.p4_fuse import fuse
-from ..passes.p5_rotate import Rotator
-from ..passes.p7_branches import resize_branch
+from ..passes.p5_fuse import fuse
 
 GRAPH_CLASS = "SlicedCausalLMWithCache"
 
@@ -49,38 +46,26 @@ def capture_with_cache(model: nn.Module, batch_size: int, max_cache_len: int) ->
     return plain_graph_module(gm, gm.graph, GRAPH_CLASS)
 
 
-def with_cache(model: nn.Module | str | os.PathLike, sliced: GraphModule, batch_size: int = 1,
-               max_cache_len: int = 1024, share_weights: bool = False) -> GraphModule:
-    """A KV-cache program of ``model`` (a module or the checkpoint path given to ``compress``) carrying
-    the weights and widths of ``sliced``. The capture's own Linear and Embedding weights are never
-    edited or read: every one is replaced by the sliced model's (shared with ``sliced`` when
+def with_cache(sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 1024,
+               share_weights: bool = False) -> GraphModule:
+    """The KV-cache program of the model ``sliced`` (a graph returned by :func:`fxslice.compress`)
+    was made from, with its slice replayed and its weights: the capture's own Linear and Embedding
+    weights are never read, every one is replaced by the sliced model's (shared with ``sliced`` when
     ``share_weights``, else copied)."""
     result = getattr(sliced, "fxslice", None)
-    if result is None:
-        raise FxSliceError("with_cache needs the GraphModule returned by fxslice.compress (it carries .fxslice)")
-    checkpoint = Checkpoint.open(model) if is_checkpoint(model) else None
-    if checkpoint is not None:
-        dtype = next(sliced.parameters()).dtype
-        model, storage_keys = checkpoint.empty_model(dtype)
-    gm = canonicalise(capture_with_cache(model, batch_size, max_cache_len))
-    if checkpoint is not None:  # what transfer_weights will not replace must hold the checkpoint's values
-        read_unmanaged(gm, checkpoint, storage_keys, dtype)
-    plan = fuse(analyse(gm), Weights(gm, apply_edits=False))
-    if len(plan.positions) != len(result.widths):
-        raise GraphStructureError(
-            f"the cached capture has {len(plan.positions)} stream positions, the sliced model {len(result.widths)}")
-    kept = {STATIC_CACHE_PREFIX + m.name for m in result.inserted}
-    rotator = Rotator(plan)
-    for module in list(plan.inserted):
-        if module.kind == SHORTCUT and module.name not in kept:  # removed as the identity (basis="block")
-            rotator.remove_shortcut(module.writes)
+    if result is None or result.slice is None or result.source is None:
+        raise FxSliceError("a KV-cache program needs the GraphModule returned by fxslice.compress (it carries "
+                           ".fxslice with the slice and its source model)")
+    for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FxSliceError(f"{name} must be a positive integer, got {value!r}")
+    module, fill = result.source.build()
+    gm = canonicalise(capture_with_cache(module, batch_size, max_cache_len))
+    del module
+    fill(gm)  # what transfer_weights will not replace holds the model's values
+    plan = fuse(analyse(gm), SkeletonWeights(gm), mlps=[])
+    result.slice.replay(plan)
     transfer_weights(gm, sliced, strip=STATIC_CACHE_PREFIX, clone=not share_weights)
-    for index, width in enumerate(result.widths):
-        rotator.resize(index, width)
-    for branch in plan.branches:  # pass 7's branch widths and norm epsilons
-        resize_branch(branch, gm.get_submodule(branch.affine).in_features, plan.hidden_size)
-    for name, eps in result.norm_eps.items():
-        gm.get_submodule(STATIC_CACHE_PREFIX + name).eps = eps
     gm.recompile()
     gm.cache_batch_size, gm.max_cache_len = batch_size, max_cache_len
     return gm
@@ -139,7 +124,7 @@ def check_generation(program: nn.Module, input_ids: torch.Tensor, max_new_tokens
         raise FxSliceError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     batch, length = getattr(program, "cache_batch_size", None), getattr(program, "max_cache_len", None)
     rebuild = "rebuild it with a larger one: fxslice compress ... --cache-batch-size N --max-cache-len L " \
-              "(fxslice.runtime.generate.with_cache(model, sliced, batch_size=N, max_cache_len=L))"
+              "(fxslice.save(sliced, folder, cache_batch_size=N, max_cache_len=L))"
     if batch is not None and input_ids.shape[0] > batch:
         raise FxSliceError(f"the KV-cache program holds at most {batch} sequence(s), got input_ids with "
                            f"{input_ids.shape[0]} rows; {rebuild}")

@@ -6,8 +6,9 @@ offload files of a streamed compression, copied), and ``fxslice.json`` maps each
 program's state-dict names to keys of those files. A tensor the two programs share (the KV-cache
 program receives the sliced model's weights) is stored once; so is one that is equal under both
 programs' names; an all-zero buffer (a static KV cache) is recorded by shape only. Weights that
-are memory-mapped from fxslice's offload files (a streamed checkpoint) are written by copying
-those files, never read through memory.
+are memory-mapped from fxslice's offload files (a streamed checkpoint; the graph's
+:class:`~fxslice.graph.store.OffloadFiles` knows which) are written by copying those files, never
+read through memory.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ..errors import FxSliceError
-from ..graph.store import file_backing
+from ..graph.store import OffloadFiles
 from ..graph.weights import meta_parameter
 from ..hf import STATIC_CACHE_PREFIX
 
@@ -38,10 +39,13 @@ def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
     return meta_parameter(tensor) if isinstance(tensor, nn.Parameter) else torch.empty_like(tensor, device="meta")
 
 
-def write_weights(folder: Path, programs: dict[str, torch.export.ExportedProgram]) -> dict:
+def write_weights(folder: Path, programs: dict[str, torch.export.ExportedProgram],
+                  offload_files: Optional[OffloadFiles] = None) -> dict:
     """Write the state of ``programs`` (file name -> program; the first one names the shared weights)
-    into ``folder`` once and leave the programs with meta tensors. Returns the index for ``fxslice.json``:
+    into ``folder`` once and leave the programs with meta tensors; a tensor ``offload_files`` says is
+    mapped from an offload file is stored by copying that file. Returns the index for ``fxslice.json``:
     ``{"programs": {file: {state name: key}}, "weight_map": {key: weight file}}``."""
+    backing = offload_files.backing if offload_files is not None else _no_backing
     keys: dict[tuple, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     buffers: set[str] = set()  # keys of buffers (a static KV cache may be all zeros; weights are never read)
@@ -65,8 +69,8 @@ def write_weights(folder: Path, programs: dict[str, torch.export.ExportedProgram
             mapping[label][name] = key
             program.state_dict[name] = _meta_like(tensor)
     zeros = {key: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-             for key, t in tensors.items() if key in buffers and file_backing(t) is None and _all_zero(t)}
-    weight_map = _copy_offload_files(folder, tensors)
+             for key, t in tensors.items() if key in buffers and backing(t) is None and _all_zero(t)}
+    weight_map = _copy_offload_files(folder, tensors, backing)
     rest = {key: t.detach().cpu().contiguous() for key, t in tensors.items() if key not in weight_map
             and key not in zeros}
     if rest:
@@ -93,16 +97,22 @@ def _all_zero(tensor: torch.Tensor) -> bool:
     return not tensor.is_meta and tensor.numel() > 0 and not bool(tensor.detach().any())
 
 
-def _copy_offload_files(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+def _no_backing(tensor: torch.Tensor) -> None:
+    """No offload file maps ``tensor`` (a graph without offload files)."""
+    return None
+
+
+def _copy_offload_files(folder: Path, tensors: dict[str, torch.Tensor],
+                        backing: Callable[[torch.Tensor], Optional[tuple[Path, str]]]) -> dict[str, str]:
     """Copy (kernel-side, not through this process's memory) every offload file whose tensors are all
-    wanted here under the names they have there."""
+    wanted here under the names they have there (``backing(tensor)``: the file and key it maps, or None)."""
     from safetensors import safe_open
 
     by_file: dict[Path, set[str]] = {}
     for key, tensor in tensors.items():
-        backing = file_backing(tensor)
-        if backing is not None and backing[1] == key:
-            by_file.setdefault(backing[0], set()).add(key)
+        mapped = backing(tensor)
+        if mapped is not None and mapped[1] == key:
+            by_file.setdefault(mapped[0], set()).add(key)
     weight_map: dict[str, str] = {}
     for number, (path, wanted) in enumerate(sorted(by_file.items())):
         with safe_open(str(path), framework="pt") as handle:
@@ -113,6 +123,19 @@ def _copy_offload_files(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[
         shutil.copyfile(path, folder / name)
         weight_map.update({key: name for key in wanted})
     return weight_map
+
+
+def inside(folder: Path, name: object, field: str) -> Path:
+    """The file ``name`` that ``fxslice.json`` names in ``field``, refused unless it is a relative path
+    that stays inside ``folder`` (no ``..``, no absolute path, no link out) — before anything is opened."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise FxSliceError(f"{folder / 'fxslice.json'} is corrupted: {field} names {name!r}, not a file name")
+    relative = Path(name)
+    root = folder.resolve()
+    if relative.is_absolute() or ".." in relative.parts or not (root / relative).resolve().is_relative_to(root):
+        raise FxSliceError(f"{folder / 'fxslice.json'}: {field} names '{name}', outside the folder; "
+                           "refusing to follow it")
+    return folder / relative
 
 
 def check_index(index: object, where: str) -> None:
@@ -126,13 +149,18 @@ def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
     """Every stored tensor by key, memory-mapped (copy-on-write: the files are never written)."""
     from safetensors import safe_open
 
-    out: dict[str, torch.Tensor] = {key: torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
-                                    for key, spec in index.get("zeros", {}).items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, spec in (index.get("zeros") or {}).items():
+        dtype = getattr(torch, spec.get("dtype", ""), None) if isinstance(spec, dict) and isinstance(spec.get("dtype"), str) else None
+        if not isinstance(dtype, torch.dtype) or not isinstance(spec.get("shape"), list):
+            raise FxSliceError(f"{folder / 'fxslice.json'} is corrupted: weights.zeros['{key}'] has no valid shape and dtype")
+        out[key] = torch.zeros(spec["shape"], dtype=dtype)
     by_file: dict[str, list[str]] = {}
     for key, name in index["weight_map"].items():
         by_file.setdefault(name, []).append(key)
+    paths = {name: inside(folder, name, f"weights.weight_map['{keys[0]}']") for name, keys in by_file.items()}
     for name, keys in by_file.items():
-        path = folder / name
+        path = paths[name]
         if not path.is_file():
             raise FxSliceError(f"{path} is missing (listed in the folder's fxslice.json)")
         expected = index.get("files", {}).get(name, {})

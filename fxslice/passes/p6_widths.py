@@ -1,7 +1,10 @@
-"""Widths — how wide every stream position and every MLP stays, from a sparsity or a parameter budget.
+"""Pass 6 — widths: how wide every stream position and every MLP stays, and which positions share a basis.
 
-Runs between fuse and rotate: the widths are a function of the fused plan alone (no calibration),
-because a parameter count is. :func:`sliced_parameter_count` predicts the true count of the sliced
+The width policy, one pass between fuse and rotate: :func:`choose_widths` takes the plan and the
+options and returns :class:`Widths` (stream widths, MLP units kept, basis groups). Widths from a
+sparsity or a parameter budget are a function of the fused plan alone (no calibration), because a
+parameter count is; ``allocation="energy"`` also measures each unit's output energy with one
+forward of the fused graph (:func:`unit_energies`). :func:`sliced_parameter_count` predicts the true count of the sliced
 graph (inserted modules included, a tied head once, shortcuts that rotation removes left out)
 for any widths; :func:`plan_budget` searches the widths meeting ``target_params``.
 
@@ -15,13 +18,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
+from ..calibration import Batch, token_rows
+from ..distributed import all_reduce_sum
 from ..errors import FxSliceError
 from ..graph.modules import WEIGHTED
-from .p4_fuse import Plan
-from .p6_hidden import MLP
+from ..graph.weights import f64
+from .p4_mlps import MLP
+from .p5_fuse import Plan
+
+if TYPE_CHECKING:
+    from ..options import Options
+    from .run import Run
+
 
 HIDDEN_PER_STREAM = 2.3
 MAX_HIDDEN = 0.6
@@ -30,12 +43,40 @@ TOLERANCE = 0.005  # the budget is met within this fraction of the dense count (
 
 @dataclass
 class Widths:
-    """The hand-over value to rotation: a width per stream position, a kept-unit count per MLP writer."""
+    """The hand-over value to rotation: a width per stream position, a kept-unit count per MLP writer,
+    and the groups of positions that share one PCA basis."""
 
     stream: list[int]
     hidden: dict[str, int] = field(default_factory=dict)
     stream_sparsity: float = 0.0
     hidden_sparsity: float = 0.0
+    groups: list[list[int]] = field(default_factory=list)
+
+
+def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
+    """Positions sharing one PCA basis: each rotated position alone, or the plan's block groups."""
+    return plan.block_groups if basis == "block" else [[p.index] for p in plan.rotated]
+
+
+def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: list[Batch]) -> Widths:
+    """The widths ``options`` ask for: a sparsity, or the widths meeting a parameter budget; MLP units
+    spread uniformly or by measured energy (the budget's leftover units then refilled one by one)."""
+    groups = basis_groups(plan, options.basis)
+    if options.target_params is not None:
+        widths = plan_budget(plan, options.target_params, dense_count, options.round_to, options.slice_head, groups)
+    else:
+        widths = uniform_widths(plan, float(options.sparsity), float(options.hidden_sparsity or 0.0),
+                                options.round_to, options.slice_head, groups)
+    if options.allocation == "energy" and any(widths.hidden[m.writer] < m.width for m in plan.mlps):
+        if any(plan.weights.manages(m.writer) for m in plan.mlps):
+            raise FxSliceError("allocation='energy' measures the dense model in memory; a streamed or "
+                               "offloaded compression takes allocation='uniform'")
+        energies = unit_energies(plan, batches)
+        widths.hidden = allocate_units(plan.mlps, energies, sum(widths.hidden.values()), options.round_to)
+        if options.target_params is not None:  # units the rounding left over, one at a time
+            widths, _ = fill_hidden(widths, plan.mlps, options.target_params * dense_count, 1,
+                                    lambda w: sliced_parameter_count(plan, w))
+    return widths
 
 
 def slice_width(full: int, sparsity: float, round_to: int) -> int:
@@ -72,11 +113,11 @@ def hidden_widths(mlps: list[MLP], sparsity: float, round_to: int) -> dict[str, 
     return {m.writer: max(slice_width(m.width, sparsity, round_to), min(round_to, m.width)) for m in mlps}
 
 
-def uniform_widths(plan: Plan, mlps: list[MLP], sparsity: float, hidden_sparsity: float, round_to: int,
-                   slice_head: bool) -> Widths:
+def uniform_widths(plan: Plan, sparsity: float, hidden_sparsity: float, round_to: int, slice_head: bool,
+                   groups: list[list[int]]) -> Widths:
     """Widths for a stream sparsity and an MLP hidden sparsity, the same everywhere."""
-    return Widths(stream_widths(plan, sparsity, round_to, slice_head), hidden_widths(mlps, hidden_sparsity, round_to),
-                  sparsity, hidden_sparsity)
+    return Widths(stream_widths(plan, sparsity, round_to, slice_head), hidden_widths(plan.mlps, hidden_sparsity, round_to),
+                  sparsity, hidden_sparsity, groups)
 
 
 def identity_shortcuts(group: list[int], widths: list[int]) -> list[int]:
@@ -91,13 +132,13 @@ def removed_shortcuts(plan: Plan, widths: list[int], groups: list[list[int]]) ->
             if plan.positions[index].shortcut}
 
 
-def sliced_parameter_count(plan: Plan, mlps: list[MLP], widths: Widths, groups: list[list[int]]) -> int:
+def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
     """The unique parameter count the sliced graph will have (tied weights once, inserted modules
     included, shortcuts that rotation removes left out)."""
     layout = plan.layout()
-    gone = removed_shortcuts(plan, widths.stream, groups)
+    gone = removed_shortcuts(plan, widths.stream, widths.groups)
     units_in = dict(widths.hidden)  # MLP writer -> kept units (its input features)
-    units_out = {reader: parts * widths.hidden[m.writer] for m in mlps if m.writer in widths.hidden
+    units_out = {reader: parts * widths.hidden[m.writer] for m in plan.mlps if m.writer in widths.hidden
                  for reader, parts in m.readers.items()}
     for branch in plan.branches:  # pass 7: y and the norm's affine at the position's width
         units_in[branch.affine] = widths.stream[branch.position]
@@ -124,7 +165,7 @@ def sliced_parameter_count(plan: Plan, mlps: list[MLP], widths: Widths, groups: 
     return total
 
 
-def plan_budget(plan: Plan, mlps: list[MLP], target: float, dense_count: int, round_to: int, slice_head: bool,
+def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slice_head: bool,
                 groups: list[list[int]]) -> Widths:
     """Widths whose sliced count is at most ``target · dense_count`` and within ``TOLERANCE`` of it.
 
@@ -137,13 +178,14 @@ def plan_budget(plan: Plan, mlps: list[MLP], target: float, dense_count: int, ro
     Refused when the budget is out of reach or the rounding cannot meet it.
     """
     goal = target * dense_count
+    mlps = plan.mlps
 
     def widths_at(s: float) -> Widths:
-        return uniform_widths(plan, mlps, s, min(HIDDEN_PER_STREAM * s, MAX_HIDDEN) if mlps else 0.0, round_to,
-                              slice_head)
+        return uniform_widths(plan, s, min(HIDDEN_PER_STREAM * s, MAX_HIDDEN) if mlps else 0.0, round_to,
+                              slice_head, groups)
 
     def count(widths: Widths) -> int:
-        return sliced_parameter_count(plan, mlps, widths, groups)
+        return sliced_parameter_count(plan, widths)
 
     low, high = 0.0, 1.0 - min(round_to, plan.hidden_size) / plan.hidden_size  # keep one rounding step
     if count(widths_at(low)) <= goal:
@@ -160,8 +202,8 @@ def plan_budget(plan: Plan, mlps: list[MLP], target: float, dense_count: int, ro
     floor = goal - TOLERANCE * dense_count
     chosen, total = fill_hidden(widths_at(high), mlps, goal, round_to, count)
     if total < floor:  # one rounding step wider, the MLPs cut harder
-        wider = uniform_widths(plan, mlps, max(high - round_to / plan.hidden_size, 0.0), MAX_HIDDEN, round_to,
-                               slice_head)
+        wider = uniform_widths(plan, max(high - round_to / plan.hidden_size, 0.0), MAX_HIDDEN, round_to,
+                               slice_head, groups)
         if count(wider) <= goal:
             candidate, reached = fill_hidden(wider, mlps, goal, round_to, count)
             if reached > total:
@@ -184,7 +226,7 @@ def fill_hidden(widths: Widths, mlps: list[MLP], goal: float, round_to: int, cou
     total = count(widths)
     step_cost = {}
     for mlp in mlps:  # parameters of round_to more units of one MLP (linear in the units)
-        wider = Widths(widths.stream, {**widths.hidden, mlp.writer: widths.hidden[mlp.writer] + 1})
+        wider = Widths(widths.stream, {**widths.hidden, mlp.writer: widths.hidden[mlp.writer] + 1}, groups=widths.groups)
         step_cost[mlp.writer] = (count(wider) - total) * round_to
     width_of = {m.writer: m.width for m in mlps}
     while True:
@@ -195,3 +237,67 @@ def fill_hidden(widths: Widths, mlps: list[MLP], goal: float, round_to: int, cou
         writer = min(open_mlps, key=lambda w: (widths.hidden[w] / width_of[w], w))
         widths.hidden[writer] += round_to
         total += step_cost[writer]
+
+
+# --- allocation across MLPs (allocation="energy") ------------------------------------------------------
+def unit_energies(plan: Plan, batches: list[Batch]) -> dict[str, torch.Tensor]:
+    """``E[h_j²] ‖W_j‖²`` for every unit of every MLP: what deleting it alone removes from its block's
+    output, measured by one forward of the dense (fused, not yet rotated) graph over the batches."""
+    gm, mlps = plan.gm, plan.mlps
+    squares = {m.writer: torch.zeros(m.width, dtype=torch.float64, device=plan.weights.device) for m in mlps}
+    current = {}
+    handles = []
+    for mlp in mlps:
+        def hook(_module, args, writer=mlp.writer):
+            squares[writer] += token_rows(args[0], current.get("batch")).to(torch.float64).pow(2).sum(0)
+        handles.append(gm.get_submodule(mlp.writer).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["batch"] = batch
+                gm(batch.input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for value in squares.values():
+        all_reduce_sum(value)
+    return {writer: value * f64(gm.get_submodule(writer).weight).pow(2).sum(0).to(value.device)
+            for writer, value in squares.items()}
+
+
+def allocate_units(mlps: list[MLP], energies: dict[str, torch.Tensor], total: int, round_to: int,
+                   floor: float = 0.1) -> dict[str, int]:
+    """Units kept per MLP, ``total`` in all: the units of largest *share* of their block's output
+    energy ``e_j / Σ e`` win, every MLP keeping at least ``floor`` of its units; counts rounded to
+    ``round_to`` (largest remainders first) so that they still add up to ``total``."""
+    shares = torch.cat([energies[m.writer] / energies[m.writer].sum().clamp_min(1e-30) for m in mlps])
+    owner = torch.cat([torch.full((m.width,), i) for i, m in enumerate(mlps)])
+    minimum = [max(int(floor * m.width), 1) for m in mlps]
+    order = torch.argsort(shares, descending=True)
+    counts = list(minimum)
+    budget = total - sum(minimum)
+    taken = [0] * len(mlps)
+    for unit in order.tolist():  # the floors count as the owners' best units
+        i = int(owner[unit])
+        taken[i] += 1
+        if taken[i] <= minimum[i]:
+            continue
+        if budget <= 0:
+            break
+        counts[i] += 1
+        budget -= 1
+    rounded = [max(round_to * (c // round_to), min(round_to, m.width)) for c, m in zip(counts, mlps)]
+    spare = total - sum(rounded)
+    for i in sorted(range(len(mlps)), key=lambda i: counts[i] - rounded[i], reverse=True):
+        if spare >= round_to and rounded[i] + round_to <= mlps[i].width:
+            rounded[i] += round_to
+            spare -= round_to
+    return {m.writer: c for m, c in zip(mlps, rounded)}
+
+
+NAME = "widths"
+
+
+def step(run: "Run") -> None:
+    with run.watch(NAME):
+        run.widths = choose_widths(run.plan, run.options, run.spec.param_count, run.batches)

@@ -1,4 +1,4 @@
-"""Pass 4 — fuse: an exactly equivalent graph whose stream algebra lives in module weights.
+"""Pass 5 — fuse: an exactly equivalent graph whose stream algebra lives in module weights.
 
 - Reader-side norms become weightless :class:`StreamNorm` modules; their scale ``γ`` and shift
   ``β`` fold into the linears behind them: ``W ← W diag(γ)``, ``b ← b + W β`` (Eq. 3 of the paper).
@@ -17,13 +17,15 @@
 
 Inserted modules are named by the rule of :mod:`fxslice.graph.inserted`. Nothing here depends on
 calibration; the result computes the same logits (to float rounding). The returned :class:`Plan`
-describes the graph as fuse leaves it: module names and live nodes only.
+describes the graph as fuse leaves it — module names and live nodes only — together with what the
+graph analyses found (block groups from pass 3, norm branches, the MLPs of pass 4): everything the
+width policy (pass 6) and the rotation (pass 7) need.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +41,10 @@ from ..graph.store import Weights
 from ..graph.weights import f64, set_embedding, set_linear
 from ..registry import NormSpec
 from .p3_analyse import NormSite, Position, Structure
+from .p4_mlps import MLP, find_mlps
+
+if TYPE_CHECKING:
+    from .run import Run
 
 
 # --- the hand-over value --------------------------------------------------------------------------
@@ -54,7 +60,7 @@ class TiedHead:
 @dataclass
 class NormBranch:
     """A branch ``x + A norm(y)`` of a writer-side RMSNorm, ``y`` written by Linears: ``y`` is rotated
-    into its own PCA basis and sliced inside its block (:mod:`fxslice.passes.p7_branches`)."""
+    into its own PCA basis and sliced inside its block (:mod:`fxslice.passes.p7_rotate.branches`)."""
 
     writers: list[str]  # the Linears writing y (output side rotated by R)
     affine: str  # the Linear A after the norm (input side rotated by R)
@@ -94,6 +100,7 @@ class Plan:
     inserted: list[InsertedModule] = field(default_factory=list)
     tied: Optional[TiedHead] = None
     branches: list[NormBranch] = field(default_factory=list)
+    mlps: list[MLP] = field(default_factory=list)  # pass 4: MLPs whose hidden units can be sliced
 
     @property
     def last(self) -> PlannedPosition:
@@ -148,8 +155,9 @@ def center(module: nn.Module) -> None:
 class Fuser:
     """Rewrites a graph described by a :class:`Structure` into the fused graph of a :class:`Plan`."""
 
-    def __init__(self, structure: Structure, weights: Weights):
+    def __init__(self, structure: Structure, weights: Weights, mlps: list[MLP]):
         self.structure = structure
+        self.mlps = mlps
         self.gm = structure.gm
         self.hidden = structure.hidden_size
         self.weights = weights
@@ -258,6 +266,7 @@ class Fuser:
         s = self.structure
         tie = self.untie()
         tied: Optional[TiedHead] = None
+        branch_sites = {id(site) for _, site in s.branch_sites()}
         planned = [PlannedPosition(p.index, p.root, describe(p.root), p.rotated, reshapes=list(p.reshapes))
                    for p in s.positions]
         for p, plan_p in zip(s.positions, planned):
@@ -267,7 +276,7 @@ class Fuser:
                 norm = self.stream_norm(site, center_input=site.spec.centered)
                 affine = self.affine_after(site, norm, p.index)
                 plan_p.writers.append(affine)
-                if site.inner_writers and not site.spec.centered:
+                if id(site) in branch_sites:
                     self.branches.append(NormBranch([str(w.target) for w in site.inner_writers], affine,
                                                     str(norm.target), norm.args[0], p.index,
                                                     list(site.inner_reshapes)))
@@ -296,10 +305,21 @@ class Fuser:
             plan_p.root = self.resolve(plan_p.root)
         self.gm.recompile()
         return Plan(self.gm, self.hidden, s.centered, planned, s.block_groups(),
-                    [str(r.target) for r in s.last.readers], self.weights, self.inserted, tied, self.branches)
+                    [str(r.target) for r in s.last.readers], self.weights, self.inserted, tied, self.branches,
+                    list(self.mlps))
 
 
-def fuse(structure: Structure, weights: Optional[Weights] = None) -> Plan:
+def fuse(structure: Structure, weights: Optional[Weights] = None, mlps: Optional[list[MLP]] = None) -> Plan:
     """Rewrite ``structure.gm`` in place into its fused form (see module docstring); returns the plan.
-    Weight edits go through ``weights`` (default: the graph's weights in memory, edited at once)."""
-    return Fuser(structure, weights or Weights(structure.gm)).run()
+    Weight edits go through ``weights`` (default: the graph's weights in memory, edited at once);
+    ``mlps``: pass 4's result (found here from ``structure`` when not given)."""
+    found = find_mlps(structure).mlps if mlps is None else mlps
+    return Fuser(structure, weights or Weights(structure.gm), found).run()
+
+
+NAME = "fuse"
+
+
+def step(run: "Run") -> None:
+    with run.watch(NAME):
+        run.plan = fuse(run.structure, run.weights, run.mlps.mlps)

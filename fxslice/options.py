@@ -1,0 +1,77 @@
+"""What the user asked ``compress`` for (:class:`Options`), checked before any work.
+
+The names of the choices live here, beside the check that refuses anything else; the passes that
+act on them import them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from .errors import FxSliceError
+
+PCA_SIGNALS = ("stream", "norm_output")
+"""PCA of the stream value itself (the reference code) or of the norm's output (the paper's Eq. 8)."""
+BASES = ("position", "block")
+"""One PCA basis per stream position, or per group of positions a block reads."""
+ALLOCATIONS = ("uniform", "energy")
+"""MLP hidden units kept: the same fraction everywhere, or by measured output energy."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to slice and how (see :func:`compress` for each field); :meth:`check` refuses bad values."""
+
+    sparsity: Optional[float] = None
+    target_params: Optional[float] = None
+    hidden_sparsity: Optional[float] = None
+    round_to: int = 8
+    pca_signal: str = "stream"
+    slice_head: bool = False
+    basis: str = "block"
+    allocation: str = "uniform"
+
+    def check(self) -> "Options":
+        """Refuse a bad option before any work, naming the argument."""
+        if (self.sparsity is None) == (self.target_params is None):
+            raise FxSliceError("give either sparsity (fraction of the stream width to delete) or target_params "
+                               "(fraction of the dense parameter count to keep), not "
+                               + ("both" if self.sparsity is not None else "neither"))
+        _fraction("sparsity", self.sparsity, low_open=False)
+        _fraction("hidden_sparsity", self.hidden_sparsity, low_open=False)
+        _fraction("target_params", self.target_params, low_open=True, high_closed=True)
+        if self.target_params is not None and self.hidden_sparsity is not None:
+            raise FxSliceError("hidden_sparsity is chosen by target_params; give one of the two")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise FxSliceError(f"round_to must be a positive integer, got {self.round_to!r}")
+        if self.pca_signal not in PCA_SIGNALS:
+            raise FxSliceError(f"pca_signal must be one of {PCA_SIGNALS}, got {self.pca_signal!r}")
+        if not isinstance(self.slice_head, bool):
+            raise FxSliceError(f"slice_head must be True or False, got {self.slice_head!r}")
+        if self.basis not in BASES:
+            raise FxSliceError(f"basis must be one of {BASES}, got {self.basis!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise FxSliceError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        return self
+
+    def to_record(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        """``0.25``, ``0.2 + MLP 0.4``, ``≤80% params``: what was asked for, in a table cell."""
+        if self.target_params is not None:
+            return f"≤{100 * self.target_params:g}% params"
+        return f"{self.sparsity:g}" + (f" + MLP {self.hidden_sparsity:g}" if self.hidden_sparsity else "")
+
+
+def _fraction(name: str, value, low_open: bool, high_closed: bool = False) -> None:
+    """``value`` is None or a number in [0, 1) ((0, 1] for ``target_params``)."""
+    if value is None:
+        return
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    low_ok = number is not None and (number > 0.0 if low_open else number >= 0.0)
+    high_ok = number is not None and (number <= 1.0 if high_closed else number < 1.0)
+    if not (low_ok and high_ok):
+        interval = ("(0" if low_open else "[0") + (", 1]" if high_closed else ", 1)")
+        raise FxSliceError(f"{name} must be a number in {interval}, got {value!r}")

@@ -1,0 +1,155 @@
+"""The slice as one value: what pass 7 decided that changes the graph, and the one way to apply it.
+
+Rotation changes two things: weights (rotated, sliced, refitted — they travel as tensors) and the
+*shape* of the graph (reshapes carrying a position's width, a tied embedding's column slice, the
+identity shortcuts removed, a sliced branch's reshapes and its norm's epsilon). Every shape change
+is a :class:`GraphEdit` that pass 7 makes through :meth:`Slice.apply` — which applies it to the
+plan *and* records it — so the recorded edits are by construction everything that happened.
+:meth:`Slice.replay` applies them, in the same order, to another fused capture of the same model
+(the KV-cache program of :mod:`fxslice.runtime.generate`); that capture then only needs the sliced
+weights. Edits name positions and branches by their index in the plan, never by module name, so they
+hold in a capture whose module names carry a prefix.
+
+A new shape-changing rewrite is a new :class:`GraphEdit` subclass (registered in ``EDITS``): the
+replay needs no other change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+from ..errors import FxSliceError
+from ..graph.edit import remove_module_call
+from .p5_fuse import Plan
+
+
+class GraphEdit:
+    """One shape change of a fused graph (a frozen dataclass with ``apply``)."""
+
+    kind: ClassVar[str]
+
+    def apply(self, plan: Plan) -> None:
+        raise NotImplementedError
+
+    def to_record(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+def resize_reshapes(nodes, width: int, full: int) -> None:
+    """Reshape nodes whose target shape ends in ``full`` end in ``width`` instead."""
+    for node in nodes:
+        shape = list(node.args[1])
+        if shape and shape[-1] == full:
+            shape[-1] = width
+            node.args = (node.args[0], shape) + tuple(node.args[2:])
+
+
+@dataclass(frozen=True)
+class Resize(GraphEdit):
+    """Stream position ``position`` is ``width`` wide: its width-carrying reshapes and a tied
+    embedding's column slice follow, and a tied embedding reads its head's weight again."""
+
+    kind: ClassVar[str] = "resize"
+    position: int
+    width: int
+
+    def apply(self, plan: Plan) -> None:
+        resize_reshapes(plan.positions[self.position].reshapes, self.width, plan.hidden_size)
+        tied = plan.tied
+        if tied is not None and tied.position == self.position:
+            plan.weights.tie(tied.embedding, tied.head)
+            if tied.width_slice is not None:
+                tied.width_slice.args = (tied.width_slice.args[0], -1, 0, self.width)
+
+
+@dataclass(frozen=True)
+class RemoveShortcut(GraphEdit):
+    """The shortcut into ``position`` is the identity (``Q_dᵀ Q_d``, both ends in one basis and one
+    width): deleted, the residual add reads the stream directly again."""
+
+    kind: ClassVar[str] = "remove_shortcut"
+    position: int
+
+    def apply(self, plan: Plan) -> None:
+        position = plan.positions[self.position]
+        name, position.shortcut = position.shortcut, None
+        if name is None:
+            raise FxSliceError(f"stream position {self.position} has no shortcut to remove")
+        remove_module_call(plan.gm, name)
+        plan.weights.drop(name)
+        for p in plan.positions:
+            if name in p.readers:
+                p.readers.remove(name)
+        plan.inserted[:] = [m for m in plan.inserted if m.name != name]
+
+
+@dataclass(frozen=True)
+class ResizeBranch(GraphEdit):
+    """Post-norm branch ``branch`` (its index in ``plan.branches``) is ``width`` wide and its
+    weightless norm adds the removed energy: epsilon ``eps`` (:mod:`.p7_rotate.branches`)."""
+
+    kind: ClassVar[str] = "resize_branch"
+    branch: int
+    width: int
+    eps: float
+
+    def apply(self, plan: Plan) -> None:
+        branch = plan.branches[self.branch]
+        resize_reshapes(branch.reshapes, self.width, plan.hidden_size)
+        plan.gm.get_submodule(branch.norm).eps = self.eps
+
+
+EDITS = {cls.kind: cls for cls in (Resize, RemoveShortcut, ResizeBranch)}
+
+
+@dataclass
+class Slice:
+    """What one compression decided: the graph edits in the order they were made, and the MLP
+    hidden units each sliced MLP kept (with the calibration error of its refit)."""
+
+    positions: int  # stream positions of the plan it was made on
+    edits: list[GraphEdit] = field(default_factory=list)
+    hidden_units: dict[str, list[int]] = field(default_factory=dict)  # MLP writer -> kept unit indices
+    refit_errors: dict[str, float] = field(default_factory=dict)  # MLP writer -> relative refit error
+
+    def apply(self, plan: Plan, edit: GraphEdit) -> None:
+        """Make ``edit`` on ``plan`` and record it."""
+        edit.apply(plan)
+        self.edits.append(edit)
+
+    def replay(self, plan: Plan) -> None:
+        """Make every recorded edit, in order, on another fused capture of the sliced model."""
+        if len(plan.positions) != self.positions:
+            raise FxSliceError(f"the slice was made on a graph with {self.positions} stream positions, this "
+                               f"capture has {len(plan.positions)}")
+        for edit in self.edits:
+            edit.apply(plan)
+        plan.gm.recompile()
+
+    def widths(self, plan: Plan) -> list[int]:
+        """Width of every stream position after the slice (positions never resized keep ``D``)."""
+        widths = [plan.hidden_size] * len(plan.positions)
+        for edit in self.edits:
+            if isinstance(edit, Resize):
+                widths[edit.position] = edit.width
+        return widths
+
+    def norm_eps(self, plan: Plan) -> dict[str, float]:
+        """Weightless norm -> the epsilon a sliced branch gave it."""
+        return {plan.branches[e.branch].norm: e.eps for e in self.edits if isinstance(e, ResizeBranch)}
+
+    def to_record(self) -> dict:
+        return {"positions": self.positions, "edits": [edit.to_record() for edit in self.edits], "hidden_units": self.hidden_units,
+                "refit_errors": self.refit_errors}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Slice":
+        """The slice a record (``to_record``, e.g. ``fxslice.json``'s ``slice``) describes."""
+        try:
+            edits = [EDITS[item["kind"]](**{k: v for k, v in item.items() if k != "kind"})
+                     for item in record.get("edits", [])]
+            positions = int(record["positions"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FxSliceError(f"a slice record is malformed: {exc!r}") from exc
+        return cls(positions, edits, dict(record.get("hidden_units", {})), dict(record.get("refit_errors", {})))
