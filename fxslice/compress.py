@@ -185,7 +185,7 @@ def _run_passes(model, calib_loader, options: Options, device, dtype, offload_di
 
         run = Run(module, spec, options, batches, store, compute, watch, progress,
                   activation_dir=offload if offload_dir is not None else None,
-                  source=CheckpointSource(model, dtype) if checkpoint is not None else None)
+                  source=CheckpointSource(checkpoint.folder.resolve()) if checkpoint is not None else None)
         del module  # the run holds it until the graph does
         for step in PASSES:
             step.step(run)

@@ -34,13 +34,14 @@ Fill = Callable[[GraphModule], None]
 class CheckpointSource:
     """A checkpoint folder, captured again with unallocated weights."""
 
-    path: str | os.PathLike
-    dtype: torch.dtype
+    path: str | os.PathLike  # resolved: a later chdir does not move it
 
-    def build(self) -> tuple[nn.Module, Fill]:
+    def build(self, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Fill]:
+        """The checkpoint's model in ``dtype`` (its small tensors read from the checkpoint; ``device``
+        is the CPU, where a streamed compression's result lives)."""
         checkpoint = Checkpoint.open(self.path)
-        module, storage_keys = checkpoint.empty_model(self.dtype)
-        return module, lambda gm: read_unmanaged(gm, checkpoint, storage_keys, self.dtype)
+        module, storage_keys = checkpoint.empty_model(dtype)
+        return module, lambda gm: read_unmanaged(gm, checkpoint, storage_keys, dtype)
 
 
 @dataclass
@@ -48,24 +49,38 @@ class ModuleSkeleton:
     """A copy of an in-memory model without the weights the slice replaces (meta tensors)."""
 
     skeleton: nn.Module
-    device: torch.device
 
     @classmethod
-    def of(cls, model: nn.Module, canonical: GraphModule, device: torch.device) -> "ModuleSkeleton":
+    def of(cls, model: nn.Module, canonical: GraphModule) -> "ModuleSkeleton":
         """The skeleton of ``model``, whose weights ``canonical`` (its capture, sharing its storage)
-        holds in the Linear and Embedding modules the slice replaces."""
-        managed = {param.untyped_storage().data_ptr() for name in managed_modules(canonical)
-                   for param in canonical.get_submodule(name).parameters(recurse=False) if param.numel()}
+        holds in the Linear and Embedding modules the slice replaces. A parameter is left out when
+        those modules' views of its storage (a transposed ``Conv1D`` weight, the halves of a fused
+        expert matrix) hold at least as many elements as it has."""
+        covered: dict[int, int] = {}  # storage address -> elements the managed views of it hold
+        for name in managed_modules(canonical):
+            for param in canonical.get_submodule(name).parameters(recurse=False):
+                if param.numel():
+                    address = param.untyped_storage().data_ptr()
+                    covered[address] = covered.get(address, 0) + param.numel()
         memo = {id(param): nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
-                for param in model.parameters() if param.numel() and param.untyped_storage().data_ptr() in managed}
-        return cls(copy.deepcopy(model, memo), torch.empty(0, device=device).device)
+                for param in model.parameters()
+                if param.numel() and covered.get(param.untyped_storage().data_ptr(), 0) >= param.numel()}
+        return cls(copy.deepcopy(model, memo))
 
-    def build(self) -> tuple[nn.Module, Fill]:
-        """A module to capture: the skeleton with uninitialised (never read) memory for its meta weights."""
-        memo = {id(param): nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=self.device),
-                                        requires_grad=False)
-                for param in self.skeleton.parameters() if param.is_meta}
-        return copy.deepcopy(self.skeleton, memo), lambda gm: None
+    def build(self, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Fill]:
+        """A module to capture in ``dtype`` on ``device``: the skeleton's tensors moved there, and each
+        left-out weight a zero broadcast from one element (its values are never used, its memory is one
+        element: the capture's one-token shape check runs through it)."""
+        module = copy.deepcopy(self.skeleton).to(dtype=dtype)  # meta tensors stay meta: nothing allocated
+        zeros: dict[int, nn.Parameter] = {}  # one per left-out parameter: a head tied to the embedding stays tied
+        for owner in module.modules():
+            for name, param in list(owner.named_parameters(recurse=False)):
+                if param.is_meta:
+                    if id(param) not in zeros:
+                        zero = torch.zeros((), dtype=param.dtype, device=device).expand(param.shape)
+                        zeros[id(param)] = nn.Parameter(zero, requires_grad=False)
+                    setattr(owner, name, zeros[id(param)])
+        return module.to(device=device), lambda gm: None
 
 
 @dataclass
@@ -74,15 +89,15 @@ class NoSource:
 
     reason: str
 
-    def build(self) -> tuple[nn.Module, Fill]:
+    def build(self, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Fill]:
         raise FxSliceError(f"the model this slice was made from cannot be captured again ({self.reason}); "
                            "no KV-cache program can be built for it")
 
 
-def keep_module(model: nn.Module, canonical: GraphModule, device: torch.device) -> "ModelSource":
+def keep_module(model: nn.Module, canonical: GraphModule) -> "ModelSource":
     """:meth:`ModuleSkeleton.of`, or a :class:`NoSource` saying why the model does not copy."""
     try:
-        return ModuleSkeleton.of(model, canonical, device)
+        return ModuleSkeleton.of(model, canonical)
     except Exception as exc:  # noqa: BLE001 — whatever deepcopy raises for a module it cannot copy
         return NoSource(f"copying {type(model).__name__} failed: {type(exc).__name__}: {exc}")
 

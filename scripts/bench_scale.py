@@ -72,7 +72,6 @@ def run(shape: str, path: str, out: str) -> None:
     import fxslice
     from fxslice.distributed import init_from_environment, is_writer, rank, world_size
     from fxslice.graph import store
-    from fxslice.runtime.generate import with_cache
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
     init_from_environment("cpu")
@@ -110,8 +109,7 @@ def run(shape: str, path: str, out: str) -> None:
     saved_bytes = 0
     if is_writer():
         with tempfile.TemporaryDirectory(prefix="fxslice-bench-") as folder:
-            program = with_cache(sliced, max_cache_len=LENGTH, share_weights=True)
-            target = fxslice.save(sliced, Path(folder) / "sliced", generator=program)
+            target = fxslice.save(sliced, Path(folder) / "sliced", max_cache_len=LENGTH)
             saved_bytes = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     record = {"shape": shape, "path": path, "processes": world_size(), "rank": rank(), "checkpoint_bytes": nbytes,
               "calibration_peak_mb": calibration_peak.get("mb"), "peak_mb": vm_hwm_mb(), "seconds": seconds,

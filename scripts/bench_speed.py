@@ -210,8 +210,7 @@ def main() -> None:
     timings = dict(sliced["25%"].fxslice.timings)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:  # what `fxslice compress` saves: model.pt2 and generate.pt2
-        generator = with_cache(sliced["25%"], batch_size=1, max_cache_len=1024)
-        save(sliced["25%"], Path(folder) / "m", tokenizer, {"sparsity": 0.25}, generator=generator)
+        save(sliced["25%"], Path(folder) / "m", tokenizer, {"sparsity": 0.25}, max_cache_len=1024)
     timings["export"] = time.perf_counter() - started
     # speed does not depend on the calibration data: two batches suffice for the other basis
     sliced["25% block"] = fxslice.compress(model, calib_batches[:2], 0.25, basis="block", progress=False)

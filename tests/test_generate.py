@@ -60,6 +60,28 @@ def test_sampling_is_seeded_and_options_are_checked(tied):
     assert torch.equal(a, b) and a.shape == (1, 15)
     with pytest.raises(FxSliceError, match="input_ids must be an integer tensor of shape \\[B, T\\]"):
         generate(program, PROMPT[0], 4)
+    with pytest.raises(FxSliceError, match="seed must be an integer or None, got 1.5"):
+        generate(program, PROMPT, 2, do_sample=True, seed=1.5)
+
+
+BAD_IDS = [(PROMPT.bool(), "torch.bool"), (PROMPT.float(), "torch.float32"), (PROMPT[:0], r"shape \[0, 7\]"),
+           (PROMPT - 200, r"token id -\d+, outside the vocabulary \[0, 128\)"),
+           (PROMPT + VOCAB, r"token id \d+, outside the vocabulary \[0, 128\)")]
+
+
+@pytest.mark.parametrize("ids,message", BAD_IDS, ids=["bool", "float", "empty", "negative", "too-large"])
+def test_bad_token_ids_are_refused_before_any_kernel(tied, tmp_path_factory, ids, message):
+    _, sliced, program = tied
+    with pytest.raises(FxSliceError, match=message):
+        generate(program, ids, 2)
+    folder = tmp_path_factory.getbasetemp() / "bad-ids"
+    if not folder.exists():
+        save(sliced, folder, generator=program)
+    loaded, _ = load(folder)
+    with pytest.raises(FxSliceError, match=message):
+        loaded(ids)
+    with pytest.raises(FxSliceError, match=message):
+        loaded.generate(ids, 2)
 
 
 def test_saved_folder_generates_without_model_code_and_after_finetuning(tied, tmp_path):

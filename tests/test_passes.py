@@ -356,7 +356,7 @@ def test_analyse_does_not_change_the_graph(canonical):
     assert [(n.name, n.op, n.target) for n in gm.graph.nodes] == before
 
 
-# --- pass 4: fuse ------------------------------------------------------------------------------------------
+# --- pass 5: fuse ------------------------------------------------------------------------------------------
 FUSE_FAMILIES = ["llama", "llama_tied", "gpt2", "gemma2", "opt", "phi", "bloom", "falcon_new"]
 
 
@@ -540,7 +540,7 @@ def test_bloom_embedding_position_stays_raw(fused):
     assert plan.positions[1].root.target == "transformer.word_embeddings_layernorm_affine"
 
 
-# --- passes 6 and 7 pieces: widths, PCA, rotation, the block-wise runner ---------------------------------------
+# --- passes 6 and 7 pieces: widths, PCA, rotation, the block-wise runner -----------------------------
 def test_plan_widths(fused):
     llama, gpt2, bloom = fused("llama").plan, fused("gpt2").plan, fused("bloom").plan
     assert plan_widths(llama, 0.25, 8, False) == [48, 48, 48, 48, 64]

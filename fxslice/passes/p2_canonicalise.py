@@ -211,6 +211,6 @@ def step(run: "Run") -> None:
     with run.watch(NAME):
         run.gm = canonicalise(run.gm)
     if run.source is None:  # a model in memory: keep its skeleton while the graph still shares its storage
-        run.source = keep_module(run.module, run.gm, run.spec.device)
+        run.source = keep_module(run.module, run.gm)
     run.weights = run.store(run.gm)
     run.module = None  # the graph holds what the passes need (a checkpoint's empty model is dropped here)

@@ -59,7 +59,8 @@ def with_cache(sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 10
     for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise FxSliceError(f"{name} must be a positive integer, got {value!r}")
-    module, fill = result.source.build()
+    like = next(p for p in sliced.parameters() if p.is_floating_point())  # the sliced model's dtype and device
+    module, fill = result.source.build(like.dtype, like.device)
     gm = canonicalise(capture_with_cache(module, batch_size, max_cache_len))
     del module
     fill(gm)  # what transfer_weights will not replace holds the model's values
@@ -67,7 +68,7 @@ def with_cache(sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 10
     result.slice.replay(plan)
     transfer_weights(gm, sliced, strip=STATIC_CACHE_PREFIX, clone=not share_weights)
     gm.recompile()
-    gm.cache_batch_size, gm.max_cache_len = batch_size, max_cache_len
+    gm.cache_batch_size, gm.max_cache_len, gm.vocab_size = batch_size, max_cache_len, result.vocab_size
     return gm
 
 
@@ -77,6 +78,7 @@ def retarget(generator: nn.Module, weights: nn.Module) -> GraphModule:
     transfer_weights(target, weights, strip=STATIC_CACHE_PREFIX)
     target.recompile()
     target.cache_batch_size, target.max_cache_len = generator.cache_batch_size, generator.max_cache_len
+    target.vocab_size = getattr(generator, "vocab_size", None)
     return target
 
 
@@ -114,12 +116,25 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise FxSliceError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def check_token_ids(input_ids: object, vocab_size: Optional[int]) -> None:
+    """Refuse what no program should be handed (a kernel may abort the process on an id out of range):
+    anything but a non-empty integer tensor ``[B, T]`` of ids in ``[0, vocab_size)``."""
+    integer = isinstance(input_ids, torch.Tensor) and not input_ids.is_floating_point() \
+        and not input_ids.is_complex() and input_ids.dtype != torch.bool
+    if not integer or input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        described = f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
+            else type(input_ids).__name__
+        raise FxSliceError(f"input_ids must be an integer tensor of shape [B, T] with B, T > 0, got {described}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise FxSliceError(f"input_ids holds token id {low if low < 0 else high}, outside the vocabulary "
+                           f"[0, {vocab_size})" if vocab_size is not None else f"input_ids holds token id {low} < 0")
+
+
 def check_generation(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> None:
-    """Refuse what the static cache cannot hold: a batch other than the cache's, more tokens than its length."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0 \
-            or input_ids.is_floating_point():
-        raise FxSliceError(f"input_ids must be an integer tensor of shape [B, T] with T > 0, got "
-                           f"{list(getattr(input_ids, 'shape', [])) or type(input_ids).__name__}")
+    """Refuse bad token ids and what the static cache cannot hold: a batch other than the cache's, more
+    tokens than its length."""
+    check_token_ids(input_ids, getattr(program, "vocab_size", None))
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise FxSliceError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     batch, length = getattr(program, "cache_batch_size", None), getattr(program, "max_cache_len", None)
@@ -166,6 +181,8 @@ def generate(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 
     check_generation(program, input_ids, max_new_tokens)
     if do_sample:
         check_sampling(temperature, top_k, top_p)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise FxSliceError(f"seed must be an integer or None, got {seed!r}")
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     rows, length = input_ids.shape
     batch = getattr(program, "cache_batch_size", None) or rows

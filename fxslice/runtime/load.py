@@ -15,7 +15,7 @@ from ..errors import FxSliceError
 from ..hf import causal_lm_output, load_tokenizer
 from .compiled import DECODE, PREFILL, CompiledProgram, compiled_entry, load_compiled
 from .folder import read_record
-from .generate import generate as generate_with_cache
+from .generate import check_token_ids, generate as generate_with_cache
 from .programs import load_programs, program_file, set_cache_shape
 from .weightfiles import read_weights
 
@@ -42,6 +42,7 @@ class LoadedModel(nn.Module):
         return isinstance(self.program, CompiledProgram)
 
     def forward(self, input_ids: torch.Tensor):
+        check_token_ids(input_ids, self.record.get("vocab_size"))
         return causal_lm_output(self.program(input_ids))
 
     def train(self, mode: bool = True) -> "LoadedModel":

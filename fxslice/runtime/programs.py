@@ -91,9 +91,11 @@ def load_program(path: Path, checksum: Optional[str], weights: dict, tensors: di
 
 
 def set_cache_shape(generator: nn.Module, record: dict) -> None:
-    """Give a loaded KV-cache program the cache shape the record holds (``max_cache_len``, ``cache_batch_size``)."""
+    """Give a loaded KV-cache program the cache shape the record holds (``max_cache_len``, ``cache_batch_size``)
+    and the vocabulary its token ids must lie in."""
     cache = record.get("generator") or {}
     generator.max_cache_len, generator.cache_batch_size = cache.get("max_cache_len"), cache.get("batch_size", 1)
+    generator.vocab_size = record.get("vocab_size")
 
 
 def load_programs(folder: Path, record: dict, tensors: dict) -> tuple[nn.Module, Optional[nn.Module]]:

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..errors import FxSliceError
-from ..source import NoSource
 from ..hf import vocab_size_of
 from ..version import __version__
 from .folder import (FORMAT, FORMAT_VERSION, GENERATOR, PROGRAM, check_destination, move_into_place,
@@ -45,14 +44,17 @@ def _check_save_inputs(model, tokenizer, record, generator, max_cache_len, cache
 
 def _cache_program(model: nn.Module, max_cache_len: int, cache_batch_size: int) -> Optional[nn.Module]:
     """The KV-cache program of a graph ``fxslice.compress`` returned (it keeps its slice and how to capture
-    its model again), sharing its weights; None for any other model or when ``max_cache_len`` is 0."""
+    its model again), sharing its weights; None for any other model or when ``max_cache_len`` is 0. A
+    model that cannot be captured with a static cache is saved without one, with a warning that says why."""
     result = getattr(model, "fxslice", None)
     if max_cache_len == 0 or getattr(result, "slice", None) is None or getattr(result, "source", None) is None:
         return None
-    if isinstance(result.source, NoSource):
-        warnings.warn(f"fxslice.save: no generate.pt2: {result.source.reason}", stacklevel=3)
+    try:
+        return with_cache(model, batch_size=cache_batch_size, max_cache_len=max_cache_len, share_weights=True)
+    except FxSliceError as exc:
+        warnings.warn(f"fxslice.save: no generate.pt2 (the folder runs, but does not generate with a KV "
+                      f"cache): {exc}", stacklevel=3)
         return None
-    return with_cache(model, batch_size=cache_batch_size, max_cache_len=max_cache_len, share_weights=True)
 
 
 def _full_record(record: dict, model: nn.Module, vocab: int, staging: Path, weights: dict,
