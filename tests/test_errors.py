@@ -98,6 +98,19 @@ def test_encoder_model_is_refused_as_not_causal():
 
 
 # --- save / load ------------------------------------------------------------------------------------
+def test_load_on_a_device_this_machine_lacks_is_refused(saved):
+    with pytest.raises(FxSliceError, match="'cuda:7' requested but"):
+        fxslice.load(saved, device="cuda:7")
+
+
+def test_streaming_a_checkpoint_without_tokenizer_files_is_one_clear_error(tmp_path):
+    from fxslice.jobs.compress import compress_job
+    from fxslice.jobs.data import Protocol
+
+    tiny_model("llama").save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(FxSliceError, match="has no usable tokenizer files .*--stream"):
+        compress_job(str(tmp_path / "ckpt"), 0.25, Protocol(), stream=True, progress=False)
+
 @pytest.mark.parametrize("model, tokenizer, message", [
     ("not a model", None, "model must be a torch.nn.Module"),
     (None, None, "model must be a torch.nn.Module"),
@@ -233,6 +246,8 @@ def _cli(*args):
     (["--threads", "0", "inspect", "x"], "--threads: expected a positive integer, got 0"),
     (["compress", "--batch-size", "0", "--no-save"], "--batch-size: expected a positive integer, got 0"),
     (["compress", "--device", "cuda:3", "--no-save"], "is not available on this machine"),
+    (["compress", "--max-cache-len", "-4", "--no-save"], "--max-cache-len: expected an integer >= 0, got -4"),
+    (["compress", "--compile", "mps", "--output", "/nonexistent/never"], "AOTInductor packages are built for cpu or cuda"),
     (["eval", "/nonexistent/folder/xyz"], "cannot load model"),
 ])
 def test_cli_refuses_bad_options_before_any_work_in_one_line(args, message):

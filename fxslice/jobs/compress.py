@@ -15,11 +15,12 @@ from torch.fx import GraphModule
 from ..calibration import check_device
 from ..compress import compress, inspect
 from ..distributed import barrier, is_writer, rank, world_size
+from ..errors import FxSliceError
 from ..hf import load_tokenizer
 from ..options import Options
 from ..passes.p3_analyse import Structure
 from ..result import SliceResult
-from ..runtime.compiled import compile_folder
+from ..runtime.compiled import check_compile_devices, compile_folder
 from ..runtime.folder import check_destination
 from ..runtime.save import save
 from .assets import load_model, resolve_model, torch_dtype
@@ -97,6 +98,8 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
     label = "sliced " + Options(sparsity, **options).check().label()
     model_dtype = torch_dtype(dtype) if dtype is not None else None  # streamed: the checkpoint's by default
     check_device(device)
+    if compile_devices:  # an unknown compile device is refused before any work, not after the save
+        check_compile_devices(compile_devices)
     writer = is_writer()
     if output and writer:
         check_destination(Path(output), overwrite)
@@ -106,7 +109,7 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
     if writer:
         barrier()
     if stream:
-        model, tokenizer = None, load_tokenizer(source)
+        model, tokenizer = None, _checkpoint_tokenizer(source)
         tokenizer.model_max_length = 10**9  # windows are cut by the protocol
         evaluate_dense = False
     else:
@@ -158,6 +161,15 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
         job.spectra_plot = plot_spectra
     job.peak_rss_mb = peak_rss_mb()
     return job
+
+
+def _checkpoint_tokenizer(source):
+    """The tokenizer saved beside a checkpoint (a streamed run never loads the model to find one)."""
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError, TypeError) as exc:
+        raise FxSliceError(f"checkpoint {source} has no usable tokenizer files (--stream reads the tokenizer "
+                           f"from the checkpoint folder): {type(exc).__name__}: {exc}") from exc
 
 
 def inspect_job(model_name: str) -> Structure:

@@ -69,8 +69,13 @@ def compile_folder(folder: str | os.PathLike, devices: Optional[list[str]] = Non
     returned as a failed :class:`CompileOutcome` — the folder is left as it was — never raised."""
     path = Path(folder)
     read_record(path)  # refuse a folder fxslice did not save before compiling anything
-    device_types = [_device_type(device) for device in devices or default_devices()]  # all checked first
+    device_types = check_compile_devices(devices or default_devices())  # all checked first
     return [_compile_for(path, device_type, progress) for device_type in device_types]
+
+
+def check_compile_devices(devices: list[str]) -> list[str]:
+    """The device types of ``devices``, each a torch device this machine has (refused otherwise)."""
+    return [_device_type(device) for device in devices]
 
 
 def _device_type(device: str) -> str:

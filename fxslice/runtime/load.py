@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..calibration import check_device
 from ..errors import FxSliceError
 from ..hf import causal_lm_output, load_tokenizer
 from .compiled import DECODE, PREFILL, CompiledProgram, compiled_entry, load_compiled
@@ -68,6 +69,7 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tok
     (``fxslice compile``), True requires it, False loads the exported programs."""
     path = Path(folder)
     record = read_record(path)
+    check_device(device)  # a device this machine lacks is refused before any weight is read
     device = torch.device(device)
     program_file(path)  # refused before any weight is read
     tensors = read_weights(path, record["weights"])
