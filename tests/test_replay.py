@@ -18,15 +18,15 @@ PROMPT = IDS[:1, :6]
 
 # family -> options: every kind of shape change (block/position bases, centred tied streams, learned
 # positions, raw positions, post-norm branches, MLP units, budgets, parallel blocks, MQA, MoE)
-SLOW = pytest.mark.slow
-COMBINATIONS = [
+SLOW = pytest.mark.slow  # the quick profile keeps one of each mechanism: block basis, post-norm branch with MLP
+COMBINATIONS = [  # units, MoE, energy allocation, offloaded centred tied stream
     ("llama", dict(sparsity=0.25)),
     pytest.param("llama_tied", dict(sparsity=0.25, basis="position", pca_signal="norm_output"), marks=SLOW),
-    ("gpt2", dict(sparsity=0.25, slice_head=True)),
+    pytest.param("gpt2", dict(sparsity=0.25, slice_head=True), marks=SLOW),
     pytest.param("gpt_neox_parallel", dict(sparsity=0.3, hidden_sparsity=0.25, basis="position"), marks=SLOW),
-    ("bloom", dict(sparsity=0.25)),
+    pytest.param("bloom", dict(sparsity=0.25), marks=SLOW),
     ("gemma2", dict(sparsity=0.25, hidden_sparsity=0.3)),
-    ("olmo2", dict(target_params=0.8)),
+    pytest.param("olmo2", dict(target_params=0.8), marks=SLOW),
     pytest.param("gemma3_text", dict(target_params=0.75, basis="position"), marks=SLOW),
     pytest.param("phi", dict(sparsity=0.2, hidden_sparsity=0.2), marks=SLOW),
     pytest.param("falcon_old", dict(sparsity=0.25), marks=SLOW),
