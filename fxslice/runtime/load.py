@@ -69,11 +69,16 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tok
     (``fxslice compile``), True requires it, False loads the exported programs."""
     path = Path(folder)
     record = read_record(path)
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError):
+        device_type = None  # check_device names it
+    program_file(path)  # refused before any weight is read
+    entry = compiled_entry(path, record, device_type, required=compiled is True) \
+        if compiled is not False and device_type is not None else None
     check_device(device)  # a device this machine lacks is refused before any weight is read
     device = torch.device(device)
-    program_file(path)  # refused before any weight is read
     tensors = read_weights(path, record["weights"])
-    entry = compiled_entry(path, record, device.type, required=compiled is True) if compiled is not False else None
     if entry is None:
         program, generator = load_programs(path, record, tensors)
     else:
