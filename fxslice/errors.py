@@ -14,3 +14,7 @@ class GraphStructureError(FxSliceError):
 class CalibrationError(FxSliceError):
     """The calibration data is unusable (empty, wrong shape, out-of-vocabulary ids, non-finite activations)."""
 
+
+def whole(value: object) -> bool:
+    """An ``int`` that is not a ``bool`` (the one test every integer argument of fxslice takes)."""
+    return isinstance(value, int) and not isinstance(value, bool)

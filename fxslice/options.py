@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from .errors import FxSliceError
+from .errors import FxSliceError, whole
 
 PCA_SIGNALS = ("stream", "norm_output")
 """PCA of the stream value itself (the reference code) or of the norm's output (the paper's Eq. 8)."""
@@ -43,7 +43,7 @@ class Options:
         _fraction("target_params", self.target_params, low_open=True, high_closed=True)
         if self.target_params is not None and self.hidden_sparsity is not None:
             raise FxSliceError("hidden_sparsity is chosen by target_params; give one of the two")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+        if not whole(self.round_to) or self.round_to < 1:
             raise FxSliceError(f"round_to must be a positive integer, got {self.round_to!r}")
         if self.pca_signal not in PCA_SIGNALS:
             raise FxSliceError(f"pca_signal must be one of {PCA_SIGNALS}, got {self.pca_signal!r}")

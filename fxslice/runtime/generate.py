@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
-from ..errors import FxSliceError, GraphStructureError
+from ..errors import FxSliceError, GraphStructureError, whole
 from ..graph.edit import plain_graph_module, strip_guards
 from ..graph.modules import LINEARS, WEIGHTED
 from ..graph.store import SkeletonWeights
@@ -57,7 +57,7 @@ def with_cache(sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 10
         raise FxSliceError("a KV-cache program needs the GraphModule returned by fxslice.compress (it carries "
                            ".fxslice with the slice and its source model)")
     for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not whole(value) or value < 1:
             raise FxSliceError(f"{name} must be a positive integer, got {value!r}")
     like = next(p for p in sliced.parameters() if p.is_floating_point())  # the sliced model's dtype and device
     module, fill = result.source.build(like.dtype, like.device)
@@ -110,7 +110,7 @@ def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "", clon
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise FxSliceError(f"temperature must be > 0, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    if not whole(top_k) or top_k < 0:
         raise FxSliceError(f"top_k must be an integer >= 0 (0: all tokens), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise FxSliceError(f"top_p must be in (0, 1], got {top_p!r}")
@@ -126,16 +126,16 @@ def check_token_ids(input_ids: object, vocab_size: Optional[int]) -> None:
             else type(input_ids).__name__
         raise FxSliceError(f"input_ids must be an integer tensor of shape [B, T] with B, T > 0, got {described}")
     low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or (vocab_size is not None and high >= vocab_size):
-        raise FxSliceError(f"input_ids holds token id {low if low < 0 else high}, outside the vocabulary "
-                           f"[0, {vocab_size})" if vocab_size is not None else f"input_ids holds token id {low} < 0")
+    bad = low if low < 0 else high if vocab_size is not None and high >= vocab_size else None
+    if bad is not None:
+        raise FxSliceError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size or '...'})")
 
 
 def check_generation(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> None:
     """Refuse bad token ids and what the static cache cannot hold: a batch other than the cache's, more
     tokens than its length."""
     check_token_ids(input_ids, getattr(program, "vocab_size", None))
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not whole(max_new_tokens) or max_new_tokens < 0:
         raise FxSliceError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     batch, length = getattr(program, "cache_batch_size", None), getattr(program, "max_cache_len", None)
     rebuild = "rebuild it with a larger one: fxslice compress ... --cache-batch-size N --max-cache-len L " \
@@ -181,7 +181,7 @@ def generate(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 
     check_generation(program, input_ids, max_new_tokens)
     if do_sample:
         check_sampling(temperature, top_k, top_p)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and not whole(seed):
         raise FxSliceError(f"seed must be an integer or None, got {seed!r}")
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     rows, length = input_ids.shape

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import FxSliceError
+from ..errors import FxSliceError, whole
 from ..hf import vocab_size_of
 from ..version import __version__
 from .folder import (FORMAT, FORMAT_VERSION, GENERATOR, PROGRAM, check_destination, move_into_place,
@@ -38,7 +38,7 @@ def _check_save_inputs(model, tokenizer, record, generator, max_cache_len, cache
     if generator is not None and not is_cache_program:
         raise FxSliceError("save: generator must be a KV-cache program from fxslice.runtime.generate.with_cache")
     for name, value, least in (("max_cache_len", max_cache_len, 0), ("cache_batch_size", cache_batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not whole(value) or value < least:
             raise FxSliceError(f"save: {name} must be an integer >= {least}, got {value!r}")
 
 

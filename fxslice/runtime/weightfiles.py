@@ -151,7 +151,8 @@ def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     for key, spec in (index.get("zeros") or {}).items():
-        dtype = getattr(torch, spec.get("dtype", ""), None) if isinstance(spec, dict) and isinstance(spec.get("dtype"), str) else None
+        spec = spec if isinstance(spec, dict) else {}
+        dtype = getattr(torch, spec["dtype"], None) if isinstance(spec.get("dtype"), str) else None
         if not isinstance(dtype, torch.dtype) or not isinstance(spec.get("shape"), list):
             raise FxSliceError(f"{folder / 'fxslice.json'} is corrupted: weights.zeros['{key}'] has no valid shape and dtype")
         out[key] = torch.zeros(spec["shape"], dtype=dtype)
