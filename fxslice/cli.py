@@ -17,7 +17,7 @@ from .distributed import init_from_environment, is_writer, shutdown
 from .errors import FxSliceError
 from .jobs.assets import DTYPES, SHIPPED
 from .jobs.data import CORPORA, Protocol
-from .options import ALLOCATIONS, BASES, PCA_SIGNALS
+from .options import ALLOCATIONS, BASES, PCA_SIGNALS, SAVE_FORMATS
 
 PROTOCOL = Protocol()  # the default data protocol
 
@@ -92,9 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--pca-signal", choices=PCA_SIGNALS, default=PCA_SIGNALS[0],
                       help="PCA of the stream value (reference code) or of the norm output (paper Eq. 8)")
     comp.add_argument("--slice-head", action="store_true", help="also slice the head's input position")
-    comp.add_argument("--basis", choices=BASES, default="block",
-                      help="one PCA basis per block: the block's inner shortcut becomes the identity and is removed "
-                           "(smaller, faster, lower perplexity); or one per stream position (the SliceGPT paper)")
+    comp.add_argument("--basis", choices=BASES, default=None,
+                      help="one PCA basis per block (default): the block's inner shortcut becomes the identity and is "
+                           "removed (smaller, faster, lower perplexity); one per stream position (the SliceGPT paper); "
+                           "or none: the stream unrotated and whole, only MLP units cut (the default with --stock)")
+    comp.add_argument("--stock", action="store_true",
+                      help="only cut what a stock Transformers config can express (unrotated stream, the same MLP "
+                           "width in every layer), so that --format transformers can write the result")
+    comp.add_argument("--format", choices=SAVE_FORMATS, default="fxslice", dest="save_format",
+                      help="fxslice: the sliced program + weights (fxslice.load); transformers: a stock checkpoint "
+                           "that from_pretrained, lm-eval and llama.cpp's converter load without fxslice (implies --stock)")
     comp.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                       help="MLP hidden units kept: the same fraction in every block, or by each unit's share of "
                            "its block's output energy (one extra dense forward; not with --stream)")
@@ -180,7 +187,8 @@ def cmd_compress(args) -> int:
                        overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,
                        plot_spectra=args.plot_spectra, pca_signal=args.pca_signal, slice_head=args.slice_head,
                        basis=args.basis, round_to=args.round_to, stream=args.stream, offload_dir=args.offload_dir,
-                       cache_batch_size=args.cache_batch_size, compile_devices=args.compile)
+                       cache_batch_size=args.cache_batch_size, compile_devices=args.compile,
+                       stock=args.stock or args.save_format == "transformers", save_format=args.save_format)
     if not is_writer():
         return 0
     print()
@@ -189,7 +197,10 @@ def cmd_compress(args) -> int:
     print(f"\nshortcut/affine parameters included above: {result.added_param_count:,}; "
           f"compression time split: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     print(f"peak RSS: {job.peak_rss_mb:.0f} MiB")
-    if job.saved:
+    if job.saved and args.save_format == "transformers":
+        print(f"saved to {job.saved}  (a stock Transformers checkpoint: AutoModelForCausalLM.from_pretrained "
+              "loads it, no fxslice needed)")
+    elif job.saved:
         print(f"saved to {job.saved}  (load with fxslice.load; without fxslice: torch.export.load + safetensors, "
               "see the README's 'Saved folders')")
     _report_compiled(job.compiled)

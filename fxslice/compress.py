@@ -58,8 +58,9 @@ def compress(
     round_to: int = 8,
     pca_signal: str = "stream",
     slice_head: bool = False,
-    basis: str = "block",
+    basis: Optional[str] = None,
     allocation: str = "uniform",
+    stock: bool = False,
     device: Optional[str | torch.device] = None,
     dtype: Optional[torch.dtype] = None,
     offload_dir: Optional[str | os.PathLike] = None,
@@ -90,10 +91,18 @@ def compress(
         basis: ``"block"`` (default: one basis for the positions a block reads, from their summed
             covariances: the block's inner shortcut ``Q_aᵀ Q_b`` is then the identity and is removed —
             fewer parameters and FLOPs, and lower perplexity on the shipped protocol) or
-            ``"position"`` (a PCA basis per stream position, the SliceGPT paper's mode).
+            ``"position"`` (a PCA basis per stream position, the SliceGPT paper's mode) or ``"none"``
+            (the stream keeps its coordinates and width, only MLP hidden units are cut: no PCA, no
+            shortcut; needs ``sparsity=0`` or ``target_params``). Default: ``"none"`` under ``stock``,
+            else ``"block"``.
         allocation: how the kept MLP hidden units are spread over the blocks: ``"uniform"`` (the
             same fraction everywhere) or ``"energy"`` (by each unit's share of its block's output
             energy, measured by one extra forward of the dense model; in-memory models only).
+        stock: keep the slice expressible by a stock Transformers config of the model's own type
+            (one hidden size, one MLP width, nothing on the residual path), so that
+            ``fxslice.save(..., format="transformers")`` writes a checkpoint ``from_pretrained``
+            loads without fxslice: the stream stays unrotated and every MLP keeps the same number
+            of units; ``target_params`` then counts the stock model's parameters.
         device: where calibration runs (default: the model's device; a checkpoint's: ``cpu``). The
             block being calibrated and the cached activations live there, everything else on the CPU.
         dtype: a checkpoint's compute dtype (default: the dtype its config names, else float32).
@@ -110,7 +119,7 @@ def compress(
         parameter counts, inserted modules, timings, eigenvalues).
     """
     options = Options(sparsity, target_params, hidden_sparsity, round_to, pca_signal, slice_head, basis,
-                      allocation).check()
+                      allocation, stock).check()
     if device is not None:
         check_device(device)
     watch = Stopwatch()
@@ -150,6 +159,7 @@ def compress(
         norm_eps=record.norm_eps(plan),
         slice=record,
         source=run.source,
+        stock_param_count=widths.stock_param_count,
     )
     return gm
 

@@ -6,15 +6,18 @@ act on them import them from here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from .errors import FxSliceError, whole
 
 PCA_SIGNALS = ("stream", "norm_output")
 """PCA of the stream value itself (the reference code) or of the norm's output (the paper's Eq. 8)."""
-BASES = ("position", "block")
-"""One PCA basis per stream position, or per group of positions a block reads."""
+BASES = ("position", "block", "none")
+"""One PCA basis per stream position, or per group of positions a block reads; or none: the stream keeps
+its coordinates and its width (only MLP hidden units are cut), so no shortcut and no norm change."""
+SAVE_FORMATS = ("fxslice", "transformers")
+"""What ``fxslice.save`` writes: the sliced program and its weights, or a stock Transformers checkpoint."""
 ALLOCATIONS = ("uniform", "energy")
 """MLP hidden units kept: the same fraction everywhere, or by measured output energy."""
 
@@ -29,11 +32,17 @@ class Options:
     round_to: int = 8
     pca_signal: str = "stream"
     slice_head: bool = False
-    basis: str = "block"
+    basis: Optional[str] = None  # None: "none" under ``stock``, else "block"
     allocation: str = "uniform"
+    stock: bool = False
 
     def check(self) -> "Options":
-        """Refuse a bad option before any work, naming the argument."""
+        """Refuse a bad option before any work, naming the argument; returns the options with the
+        default basis filled in."""
+        if not isinstance(self.stock, bool):
+            raise FxSliceError(f"stock must be True or False, got {self.stock!r}")
+        if self.basis is None:
+            return replace(self, basis="none" if self.stock else "block").check()
         if (self.sparsity is None) == (self.target_params is None):
             raise FxSliceError("give either sparsity (fraction of the stream width to delete) or target_params "
                                "(fraction of the dense parameter count to keep), not "
@@ -53,7 +62,24 @@ class Options:
             raise FxSliceError(f"basis must be one of {BASES}, got {self.basis!r}")
         if self.allocation not in ALLOCATIONS:
             raise FxSliceError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.basis == "none" and self.sparsity:
+            raise FxSliceError(f"basis='none' keeps the stream unrotated and whole: sparsity must be 0, got "
+                               f"{self.sparsity!r} (cut MLP units with hidden_sparsity, or give target_params)")
+        if self.basis == "none" and self.slice_head:
+            raise FxSliceError("basis='none' keeps the stream whole: slice_head needs a rotated stream")
+        if self.stock:
+            self._check_stock()
         return self
+
+    def _check_stock(self) -> None:
+        """A stock config has one hidden size and nothing on the residual path, one MLP width for all
+        layers: the stream stays unrotated and every MLP keeps the same number of units."""
+        if self.basis != "none":
+            raise FxSliceError(f"stock=True keeps the stream unrotated (a stock Transformers config has no "
+                               f"rotation on the residual path): basis must be 'none', got {self.basis!r}")
+        if self.allocation != "uniform":
+            raise FxSliceError("stock=True keeps the same MLP width in every layer (one intermediate_size in a "
+                               f"stock config): allocation must be 'uniform', got {self.allocation!r}")
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -61,8 +87,9 @@ class Options:
     def label(self) -> str:
         """``0.25``, ``0.2 + MLP 0.4``, ``≤80% params``: what was asked for, in a table cell."""
         if self.target_params is not None:
-            return f"≤{100 * self.target_params:g}% params"
-        return f"{self.sparsity:g}" + (f" + MLP {self.hidden_sparsity:g}" if self.hidden_sparsity else "")
+            return f"≤{100 * self.target_params:g}% params" + (" (stock)" if self.stock else "")
+        label = f"{self.sparsity:g}" + (f" + MLP {self.hidden_sparsity:g}" if self.hidden_sparsity else "")
+        return label + (" (stock)" if self.stock else "")
 
 
 def _fraction(name: str, value, low_open: bool, high_closed: bool = False) -> None:

@@ -194,6 +194,7 @@ LinearMatcher = Callable[[GraphModule, Node], Optional[LinearMatch]]
 class _Registry:
     norms: list[tuple[str, NormMatcher]] = field(default_factory=list)
     linears: list[tuple[str, LinearMatcher]] = field(default_factory=list)
+    width_attributes: list[str] = field(default_factory=list)  # config attributes that may hold an unset MLP width
 
 
 REGISTRY = _Registry()
@@ -221,6 +222,13 @@ def register_linear_pattern(name: str, fn: LinearMatcher | None = None, *, first
     if fn is None:
         return lambda f: _register(REGISTRY.linears, name, f, first)
     return _register(REGISTRY.linears, name, fn, first)
+
+
+def register_width_attribute(name: str) -> None:
+    """Name a config attribute that holds an MLP width even where a config leaves it unset (``None``:
+    derived from the hidden size), so that a stock config can set it (:mod:`fxslice.runtime.stock`)."""
+    if name not in REGISTRY.width_attributes:
+        REGISTRY.width_attributes.append(name)
 
 
 def unregister_pattern(name: str) -> None:

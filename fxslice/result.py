@@ -67,6 +67,9 @@ class SliceResult:
     capture of the model replays to take the sliced shapes."""
     source: Optional["ModelSource"] = None
     """how the model can be captured again (:mod:`fxslice.source`); not part of the record."""
+    stock_param_count: Optional[int] = None
+    """parameters of the stock Transformers checkpoint of an unrotated slice (``basis="none"``), whose
+    norms hold the ``diag(γ)`` that the graph keeps in inserted affines."""
 
     @property
     def param_fraction(self) -> float:
@@ -94,6 +97,7 @@ class SliceResult:
             "hidden_sparsity": self.hidden_sparsity,
             "hidden_widths": {k: list(v) for k, v in self.hidden_widths.items()},
             "norm_eps": self.norm_eps,
+            "stock_param_count": self.stock_param_count,
             **({"slice": self.slice.to_record()} if self.slice is not None else {}),
         }
 
@@ -106,6 +110,9 @@ class SliceResult:
             ["dense parameters", f"{self.dense_param_count:,}"],
             ["sliced parameters (true)", f"{self.param_count:,} ({100 * self.param_fraction:.1f}%)"],
             ["  of which shortcuts/affines", f"{self.added_param_count:,}"],
+        ] + ([["stock checkpoint parameters",
+               f"{self.stock_param_count:,} ({100 * self.stock_param_count / self.dense_param_count:.1f}%)"]]
+             if self.stock_param_count is not None else []) + [
             ["tied embeddings kept tied", self.tied_embeddings],
             ["calibration tokens", f"{self.calibration_tokens:,}"],
         ] + [[f"time {k} (s)", f"{v:.2f}"] for k, v in self.timings.items()]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -42,6 +42,15 @@ class CheckpointSource:
         checkpoint = Checkpoint.open(self.path)
         module, storage_keys = checkpoint.empty_model(dtype)
         return module, lambda gm: read_unmanaged(gm, checkpoint, storage_keys, dtype)
+
+    def configs(self) -> tuple[object, Optional[object]]:
+        """The checkpoint's model config and its generation config (None without one)."""
+        config = copy.deepcopy(Checkpoint.open(self.path).config)
+        try:
+            from transformers import GenerationConfig
+            return config, GenerationConfig.from_pretrained(self.path)
+        except (OSError, ValueError):
+            return config, None
 
 
 @dataclass
@@ -82,6 +91,14 @@ class ModuleSkeleton:
                     setattr(owner, name, zeros[id(param)])
         return module.to(device=device), lambda gm: None
 
+    def configs(self) -> tuple[object, Optional[object]]:
+        """The model's config and generation config (None for a module that has none)."""
+        config = getattr(self.skeleton, "config", None)
+        if config is None:
+            raise FxSliceError(f"{type(self.skeleton).__name__} has no Transformers config: no stock checkpoint "
+                               "can be written for it")
+        return copy.deepcopy(config), copy.deepcopy(getattr(self.skeleton, "generation_config", None))
+
 
 @dataclass
 class NoSource:
@@ -92,6 +109,10 @@ class NoSource:
     def build(self, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Fill]:
         raise FxSliceError(f"the model this slice was made from cannot be captured again ({self.reason}); "
                            "no KV-cache program can be built for it")
+
+    def configs(self) -> tuple[object, Optional[object]]:
+        raise FxSliceError(f"the model this slice was made from was not kept ({self.reason}); no stock "
+                           "checkpoint can be written for it")
 
 
 def keep_module(model: nn.Module, canonical: GraphModule) -> "ModelSource":

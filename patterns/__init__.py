@@ -8,8 +8,10 @@ Everything that differs between model families is recognised here, never in the 
   Falcon's ``FalconLinear`` (``x @ W.T [+ b]``).
 - ``experts``: grouped mixture-of-experts weights ``[E, out, in]`` gathered per row and applied with
   ``bmm`` (transformers' ``batched_mm`` experts) become one ``ExpertLinear``.
+- ``configs``: config attributes that hold an MLP width where a config leaves it unset (for stock
+  checkpoints of a slice).
 
 Register more with :func:`fxslice.register_norm_pattern` / :func:`fxslice.register_linear_pattern`.
 """
 
-from . import experts, linears, norms  # noqa: F401  (importing registers the patterns)
+from . import configs, experts, linears, norms  # noqa: F401  (importing registers the patterns)

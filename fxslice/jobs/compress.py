@@ -86,7 +86,7 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
                  output: Optional[str] = None, overwrite: bool = False, progress: bool = True,
                  max_cache_len: int = 1024, cache_batch_size: int = 1, plot_spectra: Optional[str] = None,
                  stream: bool = False, offload_dir: Optional[str] = None, compile_devices: Optional[list[str]] = None,
-                 **options) -> CompressJobResult:
+                 save_format: str = "fxslice", **options) -> CompressJobResult:
     """Compress ``model_name`` at ``sparsity`` (or ``options["target_params"]``) on ``protocol``; evaluate
     dense and sliced; save to ``output``. ``options``: the other :class:`fxslice.compress.Options`.
 
@@ -94,8 +94,15 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
     then not evaluated). Under ``torch.distributed`` every rank calibrates on its share of the
     windows; only rank 0 evaluates and writes files. ``max_cache_len`` / ``cache_batch_size``: the
     saved KV-cache program's length and batch; ``compile_devices``: also build AOTInductor packages
-    (:func:`fxslice.runtime.compiled.compile_folder`) for these devices after saving."""
-    label = "sliced " + Options(sparsity, **options).check().label()
+    (:func:`fxslice.runtime.compiled.compile_folder`) for these devices after saving; ``save_format``:
+    ``"transformers"`` saves a stock checkpoint (needs ``stock=True``)."""
+    checked = Options(sparsity, **options).check()
+    label = "sliced " + checked.label()
+    if save_format == "transformers" and not checked.stock:
+        raise FxSliceError("format 'transformers' needs a stock slice: pass stock=True (CLI --stock)")
+    if save_format == "transformers" and compile_devices is not None:
+        raise FxSliceError("--compile builds packages of fxslice folders; a transformers checkpoint is compiled "
+                           "by its own runtime (torch.compile, llama.cpp)")
     model_dtype = torch_dtype(dtype) if dtype is not None else None  # streamed: the checkpoint's by default
     check_device(device)
     if compile_devices:  # an unknown compile device is refused before any work, not after the save
@@ -134,8 +141,8 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
         for name, windows in evaluations.items():
             dense.perplexities[name] = perplexity(model, batches(windows, eval_batch_size), f"dense ppl {name}", progress)
         rows.append(dense)
-    row = Row(label, result.param_count, result.dense_param_count, distinct_widths(result.widths),
-              seconds=seconds)
+    params = result.stock_param_count if checked.stock else result.param_count  # what is saved
+    row = Row(label, params, result.dense_param_count, distinct_widths(result.widths), seconds=seconds)
     for name, windows in evaluations.items():
         row.perplexities[name] = perplexity(sliced, batches(windows, eval_batch_size), f"sliced ppl {name}", progress)
     rows.append(row)
@@ -151,7 +158,7 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
     job = CompressJobResult(rows, list(evaluations), record, sliced, result, seconds, peak_rss_mb())
     if output and writer:
         job.saved = save(sliced, output, tokenizer, record, overwrite=overwrite, max_cache_len=max_cache_len,
-                         cache_batch_size=cache_batch_size)
+                         cache_batch_size=cache_batch_size, format=save_format)
         if compile_devices is not None:
             job.compiled = compile_folder(job.saved, compile_devices or None, progress=progress)
     if plot_spectra and writer:

@@ -11,6 +11,10 @@
   ``Q_aᵀ Q_b`` once both sides are rotated.
 - LayerNorm models: every writer is centred, ``W_out ← M W_out`` with ``M = I - 11ᵀ/D``, and so is
   every embedding, so that the stream is mean-free and each LayerNorm is an RMSNorm.
+
+A stream that will not be rotated (``rotate=False``: ``basis="none"``) needs none of this: its graph
+is left as it is (norms with their weights, no shortcut, the head still tied), which is also what
+keeps it a stock model.
 - A head tied to the embedding keeps its weight: the final norm's ``diag(γ)`` (+ ``β``) becomes a
   Linear in front of the head instead, and the embedding gets a private copy until rotation
   re-ties the two.
@@ -155,8 +159,9 @@ def center(module: nn.Module) -> None:
 class Fuser:
     """Rewrites a graph described by a :class:`Structure` into the fused graph of a :class:`Plan`."""
 
-    def __init__(self, structure: Structure, weights: Weights, mlps: list[MLP]):
+    def __init__(self, structure: Structure, weights: Weights, mlps: list[MLP], rotate: bool = True):
         self.structure = structure
+        self.rotate = rotate
         self.mlps = mlps
         self.gm = structure.gm
         self.hidden = structure.hidden_size
@@ -262,7 +267,22 @@ class Fuser:
         width_slice = self.width_slice(tie[0]) if self.structure.positions[0].rotated else None
         return tie[0], tie[1], width_slice
 
+    def unrotated(self) -> Plan:
+        """The plan of a stream that keeps its coordinates: nothing is folded or inserted (the norms,
+        the tied head and the residual adds stay as they are); the positions only say where the
+        stream and its Linears are, for the calibration order and the MLP units."""
+        s = self.structure
+        planned = [PlannedPosition(p.index, p.root, describe(p.root), p.rotated, reshapes=list(p.reshapes),
+                                   writers=[str(w.target) for w in p.writers],
+                                   readers=[str(r.target) for r in p.direct_readers + [r for site in p.norms
+                                                                                      for r in site.readers]])
+                   for p in s.positions]
+        return Plan(self.gm, self.hidden, False, planned, s.block_groups(), [str(r.target) for r in s.last.readers],
+                    self.weights, mlps=list(self.mlps))
+
     def run(self) -> Plan:
+        if not self.rotate:
+            return self.unrotated()
         s = self.structure
         tie = self.untie()
         tied: Optional[TiedHead] = None
@@ -309,12 +329,14 @@ class Fuser:
                     list(self.mlps))
 
 
-def fuse(structure: Structure, weights: Optional[Weights] = None, mlps: Optional[list[MLP]] = None) -> Plan:
+def fuse(structure: Structure, weights: Optional[Weights] = None, mlps: Optional[list[MLP]] = None,
+         rotate: bool = True) -> Plan:
     """Rewrite ``structure.gm`` in place into its fused form (see module docstring); returns the plan.
     Weight edits go through ``weights`` (default: the graph's weights in memory, edited at once);
-    ``mlps``: pass 4's result (found here from ``structure`` when not given)."""
+    ``mlps``: pass 4's result (found here from ``structure`` when not given); ``rotate=False``: the
+    stream keeps its coordinates, the graph is left unchanged (:meth:`Fuser.unrotated`)."""
     found = find_mlps(structure).mlps if mlps is None else mlps
-    return Fuser(structure, weights or Weights(structure.gm), found).run()
+    return Fuser(structure, weights or Weights(structure.gm), found, rotate).run()
 
 
 NAME = "fuse"
@@ -322,4 +344,4 @@ NAME = "fuse"
 
 def step(run: "Run") -> None:
     with run.watch(NAME):
-        run.plan = fuse(run.structure, run.weights, run.mlps.mlps)
+        run.plan = fuse(run.structure, run.weights, run.mlps.mlps, rotate=run.options.basis != "none")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -51,17 +51,29 @@ class Widths:
     stream_sparsity: float = 0.0
     hidden_sparsity: float = 0.0
     groups: list[list[int]] = field(default_factory=list)
+    rotate: bool = True  # False: the stream keeps its coordinates (``basis="none"``), no PCA
+    stock_param_count: Optional[int] = None  # the stock checkpoint's count (``basis="none"`` only)
 
 
 def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
-    """Positions sharing one PCA basis: each rotated position alone, or the plan's block groups."""
-    return plan.block_groups if basis == "block" else [[p.index] for p in plan.rotated]
+    """Positions sharing one PCA basis: each rotated position alone, or the plan's block groups (also
+    the calibration order of an unrotated stream, ``basis="none"``)."""
+    return [[p.index] for p in plan.rotated] if basis == "position" else plan.block_groups
+
+
+def unrotated_count(plan: Plan, dense_count: int, widths: Widths) -> int:
+    """The parameter count of the *stock* model of an unrotated slice: the dense count less what the
+    MLP units removed (the graph's inserted ``diag(γ)`` affines are norm weight vectors there)."""
+    whole = Widths(widths.stream, {m.writer: m.width for m in plan.mlps}, groups=widths.groups, rotate=widths.rotate)
+    return dense_count - (sliced_parameter_count(plan, whole) - sliced_parameter_count(plan, widths))
 
 
 def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: list[Batch]) -> Widths:
     """The widths ``options`` ask for: a sparsity, or the widths meeting a parameter budget; MLP units
     spread uniformly or by measured energy (the budget's leftover units then refilled one by one)."""
     groups = basis_groups(plan, options.basis)
+    if options.basis == "none":
+        return unrotated_widths(plan, options, dense_count, groups)
     if options.target_params is not None:
         widths = plan_budget(plan, options.target_params, dense_count, options.round_to, options.slice_head, groups)
     else:
@@ -77,6 +89,43 @@ def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: lis
             widths, _ = fill_hidden(widths, plan.mlps, options.target_params * dense_count, 1,
                                     lambda w: sliced_parameter_count(plan, w))
     return widths
+
+
+def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: list[list[int]]) -> Widths:
+    """Widths of an unrotated stream (``basis="none"``): every position whole, MLP units cut by
+    ``hidden_sparsity`` or to meet ``target_params`` (the same fraction of every MLP; counted as the
+    stock model under ``stock``, else as the graph). Rotation then runs without PCA."""
+    full = [plan.hidden_size] * len(plan.positions)
+
+    def at(sparsity: float, round_to: int) -> Widths:
+        widths = Widths(full, hidden_widths(plan.mlps, sparsity, round_to), 0.0, 0.0, groups, rotate=False)
+        kept, whole = sum(widths.hidden.values()), sum(m.width for m in plan.mlps)
+        widths.hidden_sparsity = 1.0 - kept / whole if whole else 0.0
+        widths.stock_param_count = unrotated_count(plan, dense_count, widths)
+        return widths
+
+    if options.target_params is None:
+        return at(float(options.hidden_sparsity or 0.0), options.round_to)
+    count = (lambda w: w.stock_param_count) if options.stock else (lambda w: sliced_parameter_count(plan, w))
+    goal = options.target_params * dense_count
+    chosen = at(0.0, options.round_to)
+    if count(chosen) <= goal:
+        return chosen
+    for round_to in dict.fromkeys((options.round_to, 1)):  # the rounding's steps, then single units
+        low, high = 0.0, 1.0
+        if count(at(high - 1e-9, round_to)) > goal:
+            raise FxSliceError(f"target_params {options.target_params} is out of reach with the stream whole "
+                               f"(basis='none'): cutting every MLP to {round_to} unit(s) keeps "
+                               f"{count(at(high - 1e-9, round_to)) / dense_count:.1%} of the dense parameters")
+        for _ in range(40):  # the count falls (in steps) as the MLP sparsity grows
+            middle = (low + high) / 2
+            low, high = (low, middle) if count(at(middle, round_to)) <= goal else (middle, high)
+        chosen = at(high, round_to)
+        if count(chosen) >= goal - TOLERANCE * dense_count:
+            return chosen
+    raise FxSliceError(f"target_params {options.target_params} cannot be met within {TOLERANCE:.1%} by cutting "
+                       f"the same fraction of every MLP: the nearest count below it is "
+                       f"{count(chosen) / dense_count:.2%} of dense")
 
 
 def slice_width(full: int, sparsity: float, round_to: int) -> int:
@@ -120,15 +169,19 @@ def uniform_widths(plan: Plan, sparsity: float, hidden_sparsity: float, round_to
                   sparsity, hidden_sparsity, groups)
 
 
-def identity_shortcuts(group: list[int], widths: list[int]) -> list[int]:
-    """The positions of a basis group whose incoming shortcut is ``Q_dᵀ Q_d = I`` once the group is
-    rotated: each member is fed by the one before it (``block_groups``), so equal widths suffice."""
-    return [index for previous, index in zip(group, group[1:]) if widths[index] == widths[previous]]
+def identity_shortcuts(plan: Plan, group: list[int], widths: Widths) -> list[int]:
+    """The positions of a basis group whose incoming shortcut is the identity once the group is
+    rotated: each member is fed by the one before it (``block_groups``), so equal widths suffice
+    (``Q_dᵀ Q_d = I``); an unrotated stream's shortcuts are all the identity."""
+    if not widths.rotate:
+        return [index for index in group if plan.positions[index].shortcut is not None]
+    stream = widths.stream
+    return [index for previous, index in zip(group, group[1:]) if stream[index] == stream[previous]]
 
 
-def removed_shortcuts(plan: Plan, widths: list[int], groups: list[list[int]]) -> set[str]:
+def removed_shortcuts(plan: Plan, widths: Widths) -> set[str]:
     """The names of the shortcuts rotation removes (:func:`identity_shortcuts` of every group)."""
-    return {plan.positions[index].shortcut for group in groups for index in identity_shortcuts(group, widths)
+    return {plan.positions[index].shortcut for group in widths.groups for index in identity_shortcuts(plan, group, widths)
             if plan.positions[index].shortcut}
 
 
@@ -136,7 +189,7 @@ def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
     """The unique parameter count the sliced graph will have (tied weights once, inserted modules
     included, shortcuts that rotation removes left out)."""
     layout = plan.layout()
-    gone = removed_shortcuts(plan, widths.stream, widths.groups)
+    gone = removed_shortcuts(plan, widths)
     units_in = dict(widths.hidden)  # MLP writer -> kept units (its input features)
     units_out = {reader: parts * widths.hidden[m.writer] for m in plan.mlps if m.writer in widths.hidden
                  for reader, parts in m.readers.items()}

@@ -109,6 +109,7 @@ class Slice:
     hidden units each sliced MLP kept (with the calibration error of its refit)."""
 
     positions: int  # stream positions of the plan it was made on
+    rotate: bool = True  # False: the stream kept its coordinates (fuse it with ``rotate=False`` to replay)
     edits: list[GraphEdit] = field(default_factory=list)
     hidden_units: dict[str, list[int]] = field(default_factory=dict)  # MLP writer -> kept unit indices
     refit_errors: dict[str, float] = field(default_factory=dict)  # MLP writer -> relative refit error
@@ -140,7 +141,7 @@ class Slice:
         return {plan.branches[e.branch].norm: e.eps for e in self.edits if isinstance(e, ResizeBranch)}
 
     def to_record(self) -> dict:
-        return {"positions": self.positions, "edits": [edit.to_record() for edit in self.edits], "hidden_units": self.hidden_units,
+        return {"positions": self.positions, "rotate": self.rotate, "edits": [edit.to_record() for edit in self.edits], "hidden_units": self.hidden_units,
                 "refit_errors": self.refit_errors}
 
     @classmethod
@@ -150,6 +151,9 @@ class Slice:
             edits = [EDITS[item["kind"]](**{k: v for k, v in item.items() if k != "kind"})
                      for item in record.get("edits", [])]
             positions = int(record["positions"])
+            rotate = record.get("rotate", True)
+            if not isinstance(rotate, bool):
+                raise TypeError(f"'rotate' is {rotate!r}, not true or false")
         except (KeyError, TypeError, ValueError) as exc:
             raise FxSliceError(f"a slice record is malformed: {exc!r}") from exc
-        return cls(positions, edits, dict(record.get("hidden_units", {})), dict(record.get("refit_errors", {})))
+        return cls(positions, rotate, edits, dict(record.get("hidden_units", {})), dict(record.get("refit_errors", {})))

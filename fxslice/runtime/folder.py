@@ -25,6 +25,9 @@ FORMAT_VERSION = 2  # 2: weights stored once in safetensors files beside weightl
 PROGRAM = "model.pt2"
 GENERATOR = "generate.pt2"
 RECORD = "fxslice.json"
+STOCK_FORMAT = "fxslice-transformers-checkpoint"
+STOCK_RECORD = "fxslice_stock.json"
+"""Beside a stock Transformers checkpoint (:mod:`fxslice.runtime.stock`): what the slice was; no loader needs it."""
 
 REQUIRED = {"vocab_size": int, "program_sha256": str}  # record keys loading needs, with their types
 
@@ -76,6 +79,14 @@ def is_saved_folder(path: Path) -> bool:
     return True
 
 
+def is_stock_folder(path: Path) -> bool:
+    """Whether ``path`` holds a stock checkpoint fxslice wrote (``fxslice_stock.json``)."""
+    try:
+        return json.loads((Path(path) / STOCK_RECORD).read_text()).get("format") == STOCK_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_destination(target: Path, overwrite: bool) -> None:
     """A folder may be written to ``target`` if nothing is there, or, with ``overwrite``, an empty folder
     or one fxslice saved. Anything else (a file, a folder of other files) is refused untouched."""
@@ -85,8 +96,8 @@ def check_destination(target: Path, overwrite: bool) -> None:
         raise FxSliceError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
     if target.is_symlink() or not target.is_dir():
         raise FxSliceError(f"{target} exists and is not a folder; fxslice will not replace it")
-    if any(target.iterdir()) and not is_saved_folder(target):
-        raise FxSliceError(f"{target} is a folder fxslice did not write (no valid {RECORD}); "
+    if any(target.iterdir()) and not is_saved_folder(target) and not is_stock_folder(target):
+        raise FxSliceError(f"{target} is a folder fxslice did not write (no valid {RECORD} or {STOCK_RECORD}); "
                            "refusing to delete it: choose another output folder")
 
 

@@ -64,7 +64,7 @@ def with_cache(sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 10
     gm = canonicalise(capture_with_cache(module, batch_size, max_cache_len))
     del module
     fill(gm)  # what transfer_weights will not replace holds the model's values
-    plan = fuse(analyse(gm), SkeletonWeights(gm), mlps=[])
+    plan = fuse(analyse(gm), SkeletonWeights(gm), mlps=[], rotate=result.slice.rotate)
     result.slice.replay(plan)
     transfer_weights(gm, sliced, strip=STATIC_CACHE_PREFIX, clone=not share_weights)
     gm.recompile()

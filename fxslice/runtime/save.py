@@ -15,11 +15,13 @@ from torch import nn
 
 from ..errors import FxSliceError, whole
 from ..hf import vocab_size_of
+from ..options import SAVE_FORMATS
 from ..version import __version__
 from .folder import (FORMAT, FORMAT_VERSION, GENERATOR, PROGRAM, check_destination, move_into_place,
                      share_files, staging_folder, write_record)
 from .generate import with_cache
 from .programs import export_generator, export_program
+from .stock import save_transformers
 from .weightfiles import sha256, write_weights
 
 
@@ -81,8 +83,12 @@ def _full_record(record: dict, model: nn.Module, vocab: int, staging: Path, weig
 
 def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Optional[dict] = None,
          overwrite: bool = False, generator: Optional[nn.Module] = None, *, max_cache_len: int = 1024,
-         cache_batch_size: int = 1) -> Path:
+         cache_batch_size: int = 1, format: str = "fxslice") -> Path:
     """Export ``model`` and its KV-cache program and write the folder atomically.
+
+    ``format="transformers"`` writes a stock Transformers checkpoint instead (a slice made with
+    ``compress(..., stock=True)``; :func:`fxslice.runtime.stock.save_transformers`): no programs,
+    ``from_pretrained`` loads it without fxslice.
 
     The KV-cache program (``generate.pt2``) of a graph returned by :func:`fxslice.compress` is built
     here, for ``cache_batch_size`` sequences of at most ``max_cache_len`` tokens (0: none), from what
@@ -91,6 +97,13 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
     has one), updated by ``record``. With ``overwrite`` only an empty folder or one fxslice saved is
     replaced; a save that fails or is killed leaves the previous folder as it was."""
     _check_save_inputs(model, tokenizer, record, generator, max_cache_len, cache_batch_size)
+    if format not in SAVE_FORMATS:
+        raise FxSliceError(f"save: format must be one of {SAVE_FORMATS}, got {format!r}")
+    if format == "transformers":
+        if generator is not None:
+            raise FxSliceError("save: a transformers checkpoint has no KV-cache program (generator applies to "
+                               "format='fxslice'); transformers generates with its own cache")
+        return save_transformers(model, folder, tokenizer, record, overwrite)
     target = Path(folder)
     check_destination(target, overwrite)
     if generator is None:

@@ -95,7 +95,7 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: Widths, *, pca_si
     segment_modules, finished = finishing_schedule(plan, runner, widths.groups)
     tokens = sum(b.input_ids.numel() for b in batches)
     weights.check_room(segment_modules, 2 * tokens * hidden * weights.like.element_size())
-    record = Slice(len(plan.positions))
+    record = Slice(len(plan.positions), rotate=widths.rotate)
     rotator = Rotator(plan, record)
     rewrites: list[BlockRewrite] = [BranchRotator(plan, widths.stream), HiddenSlicer(plan, widths.hidden)]
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
@@ -109,18 +109,22 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: Widths, *, pca_si
                 weights.fetch([name for index in group for name in segment_modules[segment_of[index]]])
             segments = [segment_of[index] for index in group]
             runner.taps = {node: tap for rewrite in rewrites for node, tap in rewrite.taps(group).items()}
-            summed, health = _calibrate(runner, cache, segments, plan, pca_signal, watch)
+            summed, health = _calibrate(runner, cache, segments, plan, pca_signal if widths.rotate else None, watch)
             with watch("pca"):
                 all_reduce_sum(summed)
                 health.check(group, plan)
-                basis, spectrum = pca_basis(summed, plan.centered)
-                broadcast_from_first(basis)  # every rank slices with rank 0's basis, whatever its eigh did
+                if widths.rotate:
+                    basis, spectrum = pca_basis(summed, plan.centered)
+                    broadcast_from_first(basis)  # every rank slices with rank 0's basis, whatever its eigh did
             with watch("rewrite"):
                 for index in group:
+                    if not widths.rotate:  # the stream keeps its coordinates: nothing to rotate or project
+                        record.apply(plan, Resize(index, widths.stream[index]))
+                        continue
                     eigenvalues[index] = spectrum.cpu()
                     rotator.rotate(index, basis, widths.stream[index])
                     cache.project(runner.boundaries[segment_of[index]], basis[:, :widths.stream[index]].float())
-                for index in identity_shortcuts(group, widths.stream):
+                for index in identity_shortcuts(plan, group, widths):
                     record.apply(plan, RemoveShortcut(index))
                 for rewrite in rewrites:
                     rewrite.slice(group, record)
@@ -143,9 +147,10 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: Widths, *, pca_si
     return record, eigenvalues
 
 
-def _calibrate(runner: SegmentRunner, cache: ActivationCache, segments: list[int], plan: Plan, pca_signal: str,
-               watch: Stopwatch) -> tuple[torch.Tensor, GroupHealth]:
-    """Run a group's segments on every batch (covariance of each boundary summed) and on the probes."""
+def _calibrate(runner: SegmentRunner, cache: ActivationCache, segments: list[int], plan: Plan,
+               pca_signal: Optional[str], watch: Stopwatch) -> tuple[torch.Tensor, GroupHealth]:
+    """Run a group's segments on every batch (covariance of each boundary summed, unless
+    ``pca_signal`` is None: an unrotated stream) and on the probes."""
     device = plan.weights.device
     summed = torch.zeros(plan.hidden_size, plan.hidden_size, dtype=torch.float64, device=device)
     health = GroupHealth(device)
@@ -159,7 +164,8 @@ def _calibrate(runner: SegmentRunner, cache: ActivationCache, segments: list[int
                     if not torch.isfinite(value).all():
                         health.non_finite(number)
                         continue
-                    summed += covariance(value, batch, pca_signal, plan.rotated[k].norm_eps)
+                    if pca_signal is not None:
+                        summed += covariance(value, batch, pca_signal, plan.rotated[k].norm_eps)
         for env in cache.probe_envs:
             for k in segments:
                 with watch("calibration forward"):
