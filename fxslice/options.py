@@ -62,18 +62,21 @@ class Options:
             raise FxSliceError(f"basis must be one of {BASES}, got {self.basis!r}")
         if self.allocation not in ALLOCATIONS:
             raise FxSliceError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.stock:
+            self._check_stock()
         if self.basis == "none" and self.sparsity:
             raise FxSliceError(f"basis='none' keeps the stream unrotated and whole: sparsity must be 0, got "
                                f"{self.sparsity!r} (cut MLP units with hidden_sparsity, or give target_params)")
         if self.basis == "none" and self.slice_head:
             raise FxSliceError("basis='none' keeps the stream whole: slice_head needs a rotated stream")
-        if self.stock:
-            self._check_stock()
         return self
 
     def _check_stock(self) -> None:
         """A stock config has one hidden size and nothing on the residual path, one MLP width for all
         layers: the stream stays unrotated and every MLP keeps the same number of units."""
+        if self.sparsity:
+            raise FxSliceError(f"stock=True keeps the stream width (a stock config has one hidden size): sparsity "
+                               f"must be 0, got {self.sparsity!r}; cut MLP units with hidden_sparsity or target_params")
         if self.basis != "none":
             raise FxSliceError(f"stock=True keeps the stream unrotated (a stock Transformers config has no "
                                f"rotation on the residual path): basis must be 'none', got {self.basis!r}")

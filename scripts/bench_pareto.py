@@ -7,6 +7,9 @@ calibration windows, 40 evaluation windows per text) for
 - SliceGPT alone (``sparsity``; ``basis="position"`` = the paper, ``basis="block"``),
 - fxslice's budget mode (``target_params``: stream + MLP hidden units with refit, post-norm branches
   in their own basis) at 90/85/80/75/70%, with uniform and energy-allocated MLP widths,
+- the stock budget mode (``target_params`` with ``stock=True``: the stream unrotated and whole, the same
+  share of MLP units cut in every block, so that the slice saves as a stock Transformers checkpoint)
+  at 90/80/75/70%,
 - Gemma-3-270M (post-norm sandwich blocks) at 25% and at budgets 90/80%,
 
 each in its own process (one at a time), and prefill speed of every slice against the dense captured
@@ -42,6 +45,7 @@ RUNS: dict[str, tuple[str, dict]] = {
     "gemma-sgpt-block-0.25": (GEMMA, {"sparsity": 0.25}),
     "gemma-budget-0.9": (GEMMA, {"target_params": 0.9}),
     **{f"sgpt-block-{s:g}": (SMOL, {"sparsity": s}) for s in (0.2, 0.3)},
+    **{f"stock-{t:g}": (SMOL, {"target_params": t, "stock": True}) for t in (0.8, 0.7, 0.75, 0.9)},
     "sgpt-position-0.3": (SMOL, {"sparsity": 0.3, "basis": "position"}),
 }
 NAMES = ("shakespeare", "kjv")
@@ -49,6 +53,8 @@ NAMES = ("shakespeare", "kjv")
 
 def mode(options: dict) -> str:
     """The plot series a run belongs to."""
+    if options.get("stock"):
+        return "stock budget (unrotated stream, MLP units)"
     if "target_params" in options:
         return f"budget ({options.get('allocation', 'uniform')} MLP widths)"
     return f"SliceGPT ({options.get('basis', 'block')} basis)"

@@ -249,6 +249,9 @@ def _cli(*args):
     (["compress", "--max-cache-len", "-4", "--no-save"], "--max-cache-len: expected an integer >= 0, got -4"),
     (["compress", "--compile", "mps", "--output", "/nonexistent/never"], "AOTInductor packages are built for cpu or cuda"),
     (["eval", "/nonexistent/folder/xyz"], "cannot load model"),
+    (["compress", "--format", "transformers", "--compile", "--output", "/nonexistent/never"],
+     "a transformers checkpoint is compiled by its own runtime"),
+    (["compress", "--stock", "--sparsity", "0.25", "--no-save"], "stock=True keeps the stream width"),
 ])
 def test_cli_refuses_bad_options_before_any_work_in_one_line(args, message):
     started = time.perf_counter()
