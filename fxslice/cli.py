@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"{' or '.join(SHIPPED)} (shipped, offline), a hub id or a local folder")
     comp.add_argument("--sparsity", type=float, default=None,
                       help="fraction of the stream width to delete, in [0, 1) (SliceGPT; default 0.25 unless "
-                           "--target-params is given)")
+                           "--target-params is given; with --stock: 0, and --target-params 0.8 unless "
+                           "--hidden-sparsity is given)")
     comp.add_argument("--target-params", type=float, default=None, metavar="F",
                       help="keep at most this fraction of the dense parameter count (stream and MLP hidden units "
                            "sliced together), instead of --sparsity")
@@ -176,9 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_compress(args) -> int:
     from .jobs.compress import compress_job
 
-    if args.sparsity is None and args.target_params is None:
-        args.sparsity = 0.25
+    stock = args.stock or args.save_format == "transformers"
+    if args.sparsity is None and args.target_params is None:  # SliceGPT's 25%; stock: MLP units, 80% of the parameters
+        if stock and args.hidden_sparsity is None:
+            args.target_params = 0.8
+        else:
+            args.sparsity = 0.0 if stock else 0.25
     size = f"{args.sparsity:g}" if args.target_params is None else f"p{args.target_params:g}"
+    size += "-stock" if stock else ""
     output = None if args.no_save else (args.output or f"runs/{Path(args.model).name}-{size}")
     job = compress_job(args.model, args.sparsity, _protocol(args), target_params=args.target_params,
                        hidden_sparsity=args.hidden_sparsity, allocation=args.allocation, dtype=args.dtype, device=args.device,
@@ -188,7 +194,7 @@ def cmd_compress(args) -> int:
                        plot_spectra=args.plot_spectra, pca_signal=args.pca_signal, slice_head=args.slice_head,
                        basis=args.basis, round_to=args.round_to, stream=args.stream, offload_dir=args.offload_dir,
                        cache_batch_size=args.cache_batch_size, compile_devices=args.compile,
-                       stock=args.stock or args.save_format == "transformers", save_format=args.save_format)
+                       stock=stock, save_format=args.save_format)
     if not is_writer():
         return 0
     print()

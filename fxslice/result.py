@@ -68,8 +68,8 @@ class SliceResult:
     source: Optional["ModelSource"] = None
     """how the model can be captured again (:mod:`fxslice.source`); not part of the record."""
     stock_param_count: Optional[int] = None
-    """parameters of the stock Transformers checkpoint of an unrotated slice (``basis="none"``), whose
-    norms hold the ``diag(γ)`` that the graph keeps in inserted affines."""
+    """parameters of the stock Transformers checkpoint of an unrotated slice (``basis="none"``): the
+    graph's own count, since nothing was folded or inserted; None for a rotated slice."""
 
     @property
     def param_fraction(self) -> float:

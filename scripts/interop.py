@@ -13,6 +13,7 @@ format="transformers")``) and, without importing fxslice for the clients themsel
    tokens/s, threads pinned alike.
 
     python scripts/interop.py runs/smollm2-135m-stock-0.8 [--limit 100] [--tokens 32] [--skip-lmeval]
+                              [--dense ~/.cache/fxslice/smollm2-135m]
 
 Prints one table; exits 1 when a client disagrees with transformers.
 """
@@ -106,11 +107,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=100, help="kjv_verse_end examples for lm-eval")
     parser.add_argument("--skip-lmeval", action="store_true")
+    parser.add_argument("--dense", type=Path, default=None,
+                        help="the dense model's Transformers folder: its decode speed beside the slice's")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fxslice" / "llama-cpp-src")
     args = parser.parse_args()
     rows, agree = [], True
     prompt, reference, speed = transformers_greedy(args.folder, args.tokens, args.threads)
     rows.append(["transformers generate (fp32)", "-", f"{speed:.1f}", "reference"])
+    if args.dense is not None:
+        _, _, dense_speed = transformers_greedy(args.dense, args.tokens, args.threads)
+        rows.append(["dense model, transformers generate (fp32)", "-", f"{dense_speed:.1f}", "-"])
     if not args.skip_lmeval:
         theirs, ours = lmeval_scores(args.folder, args.limit)
         same = theirs["acc,none"] == ours["acc,none"]

@@ -35,6 +35,8 @@ COMBINATIONS = [  # units, MoE, energy allocation, offloaded centred tied stream
     ("llama", dict(sparsity=0.2, hidden_sparsity=0.3, allocation="energy")),
     ("gpt2", dict(sparsity=0.25, offload_dir="<tmp>")),
     pytest.param("qwen2_moe", dict(target_params=0.85), marks=SLOW),
+    ("gemma3_text", dict(sparsity=0.0, hidden_sparsity=0.3, stock=True)),  # unrotated: nothing fused, units only
+    pytest.param("gpt2", dict(target_params=0.8, basis="none"), marks=SLOW),
 ]
 
 
@@ -85,6 +87,9 @@ def test_the_slice_record_round_trips_through_json():
     assert all(len(units) == sliced.fxslice.hidden_widths[w][0] for w, units in again.hidden_units.items())
     with pytest.raises(FxSliceError, match="slice record is malformed"):
         Slice.from_record({"positions": 5, "edits": [{"kind": "rotate_everything"}]})
+    with pytest.raises(FxSliceError, match="slice record is malformed.*rotate"):
+        Slice.from_record({"positions": 5, "rotate": "no", "edits": []})
+    assert Slice.from_record({"positions": 5, "rotate": False}).rotate is False
 
 
 def test_a_replay_onto_a_capture_of_another_shape_is_refused():

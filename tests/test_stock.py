@@ -168,6 +168,8 @@ def test_overwrite_replaces_a_stock_checkpoint_fxslice_wrote(tmp_path):
         fxslice.save(sliced, folder, format="transformers")
     assert fxslice.save(sliced, folder, format="transformers", overwrite=True) == folder
     assert (folder / "config.json").is_file()
+    with pytest.raises(FxSliceError, match="stock Transformers checkpoint.*from_pretrained"):
+        fxslice.load(folder)
 
 
 @SLOW

@@ -61,20 +61,13 @@ def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
     return [[p.index] for p in plan.rotated] if basis == "position" else plan.block_groups
 
 
-def unrotated_count(plan: Plan, dense_count: int, widths: Widths) -> int:
-    """The parameter count of the *stock* model of an unrotated slice: the dense count less what the
-    MLP units removed (the graph's inserted ``diag(γ)`` affines are norm weight vectors there)."""
-    whole = Widths(widths.stream, {m.writer: m.width for m in plan.mlps}, groups=widths.groups, rotate=widths.rotate)
-    return dense_count - (sliced_parameter_count(plan, whole) - sliced_parameter_count(plan, widths))
-
-
 def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: list[Batch]) -> Widths:
     """The widths ``options`` ask for: a sparsity, or the widths meeting a parameter budget; MLP units
     spread uniformly or by measured energy (the budget's leftover units then refilled one by one)."""
     groups = basis_groups(plan, options.basis)
     if options.basis == "none":
-        return unrotated_widths(plan, options, dense_count, groups)
-    if options.target_params is not None:
+        widths = unrotated_widths(plan, options, dense_count, groups)
+    elif options.target_params is not None:
         widths = plan_budget(plan, options.target_params, dense_count, options.round_to, options.slice_head, groups)
     else:
         widths = uniform_widths(plan, float(options.sparsity), float(options.hidden_sparsity or 0.0),
@@ -88,25 +81,28 @@ def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: lis
         if options.target_params is not None:  # units the rounding left over, one at a time
             widths, _ = fill_hidden(widths, plan.mlps, options.target_params * dense_count, 1,
                                     lambda w: sliced_parameter_count(plan, w))
+    if not widths.rotate:  # the graph is the stock model: nothing folded, nothing inserted
+        widths.stock_param_count = sliced_parameter_count(plan, widths)
     return widths
 
 
 def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: list[list[int]]) -> Widths:
     """Widths of an unrotated stream (``basis="none"``): every position whole, MLP units cut by
-    ``hidden_sparsity`` or to meet ``target_params`` (the same fraction of every MLP; counted as the
-    stock model under ``stock``, else as the graph). Rotation then runs without PCA."""
+    ``hidden_sparsity`` or to meet ``target_params`` (the same fraction of every MLP). The graph then
+    has the stock model's parameters exactly; rotation runs without PCA."""
     full = [plan.hidden_size] * len(plan.positions)
 
     def at(sparsity: float, round_to: int) -> Widths:
         widths = Widths(full, hidden_widths(plan.mlps, sparsity, round_to), 0.0, 0.0, groups, rotate=False)
         kept, whole = sum(widths.hidden.values()), sum(m.width for m in plan.mlps)
         widths.hidden_sparsity = 1.0 - kept / whole if whole else 0.0
-        widths.stock_param_count = unrotated_count(plan, dense_count, widths)
         return widths
 
     if options.target_params is None:
         return at(float(options.hidden_sparsity or 0.0), options.round_to)
-    count = (lambda w: w.stock_param_count) if options.stock else (lambda w: sliced_parameter_count(plan, w))
+    def count(widths: Widths) -> int:
+        return sliced_parameter_count(plan, widths)
+
     goal = options.target_params * dense_count
     chosen = at(0.0, options.round_to)
     if count(chosen) <= goal:
@@ -201,6 +197,8 @@ def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
     for name, module in plan.gm.named_modules():
         direct = [p for _, p in module.named_parameters(recurse=False)]
         if isinstance(module, WEIGHTED):
+            if direct and all(id(p) in seen for p in direct):
+                continue  # a head sharing the embedding's parameter (an unrotated tied model): counted once
             seen.update(id(p) for p in direct)
             reads, writes = layout.get(name, (None, None))
             if isinstance(module, nn.Embedding):

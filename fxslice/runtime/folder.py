@@ -38,6 +38,9 @@ def read_record(folder: str | os.PathLike) -> dict:
     if not path.is_dir():
         raise FxSliceError(f"{path} is not a folder saved by fxslice")
     where = path / RECORD
+    if not where.is_file() and is_stock_folder(path):
+        raise FxSliceError(f"{path} is a stock Transformers checkpoint (fxslice.save(..., format='transformers')): "
+                           "load it with transformers.AutoModelForCausalLM.from_pretrained")
     if not where.is_file():
         raise FxSliceError(f"{path} has no {RECORD}: not a folder saved by fxslice.save")
     try:
