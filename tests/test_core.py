@@ -92,6 +92,7 @@ def test_block_basis_shares_one_basis_per_layer(llama):
         fxslice.compress(llama, calibration(), 0.25, basis="layer", progress=False)
 
 
+@pytest.mark.slow
 def test_pca_signal_norm_output_is_an_alternative(llama):
     stream = fxslice.compress(llama, calibration(), 0.25, progress=False)
     normed = fxslice.compress(llama, calibration(), 0.25, pca_signal="norm_output", progress=False)

