@@ -159,7 +159,6 @@ def compress(
         norm_eps=record.norm_eps(plan),
         slice=record,
         source=run.source,
-        stock_param_count=widths.stock_param_count,
     )
     return gm
 

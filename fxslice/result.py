@@ -67,13 +67,16 @@ class SliceResult:
     capture of the model replays to take the sliced shapes."""
     source: Optional["ModelSource"] = None
     """how the model can be captured again (:mod:`fxslice.source`); not part of the record."""
-    stock_param_count: Optional[int] = None
-    """parameters of the stock Transformers checkpoint of an unrotated slice (``basis="none"``): the
-    graph's own count, since nothing was folded or inserted; None for a rotated slice."""
 
     @property
     def param_fraction(self) -> float:
         return self.param_count / self.dense_param_count
+
+    @property
+    def stock_param_count(self) -> Optional[int]:
+        """Parameters of the stock Transformers checkpoint of an unrotated slice (``basis="none"``): the
+        graph's own count, since nothing was folded or inserted; None for a rotated slice."""
+        return self.param_count if self.slice is not None and not self.slice.rotate else None
 
     @property
     def added(self) -> list[str]:

@@ -141,8 +141,8 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
         for name, windows in evaluations.items():
             dense.perplexities[name] = perplexity(model, batches(windows, eval_batch_size), f"dense ppl {name}", progress)
         rows.append(dense)
-    params = result.stock_param_count if checked.stock else result.param_count  # what is saved
-    row = Row(label, params, result.dense_param_count, distinct_widths(result.widths), seconds=seconds)
+    row = Row(label, result.param_count, result.dense_param_count, distinct_widths(result.widths),
+              seconds=seconds)
     for name, windows in evaluations.items():
         row.perplexities[name] = perplexity(sliced, batches(windows, eval_batch_size), f"sliced ppl {name}", progress)
     rows.append(row)

@@ -17,8 +17,8 @@ perplexity per parameter than narrowing the stream, until it does not.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -52,7 +52,6 @@ class Widths:
     hidden_sparsity: float = 0.0
     groups: list[list[int]] = field(default_factory=list)
     rotate: bool = True  # False: the stream keeps its coordinates (``basis="none"``), no PCA
-    stock_param_count: Optional[int] = None  # the stock checkpoint's count (``basis="none"`` only)
 
 
 def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
@@ -81,47 +80,55 @@ def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: lis
         if options.target_params is not None:  # units the rounding left over, one at a time
             widths, _ = fill_hidden(widths, plan.mlps, options.target_params * dense_count, 1,
                                     lambda w: sliced_parameter_count(plan, w))
-    if not widths.rotate:  # the graph is the stock model: nothing folded, nothing inserted
-        widths.stock_param_count = sliced_parameter_count(plan, widths)
     return widths
 
 
 def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: list[list[int]]) -> Widths:
     """Widths of an unrotated stream (``basis="none"``): every position whole, MLP units cut by
-    ``hidden_sparsity`` or to meet ``target_params`` (the same fraction of every MLP). The graph then
-    has the stock model's parameters exactly; rotation runs without PCA."""
-    full = [plan.hidden_size] * len(plan.positions)
-
+    ``hidden_sparsity`` or to meet ``target_params`` (the same fraction of every MLP: the rounding's
+    steps, else single units). The graph then has the stock model's parameters exactly; rotation runs
+    without PCA."""
     def at(sparsity: float, round_to: int) -> Widths:
-        widths = Widths(full, hidden_widths(plan.mlps, sparsity, round_to), 0.0, 0.0, groups, rotate=False)
-        kept, whole = sum(widths.hidden.values()), sum(m.width for m in plan.mlps)
-        widths.hidden_sparsity = 1.0 - kept / whole if whole else 0.0
-        return widths
+        return replace(uniform_widths(plan, 0.0, sparsity, round_to, False, groups), rotate=False)
 
     if options.target_params is None:
         return at(float(options.hidden_sparsity or 0.0), options.round_to)
+    goal = options.target_params * dense_count
+
     def count(widths: Widths) -> int:
         return sliced_parameter_count(plan, widths)
 
-    goal = options.target_params * dense_count
     chosen = at(0.0, options.round_to)
     if count(chosen) <= goal:
         return chosen
     for round_to in dict.fromkeys((options.round_to, 1)):  # the rounding's steps, then single units
-        low, high = 0.0, 1.0
-        if count(at(high - 1e-9, round_to)) > goal:
+        narrowest = count(at(1.0 - 1e-9, round_to))
+        if narrowest > goal:
             raise FxSliceError(f"target_params {options.target_params} is out of reach with the stream whole "
                                f"(basis='none'): cutting every MLP to {round_to} unit(s) keeps "
-                               f"{count(at(high - 1e-9, round_to)) / dense_count:.1%} of the dense parameters")
-        for _ in range(40):  # the count falls (in steps) as the MLP sparsity grows
-            middle = (low + high) / 2
-            low, high = (low, middle) if count(at(middle, round_to)) <= goal else (middle, high)
-        chosen = at(high, round_to)
+                               f"{narrowest / dense_count:.1%} of the dense parameters")
+        chosen = at(least_sparsity(lambda h: count(at(h, round_to)), goal, 0.0, 1.0), round_to)
         if count(chosen) >= goal - TOLERANCE * dense_count:
+            chosen.hidden_sparsity = removed_unit_fraction(chosen, plan.mlps)
             return chosen
     raise FxSliceError(f"target_params {options.target_params} cannot be met within {TOLERANCE:.1%} by cutting "
                        f"the same fraction of every MLP: the nearest count below it is "
                        f"{count(chosen) / dense_count:.2%} of dense")
+
+
+def least_sparsity(count_at, goal: float, low: float, high: float) -> float:
+    """The least sparsity in ``[low, high]`` whose count ``count_at(s)`` is within ``goal``, by bisection
+    (the count falls, in steps, as the sparsity grows; ``count_at(high) <= goal``)."""
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (low, middle) if count_at(middle) <= goal else (middle, high)
+    return high
+
+
+def removed_unit_fraction(widths: Widths, mlps: list[MLP]) -> float:
+    """The share of all MLP hidden units that ``widths`` deletes."""
+    full = sum(m.width for m in mlps)
+    return 1.0 - sum(widths.hidden[m.writer] for m in mlps) / full if full else 0.0
 
 
 def slice_width(full: int, sparsity: float, round_to: int) -> int:
@@ -244,12 +251,7 @@ def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slic
     if count(widths_at(high)) > goal:
         raise FxSliceError(f"target_params {target} is out of reach: the narrowest slice ({round_to} stream "
                            f"columns) keeps {count(widths_at(high)) / dense_count:.1%} of the dense parameters")
-    for _ in range(40):  # bisection on s: the count falls (in steps) as s grows
-        middle = (low + high) / 2
-        if count(widths_at(middle)) <= goal:
-            high = middle
-        else:
-            low = middle
+    high = least_sparsity(lambda s: count(widths_at(s)), goal, low, high)
     floor = goal - TOLERANCE * dense_count
     chosen, total = fill_hidden(widths_at(high), mlps, goal, round_to, count)
     if total < floor:  # one rounding step wider, the MLPs cut harder
@@ -261,9 +263,7 @@ def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slic
                 chosen, total = candidate, reached
     if total < floor and round_to > 1:  # the last units one at a time (small models)
         chosen, total = fill_hidden(chosen, mlps, goal, 1, count)
-    width_of = {m.writer: m.width for m in mlps}
-    kept, full = sum(chosen.hidden.values()), sum(width_of.values())
-    chosen.hidden_sparsity = 1.0 - kept / full if full else 0.0
+    chosen.hidden_sparsity = removed_unit_fraction(chosen, mlps)
     reached = total / dense_count
     if reached < target - TOLERANCE:
         raise FxSliceError(f"target_params {target} cannot be met within {TOLERANCE:.1%}: the nearest count "

@@ -36,8 +36,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ..errors import FxSliceError
-from ..graph.inserted import SHORTCUT
+from ..errors import FxSliceError, whole
 from ..graph.modules import WEIGHTED
 from ..graph.nodes import fetch_attr
 from ..hf import model_spec
@@ -57,20 +56,13 @@ def tolerance(dtype: torch.dtype) -> float:
 
 # --- what a stock config can express ---------------------------------------------------------------
 def check_stock_expressible(result) -> None:
-    """Refuse a slice that no stock config expresses, with the reason and the option that would."""
-    basis = result.options.get("basis")
-    if basis != "none" or result.slice is None or result.slice.rotate:
-        raise FxSliceError(f"the slice rotates the residual stream (basis={basis!r}): a stock Transformers config "
-                           "has no rotation or shortcut on the residual path; compress with stock=True "
-                           "(CLI --stock) to cut MLP units of an unrotated stream")
-    narrow = sorted({w for w in result.widths if w != result.hidden_size})
-    if narrow:
-        raise FxSliceError(f"the slice narrows the stream to {narrow} of {result.hidden_size}: a stock config has "
-                           "one hidden size; compress with stock=True (CLI --stock)")
-    shortcuts = [m.name for m in result.inserted if m.kind == SHORTCUT]
-    if shortcuts:
-        raise FxSliceError(f"the slice keeps shortcut Linears on the residual path ({shortcuts[0]}, …): a stock "
-                           "config has none; compress with stock=True (CLI --stock)")
+    """Refuse a slice that no stock config expresses, with the reason and the option that would. An
+    unrotated slice keeps the stream whole and inserts nothing; a rotated one has shortcuts, folded
+    norms and (usually) a narrower stream."""
+    if result.slice is None or result.slice.rotate:
+        raise FxSliceError(f"the slice rotates the residual stream (basis={result.options.get('basis')!r}): a stock "
+                           "Transformers config has no rotation or shortcut on the residual path; compress with "
+                           "stock=True (CLI --stock) to cut MLP units of an unrotated stream")
 
 
 def mlp_widths(result) -> dict[int, int]:
@@ -92,7 +84,7 @@ def integer_attributes(config, value: int, prefix: str = "") -> list[str]:
     for key, item in vars(config).items():
         if key.startswith("_"):
             continue
-        if isinstance(item, int) and not isinstance(item, bool) and item == value:
+        if whole(item) and item == value:
             found.append(prefix + key)
         elif hasattr(item, "to_dict") and hasattr(item, "model_type"):  # a nested PretrainedConfig
             found.extend(integer_attributes(item, value, f"{prefix}{key}."))
@@ -212,25 +204,27 @@ class StockFiller:
                 raise FxSliceError(f"the slice gives no value for parameter '{name}' of the stock model")
 
 
-def logit_error(stock: nn.Module, sliced: nn.Module, vocab: int) -> float:
-    """``max |Δ logits| / max(1, max |logits|)`` of the two models on seeded probe tokens."""
-    ids = torch.randint(0, vocab, PROBE, generator=torch.Generator().manual_seed(0))
-    device = next(sliced.parameters()).device
-    with torch.no_grad():
-        want = sliced(ids.to(device)).logits.double().cpu()
-        got = stock(input_ids=ids.to(next(stock.parameters()).device), use_cache=False).logits.double().cpu()
-    if got.shape != want.shape:
-        return float("inf")
-    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+class Probe:
+    """Seeded probe tokens and the slice's logits on them, computed once; :meth:`error` of a model:
+    ``max |Δ logits| / max(1, max |logits|)``."""
+
+    def __init__(self, sliced: nn.Module, vocab: int):
+        self.ids = torch.randint(0, vocab, PROBE, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            self.want = sliced(self.ids.to(next(sliced.parameters()).device)).logits.double().cpu()
+
+    def error(self, stock: nn.Module) -> float:
+        with torch.no_grad():
+            got = stock(input_ids=self.ids.to(next(stock.parameters()).device), use_cache=False).logits.double().cpu()
+        if got.shape != self.want.shape:
+            return float("inf")
+        return float((got - self.want).abs().max()) / max(1.0, float(self.want.abs().max()))
 
 
-def stock_model(sliced: nn.Module) -> tuple[nn.Module, dict[str, int]]:
-    """The stock Transformers model computing what ``sliced`` computes, and the config attributes changed."""
-    result = getattr(sliced, "fxslice", None)
-    if result is None or result.source is None:
-        raise FxSliceError("a stock checkpoint needs the GraphModule returned by fxslice.compress (it carries "
-                           ".fxslice with the slice and its source model)")
-    check_stock_expressible(result)
+def stock_model(sliced: nn.Module, probe: Probe) -> tuple[nn.Module, dict[str, int]]:
+    """The stock Transformers model computing what ``sliced`` (a slice :func:`check_stock_expressible`
+    accepted) computes, checked on ``probe``, and the config attributes changed."""
+    result = sliced.fxslice
     config, generation = result.source.configs()
     like = next(p for p in sliced.parameters() if p.is_floating_point())
     problem = None
@@ -247,7 +241,7 @@ def stock_model(sliced: nn.Module) -> tuple[nn.Module, dict[str, int]]:
     filler.check_covered()
     if generation is not None:
         stock.generation_config = generation
-    error = logit_error(stock, sliced, result.vocab_size)
+    error = probe.error(stock)
     if error > tolerance(like.dtype):
         raise FxSliceError(f"the stock {config.model_type} model differs from the slice by {error:.2e} (relative "
                            f"logits) although every weight was copied: the config derives something from the "
@@ -276,8 +270,13 @@ def save_transformers(model: nn.Module, folder: str | os.PathLike, tokenizer=Non
 
     target = Path(folder)
     check_destination(target, overwrite)
-    stock, changes = stock_model(model)
-    result = model.fxslice
+    result = getattr(model, "fxslice", None)
+    if result is None or result.source is None:
+        raise FxSliceError("a stock checkpoint needs the GraphModule returned by fxslice.compress (it carries "
+                           ".fxslice with the slice and its source model)")
+    check_stock_expressible(result)
+    probe = Probe(model, result.vocab_size)
+    stock, changes = stock_model(model, probe)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(target)
@@ -290,7 +289,7 @@ def save_transformers(model: nn.Module, folder: str | os.PathLike, tokenizer=Non
                    "param_count": sum(p.numel() for p in stock.parameters())}
         (staging / STOCK_RECORD).write_text(json.dumps(summary, indent=2, default=str))
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype).eval()
-        error = logit_error(reloaded, model, result.vocab_size)
+        error = probe.error(reloaded)
         if error > tolerance(dtype):
             where = first_difference(reloaded, stock)
             raise FxSliceError(f"the checkpoint loaded back by from_pretrained differs from the slice by {error:.2e}"
