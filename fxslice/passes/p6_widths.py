@@ -175,17 +175,15 @@ def uniform_widths(plan: Plan, sparsity: float, hidden_sparsity: float, round_to
 def identity_shortcuts(plan: Plan, group: list[int], widths: Widths) -> list[int]:
     """The positions of a basis group whose incoming shortcut is the identity once the group is
     rotated: each member is fed by the one before it (``block_groups``), so equal widths suffice
-    (``Q_dᵀ Q_d = I``); an unrotated stream's shortcuts are all the identity."""
-    if not widths.rotate:
-        return [index for index in group if plan.positions[index].shortcut is not None]
+    (``Q_dᵀ Q_d = I``). An unrotated plan has no shortcut at all."""
     stream = widths.stream
-    return [index for previous, index in zip(group, group[1:]) if stream[index] == stream[previous]]
+    return [index for previous, index in zip(group, group[1:])
+            if stream[index] == stream[previous] and plan.positions[index].shortcut is not None]
 
 
 def removed_shortcuts(plan: Plan, widths: Widths) -> set[str]:
     """The names of the shortcuts rotation removes (:func:`identity_shortcuts` of every group)."""
-    return {plan.positions[index].shortcut for group in widths.groups for index in identity_shortcuts(plan, group, widths)
-            if plan.positions[index].shortcut}
+    return {plan.positions[index].shortcut for group in widths.groups for index in identity_shortcuts(plan, group, widths)}
 
 
 def sliced_parameter_count(plan: Plan, widths: Widths) -> int:

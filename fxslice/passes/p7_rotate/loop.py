@@ -111,16 +111,13 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: Widths, *, pca_si
             runner.taps = {node: tap for rewrite in rewrites for node, tap in rewrite.taps(group).items()}
             summed, health = _calibrate(runner, cache, segments, plan, pca_signal if widths.rotate else None, watch)
             with watch("pca"):
-                all_reduce_sum(summed)
-                health.check(group, plan)
-                if widths.rotate:
+                health.check(group, plan)  # every rank stops here together, or none does
+                if widths.rotate:  # an unrotated stream keeps its coordinates: no basis, nothing to project
+                    all_reduce_sum(summed)
                     basis, spectrum = pca_basis(summed, plan.centered)
                     broadcast_from_first(basis)  # every rank slices with rank 0's basis, whatever its eigh did
             with watch("rewrite"):
-                for index in group:
-                    if not widths.rotate:  # the stream keeps its coordinates: nothing to rotate or project
-                        record.apply(plan, Resize(index, widths.stream[index]))
-                        continue
+                for index in group if widths.rotate else []:
                     eigenvalues[index] = spectrum.cpu()
                     rotator.rotate(index, basis, widths.stream[index])
                     cache.project(runner.boundaries[segment_of[index]], basis[:, :widths.stream[index]].float())
