@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .distributed import rank, world_size
 from .errors import CalibrationError, FxSliceError
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -107,7 +108,9 @@ def prepare_batches(calib_loader: Iterable, vocab_size: int, device: torch.devic
             mask = mask.to(device=device, dtype=torch.bool)
         batches.append(Batch(ids.to(device=device, dtype=torch.long), mask))
     if not batches:
-        raise CalibrationError("calib_loader yielded no batches")
+        shared = f" on rank {rank()} of {world_size()} (under torch.distributed every rank calibrates on its own " \
+                 "batches: give each rank at least one)" if world_size() > 1 else ""
+        raise CalibrationError(f"calib_loader yielded no batches{shared}")
     if token_count(batches) == 0:
         raise CalibrationError("every calibration token is masked out by attention_mask")
     return batches

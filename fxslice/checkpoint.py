@@ -12,6 +12,7 @@ when a pass asks for them. The checkpoint is only ever opened for reading.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from .errors import FxSliceError
+from .errors import FxSliceError, dtype_named, whole
 
 if TYPE_CHECKING:
     from .graph.store import Source, StreamedWeights
@@ -48,13 +49,14 @@ class Checkpoint:
             folder = _download(str(path))
         if not (folder / "config.json").is_file():
             raise FxSliceError(f"checkpoint {folder}: no config.json")
+        check_config_file(folder / "config.json")
         files = _tensor_files(folder)
         from transformers import AutoConfig
 
         try:
             config = AutoConfig.from_pretrained(folder)
-        except (OSError, ValueError, KeyError) as exc:
-            raise FxSliceError(f"checkpoint {folder}: cannot read config.json: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 — whatever transformers raises on a config it cannot build
+            raise FxSliceError(f"checkpoint {folder}: cannot read config.json: {type(exc).__name__}: {exc}") from exc
         nbytes = sum(p.stat().st_size for p in set(files.values()))
         return cls(folder, config, files, nbytes)
 
@@ -70,10 +72,13 @@ class Checkpoint:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, keys in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in keys:
-                    tensor = handle.get_tensor(key)
-                    out[key] = tensor.to(dtype=dtype or tensor.dtype, copy=True)
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for key in keys:
+                        tensor = handle.get_tensor(key)
+                        out[key] = tensor.to(dtype=dtype or tensor.dtype, copy=True)
+            except Exception as exc:  # noqa: BLE001 — a shard changed or damaged since it was checked
+                raise FxSliceError(f"cannot read checkpoint shard {file}: {type(exc).__name__}: {exc}") from exc
         return out
 
     def empty_model(self, dtype: torch.dtype) -> tuple[nn.Module, dict[int, str]]:
@@ -113,6 +118,7 @@ class Checkpoint:
             if param.untyped_storage().data_ptr() not in sources:
                 raise FxSliceError(f"checkpoint {self.folder} has no tensor for parameter '{name}' "
                                    f"{list(param.shape)} (shards: {sorted({p.name for p in self.files.values()})})")
+        self._check_all_used(model, names)
         values = self.read(list(small), dtype)
         with torch.no_grad():
             for key, param in small.items():
@@ -124,6 +130,23 @@ class Checkpoint:
                 _check_shape(self, key, value, buffer.shape)
                 buffer.copy_(value)
         return model, sources
+
+    def _check_all_used(self, model: nn.Module, names: dict[str, str]) -> None:
+        """Refuse tensors of the checkpoint that no parameter or buffer of the config's model reads (a
+        config with fewer layers than the shards hold would silently drop them), except those the
+        model class declares ignorable (``_keys_to_ignore_on_load_unexpected``, as ``from_pretrained``)."""
+        import re
+
+        state = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        state |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+        used = {key for name, key in names.items() if name in state}
+        ignored = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+        unused = sorted(key for key in self.files if key not in used and not any(p.search(key) for p in ignored))
+        if unused:
+            shown = ", ".join(f"'{key}'" for key in unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+            raise FxSliceError(f"checkpoint {self.folder} holds {len(unused)} tensor(s) that the model config.json "
+                               f"describes ({type(model).__name__}) has no parameter for: {shown}; does config.json "
+                               "match the shards (e.g. its number of layers)?")
 
     def model_keys(self, model: nn.Module) -> dict[str, str]:
         """model state-dict name -> checkpoint tensor name, through transformers' own key renamings
@@ -186,6 +209,10 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as exc:
             raise FxSliceError(f"checkpoint index {index} is not a safetensors index ({exc})") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) and shard for shard in weight_map.values()):
+            raise FxSliceError(f"checkpoint index {index}: 'weight_map' must map tensor names to shard file names, "
+                               f"got {type(weight_map).__name__}" + (" with values that are not file names"
+                                                                     if isinstance(weight_map, dict) else ""))
         files = {name: folder / shard for name, shard in weight_map.items()}
     elif (folder / SINGLE).is_file():
         files = None
@@ -221,11 +248,61 @@ def _header(shard: Path) -> dict:
             header = json.loads(handle.read(length))
         except ValueError as exc:
             raise FxSliceError(f"checkpoint shard {shard} has an unreadable safetensors header ({exc})") from exc
-    header.pop("__metadata__", None)
-    end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    if not isinstance(header, dict):
+        raise FxSliceError(f"checkpoint shard {shard}: its safetensors header is a JSON {type(header).__name__}, "
+                           "not an object of tensor entries")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise FxSliceError(f"checkpoint shard {shard}: its safetensors '__metadata__' is not an object of strings")
+    for name, entry in header.items():
+        _check_entry(shard, name, entry)
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + length + end > size:
         raise FxSliceError(f"checkpoint shard {shard} is truncated: {size} bytes, its header needs {8 + length + end}")
     return header
+
+
+def _check_entry(shard: Path, name: str, entry: object) -> None:
+    """A safetensors header entry: ``dtype`` torch can read, ``shape`` of sizes >= 0, and
+    ``data_offsets`` [begin, end] spanning exactly the bytes of that shape."""
+    from safetensors import torch as safetensors_torch
+
+    where = f"checkpoint shard {shard}: tensor '{name}'"
+    if not isinstance(entry, dict):
+        raise FxSliceError(f"{where} has a header entry that is a JSON {type(entry).__name__}, not an object")
+    known = getattr(safetensors_torch, "_TYPES", None)  # safetensors' dtype names -> torch dtypes
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or (known is not None and dtype not in known):
+        raise FxSliceError(f"{where} has dtype {dtype!r}, which torch cannot read"
+                           + (f" (known: {', '.join(sorted(known))})" if known else ""))
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(whole(size) and size >= 0 for size in shape):
+        raise FxSliceError(f"{where} has shape {shape!r}, not a list of sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(whole(o) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise FxSliceError(f"{where} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end"
+                           if "data_offsets" in entry else f"{where} has no data_offsets")
+    if known is not None:
+        nbytes = math.prod(shape) * known[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise FxSliceError(f"{where} spans {offsets[1] - offsets[0]} bytes, its shape {shape} in {dtype} "
+                               f"needs {nbytes}")
+
+
+def check_config_file(path: Path) -> None:
+    """``config.json`` is a JSON object whose dtype fields (``dtype``, ``torch_dtype``) name a torch dtype:
+    transformers would fail on them with an ``AttributeError`` that names neither the file nor the field."""
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FxSliceError(f"checkpoint {path} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise FxSliceError(f"checkpoint {path} is a JSON {type(config).__name__}, not an object")
+    for field in ("dtype", "torch_dtype"):
+        value = config.get(field)
+        if value is not None and value != "auto" and dtype_named(value) is None:
+            raise FxSliceError(f"checkpoint {path}: '{field}' is {value!r}, not a torch dtype (e.g. 'bfloat16', "
+                               "'float16', 'float32')")
 
 
 def checkpoint_weights(gm: nn.Module, checkpoint: Checkpoint, storage_keys: dict[int, str], dtype: torch.dtype,

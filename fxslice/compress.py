@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Iterable, Optional
@@ -26,10 +25,10 @@ from torch.fx import GraphModule
 from .calibration import check_device, prepare_batches, token_count
 from .checkpoint import Checkpoint, checkpoint_weights, is_checkpoint
 from .distributed import raise_together, total
-from .errors import FxSliceError
+from .errors import FxSliceError, dtype_named
 from .graph.store import memory_weights
-from .graph.weights import count_parameters, release_shared_storage
-from .hf import model_spec
+from .graph.weights import count_parameters, reads_an_embedding, release_shared_storage
+from .hf import check_compute_dtype, model_spec
 from .options import Options
 from .passes import PASSES
 from .passes.p1_capture import capture
@@ -38,6 +37,7 @@ from .passes.p3_analyse import Structure, analyse
 from .passes.run import Run
 from .result import SliceResult, Stopwatch
 from .source import CheckpointSource
+from .tempfolders import private_folder
 
 
 def inspect(model: nn.Module, show: bool = True) -> Structure:
@@ -118,10 +118,18 @@ def compress(
         model's device otherwise; ``result.fxslice`` holds a :class:`SliceResult` (widths, true
         parameter counts, inserted modules, timings, eigenvalues).
     """
-    options = Options(sparsity, target_params, hidden_sparsity, round_to, pca_signal, slice_head, basis,
-                      allocation, stock).check()
-    if device is not None:
-        check_device(device)
+    error, options = None, None
+    try:
+        options = Options(sparsity, target_params, hidden_sparsity, round_to, pca_signal, slice_head, basis,
+                          allocation, stock).check()
+        if device is not None:
+            check_device(device)
+        if dtype is not None:
+            check_compute_dtype(dtype, "dtype")
+        _check_offload_dir(offload_dir)
+    except FxSliceError as exc:  # under torch.distributed every rank stops, with the same message
+        error = exc
+    raise_together(error)
     watch = Stopwatch()
     temporary: list[Path] = []  # offload folders fxslice made: they back the result's weights
     try:
@@ -142,7 +150,7 @@ def compress(
         widths=record.widths(plan),
         dense_param_count=run.spec.param_count,
         param_count=count_parameters(gm),
-        tied_embeddings=plan.tied is not None,
+        tied_embeddings=plan.tied is not None or reads_an_embedding(gm, plan.head),
         centered=plan.centered,
         options=options.to_record(),
         calibration_tokens=int(total(token_count(run.batches))),
@@ -168,21 +176,22 @@ def _run_passes(model, calib_loader, options: Options, device, dtype, offload_di
     """Prepare the run (model or empty checkpoint model, calibration batches, weight store), then
     every pass of ``PASSES`` in order."""
     with watch("total"):
-        if is_checkpoint(model):
-            checkpoint = Checkpoint.open(model)
-            dtype = checkpoint_dtype(checkpoint, dtype)
-            with watch("capture"):
-                module, storage_keys = checkpoint.empty_model(dtype)
-                spec = model_spec(module, weights_loaded=False)
-        else:
-            if dtype is not None:
-                raise FxSliceError("dtype applies to a checkpoint path; convert an in-memory model with model.to(dtype)")
-            module, checkpoint, spec = model, None, model_spec(model)
-        compute = torch.device(device) if device is not None else spec.device
-        error, batches = None, []
-        try:
+        error = None
+        try:  # a bad checkpoint, model or calibration shard of one rank stops every rank
+            if is_checkpoint(model):
+                checkpoint = Checkpoint.open(model)
+                dtype = checkpoint_dtype(checkpoint, dtype)
+                with watch("capture"):
+                    module, storage_keys = checkpoint.empty_model(dtype)
+                    spec = model_spec(module, weights_loaded=False)
+            else:
+                if dtype is not None:
+                    raise FxSliceError("dtype applies to a checkpoint path; convert an in-memory model with "
+                                       "model.to(dtype)")
+                module, checkpoint, spec = model, None, model_spec(model)
+            compute = torch.device(device) if device is not None else spec.device
             batches = prepare_batches(calib_loader, spec.vocab_size, compute)
-        except FxSliceError as exc:  # one rank's bad shard stops every rank
+        except FxSliceError as exc:
             error = exc
         raise_together(error)
         offload = _offload_folder(offload_dir, temporary, needed=checkpoint is not None)
@@ -206,22 +215,33 @@ def _run_passes(model, calib_loader, options: Options, device, dtype, offload_di
 def _offload_folder(offload_dir, made: list[Path], needed: bool) -> Optional[Path]:
     """A fresh folder of this compression inside ``offload_dir`` (or the system's temporary folder
     when a checkpoint needs one): concurrent runs and ranks never share files, a failed run
-    leaves nothing, a finished one keeps it as long as the sliced graph maps its files."""
+    leaves nothing, a finished one keeps it as long as the sliced graph maps its files (one killed
+    outright is removed by the next compression, :mod:`fxslice.tempfolders`)."""
     if offload_dir is None and not needed:
         return None
-    if offload_dir is not None and not Path(offload_dir).is_dir():
-        raise FxSliceError(f"offload_dir {offload_dir} is not an existing folder")
-    folder = Path(tempfile.mkdtemp(dir=offload_dir, prefix="fxslice-offload-"))
+    _check_offload_dir(offload_dir)
+    folder = private_folder("fxslice-offload-", offload_dir)
     made.append(folder)
     return folder
 
 
+def _check_offload_dir(offload_dir) -> None:
+    """None, or the path (``str`` / ``os.PathLike``) of an existing folder."""
+    if offload_dir is None:
+        return
+    if not isinstance(offload_dir, (str, os.PathLike)):
+        raise FxSliceError(f"offload_dir must be a folder path (str or os.PathLike), got {type(offload_dir).__name__}")
+    if not Path(offload_dir).is_dir():
+        raise FxSliceError(f"offload_dir {offload_dir} is not an existing folder")
+
+
 def checkpoint_dtype(checkpoint: Checkpoint, dtype: Optional[torch.dtype]) -> torch.dtype:
     """The requested dtype, else the checkpoint config's, else float32."""
-    if dtype is None:
-        named = getattr(checkpoint.config, "dtype", None) or getattr(checkpoint.config, "torch_dtype", None)
-        dtype = getattr(torch, named, None) if isinstance(named, str) else named
-    dtype = dtype or torch.float32
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise FxSliceError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    return dtype
+    if dtype is not None:
+        return check_compute_dtype(dtype, "dtype")
+    named = getattr(checkpoint.config, "dtype", None) or getattr(checkpoint.config, "torch_dtype", None)
+    named = dtype_named(named) if isinstance(named, str) else named
+    if named is None:
+        return torch.float32
+    return check_compute_dtype(named, f"the dtype {checkpoint.folder / 'config.json'} names",
+                               "; pass dtype= (--dtype) to compute in another one")

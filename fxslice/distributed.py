@@ -93,23 +93,51 @@ def init_from_environment(device: str = "cpu") -> bool:
 
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    size = os.environ.get("WORLD_SIZE", "1")
+    if not size.strip().isdigit():
+        raise FxSliceError(f"WORLD_SIZE={size!r} in the environment is not a number of processes")
+    if int(size) <= 1 or dist.is_initialized():
         return _group_size() > 1
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise FxSliceError(f"WORLD_SIZE={size} is set but {', '.join(missing)} not: start the ranks with torchrun, "
+                           "or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every process")
+    number = os.environ["RANK"]
+    if not number.strip().isdigit() or int(number) >= int(size):
+        raise FxSliceError(f"RANK={number!r} in the environment is not a rank in [0, {size})")
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    try:
+        dist.init_process_group(backend)
+    except (RuntimeError, ValueError) as exc:  # no peer at MASTER_ADDR:MASTER_PORT, a port in use, a timeout
+        raise FxSliceError(f"cannot join the process group of {size} ranks at {os.environ['MASTER_ADDR']}:"
+                           f"{os.environ['MASTER_PORT']} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     return True
 
 
 def raise_together(error: Optional[BaseException]) -> None:
     """Every rank raises when one does: a rank failing alone would leave the others waiting in the
-    next collective. Raises ``error`` on the rank that had it, an ``FxSliceError`` on the others."""
+    next collective. Every rank raises the same message, naming the rank that failed and its error
+    (an :class:`FxSliceError` of that rank's class on that rank, an ``FxSliceError`` on the others);
+    an error that is not an ``FxSliceError`` is re-raised as it is on its own rank."""
     failed = total(0.0 if error is None else 1.0)
-    if error is not None:
+    if not failed:
+        return
+    if _group_size() == 1:
         raise error
-    if failed:
-        raise FxSliceError(f"{int(failed)} other rank(s) failed (see their errors); this rank stops too")
+    import torch.distributed as dist
+
+    reports: list = [None] * _group_size()
+    dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}"
+                           if not isinstance(error, FxSliceError) else str(error))
+    ranks = [number for number, report in enumerate(reports) if report is not None]
+    who = f"all {len(ranks)} ranks" if len(ranks) == len(reports) else \
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {len(reports)}"
+    message = f"{who} failed, every rank stops: {reports[ranks[0]]}"
+    if error is not None and not isinstance(error, FxSliceError):
+        raise error
+    raise (type(error) if error is not None else FxSliceError)(message) from error
 
 
 def shutdown() -> None:

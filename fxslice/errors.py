@@ -18,3 +18,12 @@ class CalibrationError(FxSliceError):
 def whole(value: object) -> bool:
     """An ``int`` that is not a ``bool`` (the one test every integer argument of fxslice takes)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def dtype_named(name: object):
+    """The ``torch.dtype`` called ``name`` (``"float32"``, as records and configs spell it), else None:
+    the one test every dtype string read from a file takes."""
+    import torch
+
+    value = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+    return value if isinstance(value, torch.dtype) else None

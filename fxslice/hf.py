@@ -11,6 +11,7 @@ import copy
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -54,6 +55,18 @@ class ModelSpec:
         return kwargs, dynamic
 
 
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+"""The dtypes a model is calibrated and sliced in (float8 and integer formats are storage formats)."""
+
+
+def check_compute_dtype(dtype: object, source: str, hint: str = "") -> torch.dtype:
+    """``dtype`` (what ``source`` names) if the passes can compute in it, else an error naming it."""
+    if not isinstance(dtype, torch.dtype) or dtype not in COMPUTE_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in COMPUTE_DTYPES)
+        raise FxSliceError(f"{source} must be a dtype fxslice computes in ({names}), got {dtype!r}{hint}")
+    return dtype
+
+
 def model_spec(model: nn.Module, weights_loaded: bool = True) -> ModelSpec:
     """Check that ``model`` is a module with parameters and an embedding; describe it.
     ``weights_loaded=False``: a checkpoint's model whose parameters are not read yet."""
@@ -66,6 +79,9 @@ def model_spec(model: nn.Module, weights_loaded: bool = True) -> ModelSpec:
         raise FxSliceError(f"model {type(model).__name__} has parameters on the meta device (no weights): load "
                            "its weights before compressing it")
     floats = [p for p in params if p.is_floating_point()]
+    for dtype in dict.fromkeys(p.dtype for p in floats):
+        check_compute_dtype(dtype, f"the parameters of model {type(model).__name__}",
+                            "; convert the model first, e.g. model.to(torch.bfloat16)")
     return ModelSpec(
         class_name=type(model).__name__,
         vocab_size=vocab_size_of(model),
@@ -279,6 +295,7 @@ def load_pretrained(path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
     """``(AutoModelForCausalLM, AutoTokenizer)`` from a hub id or a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_config(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -290,4 +307,15 @@ def load_pretrained(path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
 def load_tokenizer(path) -> object:
     from transformers import AutoTokenizer
 
+    _check_config(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+def _check_config(path) -> None:
+    """A local folder's ``config.json``, which transformers reads first, checked so that a bad field is
+    one error naming it (:func:`fxslice.checkpoint.check_config_file`)."""
+    from .checkpoint import check_config_file
+
+    config = Path(path) / "config.json"
+    if config.is_file():
+        check_config_file(config)

@@ -26,6 +26,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from .errors import FxSliceError
 from .graph.nodes import call_number, fetch_attr, module_call, module_path
 
 
@@ -250,6 +251,19 @@ def verify_norm(region: Region, spec: NormSpec, seed: int = 0) -> float:
     return float((got - want).abs().max() / (1.0 + want.abs().max()))
 
 
+def _check_finite(region: Region, spec: NormSpec) -> None:
+    """A norm whose scale or shift holds inf or NaN (a damaged checkpoint) is refused naming its parameter:
+    no pattern could verify it, and "matches no norm pattern" would send the user looking at the graph."""
+    if all(t is None or bool(torch.isfinite(t).all()) for t in (spec.scale, spec.shift)):
+        return
+    named = {str(node.target): region.tensor(node) for node in region.params.values()}
+    name, value = next(((n, v) for n, v in named.items() if not bool(torch.isfinite(v).all())),
+                       ("scale", spec.scale if not bool(torch.isfinite(spec.scale).all()) else spec.shift))
+    index = (~torch.isfinite(value)).nonzero()[0].tolist()
+    raise FxSliceError(f"norm '{region.path}' ({region.cls}): its weight '{name}' is not finite "
+                       f"({value[tuple(index)].item()} at index {index}); the checkpoint or model is damaged")
+
+
 def match_norm(region: Region) -> tuple[Optional[str], Optional[NormSpec], list[str]]:
     """Try every registered norm pattern; returns (name, spec, notes on the ones that were rejected)."""
     tolerance = 1e-4 if region.dtype in (torch.float32, torch.float64) else 3e-2
@@ -265,6 +279,7 @@ def match_norm(region: Region) -> tuple[Optional[str], Optional[NormSpec], list[
         if spec.scale.shape != (region.width,) or (spec.shift is not None and spec.shift.shape != (region.width,)):
             notes.append(f"{name}: scale/shift shape does not match width {region.width}")
             continue
+        _check_finite(region, spec)
         error = verify_norm(region, spec)
         if error <= tolerance:
             return name, spec, notes

@@ -1,10 +1,12 @@
-"""Random small models of every supported family, drawn by hypothesis (used by tests/test_fuzz.py and
-scripts/fuzz.py).
+"""Random small models of every supported family (dense and mixture-of-experts) and a random mode of
+``fxslice.compress``, drawn by hypothesis (used by tests/test_fuzz.py and scripts/fuzz.py).
 
 A drawn :class:`FuzzCase` holds everything needed to rebuild one example: the family, the config
 overrides handed to ``AutoConfig.for_model``, the dtype, a seed (weights, 1-D parameters, token ids
-and padding all derive from it), the calibration and evaluation shapes, and the sparsity of the
-sliced run. ``case.build()`` rebuilds the model, ``case.reproducer()`` prints a snippet that reruns it.
+and padding all derive from it), the calibration and evaluation shapes, the mode (:data:`MODES`) with
+its sparsities or parameter budget, and whether the case also streams the model from a checkpoint
+written by the test and saves the slice. ``case.build()`` rebuilds the model, ``case.options()`` the
+keyword arguments of ``compress``, ``case.reproducer()`` prints a snippet that reruns it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import torch
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tiny_models import FAMILIES, VOCAB
+from tiny_models import FAMILIES, MOE_FAMILIES, VOCAB
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = ("sparsity", "position", "hidden", "budget", "unrotated", "stock")
+"""How a case is compressed: ``sparsity`` (the stream, block basis: the default), ``position`` (a basis per
+position), ``hidden`` (the stream and the MLP units), ``budget`` (``target_params``, round_to 1),
+``unrotated`` (``basis="none"``: the MLP units only) and ``stock`` (``stock=True`` with a budget)."""
+BUDGET_MODES = ("budget", "stock")
 EXPORT_LENGTH = 16  # fxslice captures with a [2, 16] example input: max_position_embeddings must allow it
 MAX_POSITIONS = 64
 
@@ -42,6 +49,9 @@ class Family:
     biases: tuple[str, ...] = ()  # boolean bias flags of the config
     flags: dict = field(default_factory=dict)  # other config keys -> the values drawn from
     extra: Optional[Callable] = None  # draw(fn, overrides) -> more overrides (sliding windows, ...)
+    experts: Optional[str] = None  # mixture of experts: the config's expert count (top-k is num_experts_per_tok)
+    expert_width: Optional[str] = None  # an expert's hidden units, when not ``intermediate``
+    shared_width: Optional[str] = None  # a shared expert's hidden units
 
 
 def _sliding_window(draw, overrides: dict) -> dict:
@@ -115,14 +125,29 @@ SPECS: dict[str, Family] = {
     "gemma3_text": Family(**LLAMA_LIKE, biases=("attention_bias",), extra=_layer_types),
     "olmo": Family(biases=("attention_bias",), flags={"clip_qkv": (None, 0.5)}),
     "olmo2": Family(biases=("attention_bias",)),
+    # mixtures of experts
+    "mixtral": Family(experts="num_local_experts", extra=_sliding_window),
+    "qwen2_moe": Family(experts="num_experts", expert_width="moe_intermediate_size",
+                        shared_width="shared_expert_intermediate_size"),
+    "qwen3_moe": Family(**LLAMA_LIKE, experts="num_experts", expert_width="moe_intermediate_size",
+                        biases=("attention_bias",)),
+    "olmoe": Family(experts="num_experts", flags={"norm_topk_prob": (False, True)}),
+    "granitemoe": Family(experts="num_local_experts",
+                         flags={"embedding_multiplier": (1.0, 12.0), "residual_multiplier": (0.22, 1.0)}),
+    "phimoe": Family(experts="num_local_experts"),
+    "gpt_oss": Family(**LLAMA_LIKE, experts="num_local_experts", extra=_sliding_window),
+    "flex_olmo": Family(experts="num_experts"),
+    "granitemoeshared": Family(experts="num_local_experts", shared_width="shared_intermediate_size"),
 }
-assert set(SPECS) == set(FAMILIES), set(SPECS) ^ set(FAMILIES)
+assert set(SPECS) == set(FAMILIES) | set(MOE_FAMILIES), set(SPECS) ^ (set(FAMILIES) | set(MOE_FAMILIES))
 
 # keys of FAMILIES' overrides that are drawn here instead (sizes, ties, biases)
 _DRAWN = {"hidden_size", "n_embd", "n_layer", "n_head", "n_positions", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "num_kv_heads", "head_dim", "intermediate_size", "ffn_dim", "word_embed_proj_dim",
           "rotary_dim", "max_position_embeddings", "vocab_size", "pad_token_id", "bias",
-          "embedding_multiplier", "residual_multiplier", "logits_scaling"}
+          "embedding_multiplier", "residual_multiplier", "logits_scaling", "num_local_experts", "num_experts",
+          "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+          "shared_intermediate_size", "sliding_window"}
 
 
 # --- one example ---------------------------------------------------------------------------------------
@@ -140,6 +165,11 @@ class FuzzCase:
     eval_batch_size: int
     eval_length: int
     sparsity: float
+    mode: str = "sparsity"  # one of MODES
+    hidden_sparsity: float = 0.0  # modes hidden and unrotated
+    target_params: float = 1.0  # modes budget and stock
+    streamed: bool = False  # also compress a checkpoint of the model written by the test
+    saved: bool = False  # also save the slice and load it back
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -169,6 +199,25 @@ class FuzzCase:
                     param.normal_(0.3, 0.5, generator=generator)
         return model.to(dtype or self.torch_dtype).eval()
 
+    def options(self, removal: bool = True) -> dict:
+        """The keyword arguments of ``fxslice.compress`` for the case's mode; ``removal=False``: the same
+        mode deleting nothing (sparsities 0, and for a budget mode its basis at sparsity 0)."""
+        if self.mode == "sparsity":
+            return {"sparsity": self.sparsity if removal else 0.0}
+        if self.mode == "position":
+            return {"sparsity": self.sparsity if removal else 0.0, "basis": "position"}
+        if self.mode == "hidden":
+            return {"sparsity": self.sparsity if removal else 0.0,
+                    "hidden_sparsity": self.hidden_sparsity if removal else 0.0}
+        if self.mode == "unrotated":
+            return {"sparsity": 0.0, "basis": "none", "hidden_sparsity": self.hidden_sparsity if removal else 0.0}
+        if self.mode == "budget":
+            return {"target_params": self.target_params, "round_to": 1} if removal else {"sparsity": 0.0}
+        if self.mode == "stock":
+            return {"target_params": self.target_params, "stock": True} if removal else \
+                {"sparsity": 0.0, "stock": True}
+        raise ValueError(f"unknown fuzz mode {self.mode!r}")
+
     def calibration(self) -> list:
         """Token batches, or dicts with a right-padded 0/1 ``attention_mask`` (every row keeps at least
         one token; padded positions hold arbitrary ids)."""
@@ -192,7 +241,8 @@ class FuzzCase:
     def describe(self) -> str:
         return (f"{self.family} {self.dtype} seed={self.seed} {self.overrides} calib={self.calib_batches}x"
                 f"[{self.calib_batch_size},{self.calib_length}]{' masked' if self.masked else ''} "
-                f"eval=[{self.eval_batch_size},{self.eval_length}] sparsity={self.sparsity}")
+                f"eval=[{self.eval_batch_size},{self.eval_length}] {self.mode} {self.options()}"
+                f"{' streamed' if self.streamed else ''}{' saved' if self.saved else ''}")
 
     def reproducer(self) -> str:
         """A short snippet (run from the repository root) that rebuilds the case and reruns its check."""
@@ -211,24 +261,29 @@ def _divisors(n: int) -> list[int]:
 
 
 @st.composite
-def fuzz_cases(draw, families: Optional[list[str]] = None, dtypes: tuple[str, ...] = tuple(DTYPES)) -> FuzzCase:
-    """A random small model of a supported family with calibration and evaluation shapes."""
+def fuzz_cases(draw, families: Optional[list[str]] = None, dtypes: tuple[str, ...] = tuple(DTYPES),
+               modes: tuple[str, ...] = MODES, extras: bool = True) -> FuzzCase:
+    """A random small model of a supported family with calibration and evaluation shapes and a mode;
+    ``extras``: a quarter of the cases also stream a checkpoint, a quarter also save and load."""
     family = draw(st.sampled_from(sorted(families or SPECS)))
     spec = SPECS[family]
-    model_type, fixed = FAMILIES[family]
+    model_type, fixed = FAMILIES[family] if family in FAMILIES else MOE_FAMILIES[family]
     overrides = {k: v for k, v in fixed.items() if k not in _DRAWN}
     overrides["vocab_size"] = VOCAB
 
     # sizes: hidden = heads * head_dim in [32, 96], head_dim a multiple of the family's step
+    # (mixtures of experts: widths a multiple of 8, as torch's grouped matmul needs 16-byte strides)
+    align = 8 if spec.experts is not None else 1
     heads = draw(st.integers(1, 8))
-    head_dims = [h for h in range(spec.min_head_dim, 97) if h % spec.head_dim_step == 0 and 32 <= heads * h <= 96]
+    head_dims = [h for h in range(spec.min_head_dim, 97)
+                 if h % spec.head_dim_step == 0 and 32 <= heads * h <= 96 and heads * h % align == 0]
     head_dim = draw(st.sampled_from(head_dims))
     hidden = heads * head_dim
     if spec.head_dim is not None:
         overrides[spec.head_dim] = head_dim
         if draw(st.booleans()):  # o_proj maps heads * head_dim back to another width (the configs
             # still require a multiple of the head count)
-            hidden = draw(st.sampled_from([h for h in range(32, 97) if h % heads == 0]))
+            hidden = draw(st.sampled_from([h for h in range(32, 97) if h % heads == 0 and h % align == 0]))
     overrides[spec.hidden] = hidden
     overrides[spec.heads] = heads
     overrides[spec.layers] = draw(st.integers(1, 3))
@@ -236,6 +291,13 @@ def fuzz_cases(draw, families: Optional[list[str]] = None, dtypes: tuple[str, ..
         overrides[spec.kv_heads] = draw(st.sampled_from(_divisors(heads)))
     if spec.intermediate is not None:
         overrides[spec.intermediate] = draw(st.integers(4, 24)) * 8
+    if spec.experts is not None:
+        experts = draw(st.integers(2, 6))
+        overrides[spec.experts] = experts
+        overrides["num_experts_per_tok"] = draw(st.integers(1, min(3, experts)))
+        for key in (spec.expert_width, spec.shared_width):
+            if key is not None:
+                overrides[key] = draw(st.integers(2, 12)) * 8
     if model_type == "opt":
         overrides["word_embed_proj_dim"] = hidden
     max_positions = MAX_POSITIONS
@@ -263,8 +325,14 @@ def fuzz_cases(draw, families: Optional[list[str]] = None, dtypes: tuple[str, ..
     eval_batch_size = draw(st.integers(1, 5).filter(lambda b: b != calib_batch_size))
     eval_length = draw(st.integers(1, max_positions).filter(lambda t: t != calib_length))
     sparsity = draw(st.floats(0.05, 0.6, allow_nan=False).map(lambda s: round(s, 3)))
+    mode = draw(st.sampled_from(list(modes)))
+    hidden_sparsity = draw(st.floats(0.05, 0.8, allow_nan=False).map(lambda s: round(s, 3)))
+    target_params = draw(st.floats(0.55, 0.97, allow_nan=False).map(lambda s: round(s, 3)))
+    streamed = extras and draw(st.integers(0, 3)) == 0
+    saved = extras and draw(st.integers(0, 3)) == 0
     return FuzzCase(family, model_type, overrides, dtype, seed, calib_batches, calib_batch_size, calib_length,
-                    masked, eval_batch_size, eval_length, sparsity)
+                    masked, eval_batch_size, eval_length, sparsity, mode, hidden_sparsity, target_params, streamed,
+                    saved)
 
 
 def expected_width(hidden: int, sparsity: float, round_to: int = 8) -> int:

@@ -65,6 +65,27 @@ def test_streamed_checkpoint_equals_the_model_in_memory(tmp_path, family, sparsi
     assert _digest(folder) == before  # the checkpoint is only read
 
 
+@pytest.mark.parametrize("family", ["falcon_new", "llama_tied"])  # LayerNorm shifts folded into bias-free readers; a tied head
+@pytest.mark.parametrize("options", [dict(target_params=0.8, round_to=1), dict(sparsity=0.0, basis="none",
+                                                                             hidden_sparsity=0.3)],
+                         ids=["budget", "unrotated"])
+def test_streamed_budget_and_unrotated_slices_equal_the_model_in_memory(tmp_path, family, options):
+    """The budget is planned before a streamed reader holds the bias a folded norm shift gives it, and an
+    unrotated tied head is loaded once per module: neither may change the count or the tie."""
+    model = tiny_model(family)
+    folder = _save(model, tmp_path / "ckpt")
+    in_memory = fxslice.compress(model, _calibration(True), progress=False, **options)
+    streamed = fxslice.compress(str(folder), _calibration(True), progress=False, **options)
+    for field in ("widths", "hidden_widths", "param_count"):
+        assert getattr(streamed.fxslice, field) == getattr(in_memory.fxslice, field), field
+    assert streamed.fxslice.param_count == sum(p.numel() for p in streamed.parameters())
+    if "target_params" in options:
+        assert streamed.fxslice.param_fraction <= options["target_params"]
+    # named_parameters lists a tied weight once: equal names mean the same ties
+    assert {n: p.shape for n, p in streamed.named_parameters()} == {n: p.shape for n, p in in_memory.named_parameters()}
+    torch.testing.assert_close(logits_of(streamed, _probe()), logits_of(in_memory, _probe()), atol=1e-5, rtol=1e-5)
+
+
 def test_sharded_bf16_checkpoint_streams_in_its_own_dtype(tmp_path):
     model = tiny_model("llama").to(torch.bfloat16)
     folder = _save(model, tmp_path / "ckpt", max_shard_size="20KB")

@@ -83,6 +83,19 @@ class Weights:
         """Whether module ``name``'s weights go through :meth:`fetch` / :meth:`finish`."""
         return False
 
+    def _retie_shared(self) -> None:
+        """A parameter the model shared between modules (a tied head no rotation edited) was loaded once
+        per module: the copies that are still equal become one parameter again, as in the model."""
+        for (first, first_name), *others in self.shared:
+            if first not in self.sources or first in self.ties:
+                continue
+            kept = getattr(self.module(first), first_name)
+            for name, pname in others:
+                if name in self.sources and name not in self.ties:
+                    copy = getattr(self.module(name), pname)
+                    if copy is not kept and copy.shape == kept.shape and torch.equal(copy, kept):
+                        setattr(self.module(name), pname, kept)
+
     def check_room(self, segment_modules: list[list[str]], activation_bytes: int) -> None:
         """Refuse a device too small for calibration (weights in memory where they compute: nothing to check)."""
 
@@ -201,6 +214,7 @@ class StreamedWeights(Weights):
         self.written: list[Path] = []  # offload files, removed by finalise
         self.offload_files = OffloadFiles()  # which loaded parameters map them; the graph's after finalise
         placeholders: dict[int, nn.Parameter] = {}  # one per parameter: shared (tied) ones stay shared
+        users: dict[int, list[tuple[str, str]]] = {}
         for name, params in sources.items():
             module = self.module(name)
             for pname in params:
@@ -208,7 +222,9 @@ class StreamedWeights(Weights):
                 if id(param) not in placeholders:
                     placeholders[id(param)] = meta_parameter(param, dtype)
                 setattr(module, pname, placeholders[id(param)])
+                users.setdefault(id(param), []).append((name, pname))
             self.absent.add(name)
+        self.shared = [group for group in users.values() if len(group) > 1]  # tied parameters: (module, name)
 
     def edit(self, name: str, fn: Callable, *args) -> None:
         if name in self.absent:
@@ -315,6 +331,7 @@ class StreamedWeights(Weights):
                 self._move(name, self.home)
         for embedding, head in self.ties.items():
             share_embedding(self.module(embedding), self.module(head).weight)
+        self._retie_shared()
         # the offload files now back the finished weights (memory-mapped): removed with the graph
         weakref.finalize(self.gm, _remove, list(self.written))
         self.written = []

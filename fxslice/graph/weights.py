@@ -60,6 +60,12 @@ def new_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: torch.T
     return linear
 
 
+def reads_an_embedding(gm: nn.Module, heads: list[str]) -> bool:
+    """Whether a head Linear's weight is an embedding table's own parameter (a tied head)."""
+    tables = {id(m.weight) for m in gm.modules() if isinstance(m, nn.Embedding)}
+    return any(id(gm.get_submodule(name).weight) in tables for name in heads)
+
+
 def count_parameters(module: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in module.parameters())

@@ -14,7 +14,7 @@ from torch.fx import GraphModule
 
 from ..calibration import check_device
 from ..compress import compress, inspect
-from ..distributed import barrier, is_writer, rank, world_size
+from ..distributed import is_writer, raise_together, rank, world_size
 from ..errors import FxSliceError
 from ..hf import load_tokenizer
 from ..options import Options
@@ -96,32 +96,41 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
     saved KV-cache program's length and batch; ``compile_devices``: also build AOTInductor packages
     (:func:`fxslice.runtime.compiled.compile_folder`) for these devices after saving; ``save_format``:
     ``"transformers"`` saves a stock checkpoint (needs ``stock=True``)."""
-    checked = Options(sparsity, **options).check()
-    label = "sliced " + checked.label()
-    if save_format == "transformers" and not checked.stock:
-        raise FxSliceError("format 'transformers' needs a stock slice: pass stock=True (CLI --stock)")
-    if save_format == "transformers" and compile_devices is not None:
-        raise FxSliceError("--compile builds packages of fxslice folders; a transformers checkpoint is compiled "
-                           "by its own runtime (torch.compile, llama.cpp)")
-    model_dtype = torch_dtype(dtype) if dtype is not None else None  # streamed: the checkpoint's by default
-    check_device(device)
-    if compile_devices:  # an unknown compile device is refused before any work, not after the save
-        check_compile_devices(compile_devices)
     writer = is_writer()
-    if output and writer:
-        check_destination(Path(output), overwrite)
-    if not writer:  # a shipped model is converted once, by rank 0
-        barrier()
-    source = resolve_model(model_name)
-    if writer:
-        barrier()
-    if stream:
-        model, tokenizer = None, _checkpoint_tokenizer(source)
-        tokenizer.model_max_length = 10**9  # windows are cut by the protocol
-        evaluate_dense = False
-    else:
-        model, tokenizer = load_model(source, model_dtype or torch.float32, device)
-    calibration, evaluations = protocol_data(tokenizer, protocol)
+    error = None
+    try:  # under torch.distributed, what one rank refuses stops every rank with the same message
+        checked = Options(sparsity, **options).check()
+        if save_format == "transformers" and not checked.stock:
+            raise FxSliceError("format 'transformers' needs a stock slice: pass stock=True (CLI --stock)")
+        if save_format == "transformers" and compile_devices is not None:
+            raise FxSliceError("--compile builds packages of fxslice folders; a transformers checkpoint is compiled "
+                               "by its own runtime (torch.compile, llama.cpp)")
+        model_dtype = torch_dtype(dtype) if dtype is not None else None  # streamed: the checkpoint's by default
+        check_device(device)
+        if compile_devices:  # an unknown compile device is refused before any work, not after the save
+            check_compile_devices(compile_devices)
+        if output and writer:
+            check_destination(Path(output), overwrite)
+        source = resolve_model(model_name) if writer else None  # a shipped model is converted once, by rank 0
+    except FxSliceError as exc:
+        error = exc
+    raise_together(error)
+    label = "sliced " + checked.label()
+    try:
+        source = source or resolve_model(model_name)
+        if stream:
+            model, tokenizer = None, _checkpoint_tokenizer(source)
+            tokenizer.model_max_length = 10**9  # windows are cut by the protocol
+            evaluate_dense = False
+        else:
+            model, tokenizer = load_model(source, model_dtype or torch.float32, device)
+        calibration, evaluations = protocol_data(tokenizer, protocol)
+        if len(calibration) < world_size():
+            raise FxSliceError(f"{len(calibration)} calibration window(s) for {world_size()} processes: every rank "
+                               f"needs at least one (--calibration-windows {world_size()} or more)")
+    except FxSliceError as exc:
+        error = exc
+    raise_together(error)
     if world_size() > 1:  # this rank's share: windows rank, rank + N, ...
         calibration = calibration.shard(num_shards=world_size(), index=rank(), contiguous=False)
     if not evaluate or not writer:
@@ -174,6 +183,8 @@ def _checkpoint_tokenizer(source):
     """The tokenizer saved beside a checkpoint (a streamed run never loads the model to find one)."""
     try:
         return load_tokenizer(source)
+    except FxSliceError:  # its config.json named (load_tokenizer checks it first)
+        raise
     except (OSError, ValueError, TypeError) as exc:
         raise FxSliceError(f"checkpoint {source} has no usable tokenizer files (--stream reads the tokenizer "
                            f"from the checkpoint folder): {type(exc).__name__}: {exc}") from exc

@@ -28,6 +28,8 @@ def generate_job(folder: str, prompt: str, max_new_tokens: int = 48, **sampling)
     if tokenizer is None:
         raise FxSliceError(f"{folder} has no tokenizer files")
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    if ids.shape[1] == 0:
+        raise FxSliceError(f"the prompt {prompt!r} has no tokens: give --prompt some text")
     started = time.perf_counter()
     tokens = model.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling)
     seconds = time.perf_counter() - started

@@ -105,6 +105,9 @@ class Plan:
     tied: Optional[TiedHead] = None
     branches: list[NormBranch] = field(default_factory=list)
     mlps: list[MLP] = field(default_factory=list)  # pass 4: MLPs whose hidden units can be sliced
+    folded_biases: set[str] = field(default_factory=set)
+    """Readers given a bias by folding a norm's shift ``W β`` into them: a streamed reader gets it only when
+    its weights are loaded, so the parameter count (pass 6) must not read it off the module."""
 
     @property
     def last(self) -> PlannedPosition:
@@ -169,6 +172,7 @@ class Fuser:
         self.replaced: dict[Node, Node] = {}  # erased or rerouted nodes -> the nodes now standing for them
         self.inserted: list[InsertedModule] = []
         self.branches: list[NormBranch] = []
+        self.folded_biases: set[str] = set()
 
     def resolve(self, node: Node) -> Node:
         while node in self.replaced:
@@ -311,6 +315,8 @@ class Fuser:
                         plan_p.readers.append(affine)
                     else:
                         self.weights.edit(str(reader.target), fold_norm, site.spec)
+                        if site.spec.shift is not None:
+                            self.folded_biases.add(str(reader.target))
                         plan_p.readers.append(str(reader.target))
             if p.skip is not None:
                 plan_p.shortcut = self.shortcut(p)
@@ -326,7 +332,7 @@ class Fuser:
         self.gm.recompile()
         return Plan(self.gm, self.hidden, s.centered, planned, s.block_groups(),
                     [str(r.target) for r in s.last.readers], self.weights, self.inserted, tied, self.branches,
-                    list(self.mlps))
+                    list(self.mlps), self.folded_biases)
 
 
 def fuse(structure: Structure, weights: Optional[Weights] = None, mlps: Optional[list[MLP]] = None,

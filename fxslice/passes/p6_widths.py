@@ -214,7 +214,8 @@ def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
                 fan_in = units_in.get(name, widths.stream[reads] if reads is not None else module.in_features)
                 fan_out = units_out.get(name, widths.stream[writes] if writes is not None else module.out_features)
                 experts = getattr(module, "num_experts", 1)  # an ExpertLinear: one matrix per expert
-                total += experts * (fan_in * fan_out + (fan_out if module.bias is not None else 0))
+                biased = module.bias is not None or name in plan.folded_biases
+                total += experts * (fan_in * fan_out + (fan_out if biased else 0))
         else:
             total += sum(p.numel() for p in direct if id(p) not in seen)
             seen.update(id(p) for p in direct)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import torch
 from torch import nn
 
 from ..errors import FxSliceError
+from ..tempfolders import private_folder
+from .generate import check_token_ids
 from .folder import GENERATOR, PROGRAM, RECORD, current_umask, read_record, write_record
 from .programs import export_generator, export_program, load_programs, program_file
 from .weightfiles import inside, read_weights, sha256
@@ -93,7 +94,7 @@ def _device_type(device: str) -> str:
 def _compile_for(folder: Path, device_type: str, progress: bool) -> CompileOutcome:
     started = time.perf_counter()
     outcome = CompileOutcome(device_type)
-    staging = Path(tempfile.mkdtemp(prefix="fxslice-aoti-"))
+    staging = private_folder("fxslice-aoti-")
     try:
         with warnings.catch_warnings():  # torch-internal deprecation noise of export and inductor
             warnings.simplefilter("ignore", FutureWarning)
@@ -194,9 +195,10 @@ class CompiledProgram(nn.Module):
     """One model of an AOTInductor package with its constants handed over (kept alive here as
     non-persistent buffers: the package holds pointers to them, so they may not be moved)."""
 
-    def __init__(self, runner, constants: dict[str, torch.Tensor]):
+    def __init__(self, runner, constants: dict[str, torch.Tensor], vocab_size: Optional[int] = None):
         super().__init__()
         self.runner = runner
+        self.vocab_size = vocab_size  # token ids are checked against it before the compiled kernels run
         for number, tensor in enumerate(constants.values()):
             self.register_buffer(f"constant_{number}", tensor, persistent=False)
         runner.load_constants(constants, check_full_update=True, user_managed=True)
@@ -204,6 +206,7 @@ class CompiledProgram(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Token ids (and cache positions): made int64 and contiguous — compiled kernels index their inputs as
         laid out when traced, so a view such as ``ids[:, :7]`` is copied first."""
+        check_token_ids(inputs[0] if inputs else None, self.vocab_size)  # a bad id must never reach a kernel
         device = next(self.buffers()).device
         for tensor in inputs:
             if tensor.device != device:
@@ -232,6 +235,10 @@ def compiled_entry(folder: Path, record: dict, device_type: str, required: bool 
         return None
     if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("constants"), dict)):
         raise FxSliceError(f"{folder / RECORD} is corrupted: 'compiled.{device_type}' lacks file or constants")
+    for name, keys in entry["constants"].items():
+        if not (isinstance(keys, dict) and all(isinstance(key, str) for key in keys.values())):
+            raise FxSliceError(f"{folder / RECORD} is corrupted: compiled.{device_type}.constants['{name}'] is not a "
+                               "map of constant names to stored keys")
     if entry.get("device") != device_type:
         raise FxSliceError(f"{folder / entry['file']} was built for {entry.get('device')}, not {device_type}; "
                            f"rebuild it with: fxslice compile {folder} --device {device_type}")
@@ -269,5 +276,5 @@ def load_compiled(folder: Path, record: dict, entry: dict, device: torch.device,
                 value = tensors[key].detach()
                 on_device[key] = value.to(device) if value.device != device else value
             constants[constant] = on_device[key]
-        models[name] = CompiledProgram(runner, constants)
+        models[name] = CompiledProgram(runner, constants, record.get("vocab_size"))
     return models

@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import FxSliceError
-from .weightfiles import check_index
+from ..tempfolders import private_folder
+from .fields import check_fields
 
 FORMAT = "fxslice-sliced-model"
 FORMAT_VERSION = 2  # 2: weights stored once in safetensors files beside weightless programs
@@ -58,11 +59,7 @@ def read_record(folder: str | os.PathLike) -> dict:
         value = record.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise FxSliceError(f"{where} is corrupted: '{key}' is missing or not a {kind.__name__}")
-    check_index(record.get("weights"), str(where))
-    cache = record.get("generator")
-    if cache is not None and not (isinstance(cache, dict) and isinstance(cache.get("max_cache_len"), int)
-                                  and isinstance(cache.get("program_sha256"), str)):
-        raise FxSliceError(f"{where} is corrupted: 'generator' lacks max_cache_len or program_sha256")
+    check_fields(record, str(where))
     return record
 
 
@@ -107,11 +104,11 @@ def check_destination(target: Path, overwrite: bool) -> None:
 def staging_folder(target: Path) -> Path:
     """An empty folder on the target's file system (so that it can be renamed into place), outside the
     target's parent when the temporary directory shares that file system: a save killed midway then
-    leaves nothing beside the target. Created with the user's umask, like any folder."""
+    leaves nothing beside the target (and the next save of that name removes what it left elsewhere).
+    Created with the user's umask, like any folder."""
     temporary = Path(tempfile.gettempdir())
     where = temporary if _can_rename(temporary, target.parent) else target.parent
-    remove_stale_staging(where, target.name)
-    staging = Path(tempfile.mkdtemp(dir=where, prefix=f"{_staging_prefix(target.name)}{os.getpid()}-"))
+    staging = private_folder(_staging_prefix(target.name), where)
     staging.chmod(0o777 & ~current_umask())
     return staging
 
@@ -152,28 +149,6 @@ def _staging_prefix(name: str) -> str:
     return f".{name}.fxslice-"
 
 
-def remove_stale_staging(where: Path, name: str) -> None:
-    """Delete what saves of a folder called ``name`` that were killed midway left in ``where``
-    (staging folders whose writing process no longer exists)."""
-    prefix = _staging_prefix(name)
-    for path in where.iterdir():
-        if not path.name.startswith(prefix):
-            continue
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     try:
@@ -184,11 +159,23 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def move_into_place(staging: Path, target: Path) -> None:
-    """``staging`` becomes ``target``; a previous ``target`` is swapped out in one step and deleted."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
+def move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
+    """``staging`` becomes ``target``; a previous ``target`` is swapped out in one step and deleted.
+
+    Call :func:`check_destination` first. Another save may still place ``target`` between that check
+    and the rename (two saves of the same folder at once): without ``overwrite`` this save is then
+    refused and its folder dropped; with it, the folder is swapped in whole (the last save wins)."""
+    if not target.exists() and not target.is_symlink():
+        try:
+            os.replace(staging, target)
+            return
+        except OSError:
+            if not target.exists():
+                raise
+    if not overwrite:  # it was not there when check_destination looked
+        raise FxSliceError(f"{target} was written by another save while this one ran; it was left as that save "
+                           "wrote it (pass overwrite=True / --overwrite to replace it)")
+    check_destination(target, overwrite)
     if _exchange(staging, target):
         shutil.rmtree(staging, ignore_errors=True)  # now the previous folder
         return

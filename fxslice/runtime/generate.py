@@ -32,6 +32,7 @@ from ..passes.p3_analyse import analyse
 from ..passes.p5_fuse import fuse
 
 GRAPH_CLASS = "SlicedCausalLMWithCache"
+SEEDS = (-2**63, 2**64)  # torch.Generator.manual_seed's range
 
 
 def capture_with_cache(model: nn.Module, batch_size: int, max_cache_len: int) -> GraphModule:
@@ -107,12 +108,16 @@ def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "", clon
             module.embedding_dim = module.weight.shape[1]
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise FxSliceError(f"temperature must be > 0, got {temperature!r}")
+    if not _number(temperature) or not 0 < temperature < float("inf"):
+        raise FxSliceError(f"temperature must be > 0 and finite, got {temperature!r}")
     if not whole(top_k) or top_k < 0:
         raise FxSliceError(f"top_k must be an integer >= 0 (0: all tokens), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if not _number(top_p) or not 0 < top_p <= 1:
         raise FxSliceError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
@@ -179,10 +184,17 @@ def generate(program: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 
     Returns the prompt followed by the generated tokens.
     """
     check_generation(program, input_ids, max_new_tokens)
+    if not isinstance(do_sample, bool):
+        raise FxSliceError(f"do_sample must be True or False, got {do_sample!r}")
     if do_sample:
         check_sampling(temperature, top_k, top_p)
-    if seed is not None and not whole(seed):
-        raise FxSliceError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and not (whole(seed) and SEEDS[0] <= seed < SEEDS[1]):
+        raise FxSliceError(f"seed must be an integer or None, got {seed!r} (torch.Generator takes integers in "
+                           f"[{SEEDS[0]}, {SEEDS[1]}))")
+    vocab_size = getattr(program, "vocab_size", None)
+    if eos_token_id is not None and not (whole(eos_token_id) and 0 <= eos_token_id < (vocab_size or eos_token_id + 1)):
+        raise FxSliceError(f"eos_token_id must be None or a token id in [0, {vocab_size or '...'}) (finished rows are "
+                           f"fed it), got {eos_token_id!r}")
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     rows, length = input_ids.shape
     batch = getattr(program, "cache_batch_size", None) or rows

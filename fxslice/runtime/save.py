@@ -125,7 +125,7 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, record: Op
         write_record(staging, _full_record(record, model, vocab, staging, weights, generator))
         share_files(staging)
         check_destination(target, overwrite)  # nothing else appeared there meanwhile
-        move_into_place(staging, target)
+        move_into_place(staging, target, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -297,7 +297,7 @@ def save_transformers(model: nn.Module, folder: str | os.PathLike, tokenizer=Non
         del reloaded
         share_files(staging)
         check_destination(target, overwrite)
-        move_into_place(staging, target)
+        move_into_place(staging, target, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

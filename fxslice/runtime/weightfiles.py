@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import FxSliceError
+from ..errors import FxSliceError, dtype_named, whole
 from ..graph.store import OffloadFiles
 from ..graph.weights import meta_parameter
 from ..hf import STATIC_CACHE_PREFIX
@@ -139,10 +139,31 @@ def inside(folder: Path, name: object, field: str) -> Path:
 
 
 def check_index(index: object, where: str) -> None:
-    """Refuse a ``weights`` entry of ``fxslice.json`` that loading could not follow."""
+    """Refuse a ``weights`` entry of ``fxslice.json`` that loading could not follow, naming the field:
+    ``programs`` (file -> state name -> stored key), ``weight_map`` (stored key -> file, followed only
+    by :func:`inside`), ``zeros`` (key -> shape and dtype) and ``files`` (file -> bytes and sha256)."""
     ok = isinstance(index, dict) and isinstance(index.get("programs"), dict) and isinstance(index.get("weight_map"), dict)
     if not ok:
         raise FxSliceError(f"{where} is corrupted: 'weights' lacks programs or weight_map")
+    for label, names in index["programs"].items():
+        if not isinstance(names, dict) or not all(isinstance(key, str) for key in names.values()):
+            raise FxSliceError(f"{where} is corrupted: weights.programs['{label}'] is not a map of state names to "
+                               "stored keys")
+    zeros, files = index.get("zeros") or {}, index.get("files") or {}
+    for field in ("zeros", "files"):
+        value = index.get(field)
+        if value is not None and not isinstance(value, dict):
+            raise FxSliceError(f"{where} is corrupted: weights.{field} is a {type(value).__name__}, not an object")
+    for key, spec in zeros.items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if dtype_named(spec.get("dtype") if isinstance(spec, dict) else None) is None or not isinstance(shape, list) \
+                or not all(whole(size) and size >= 0 for size in shape):
+            raise FxSliceError(f"{where} is corrupted: weights.zeros['{key}'] has no valid shape (sizes >= 0) and "
+                               f"dtype (a torch dtype name), got {spec!r}")
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and whole(entry.get("bytes")) and isinstance(entry.get("sha256"), str)):
+            raise FxSliceError(f"{where} is corrupted: weights.files['{name}'] lacks bytes (an integer) or sha256 "
+                               f"(a string), got {entry!r}")
 
 
 def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
@@ -150,12 +171,13 @@ def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
+    check_index(index, str(folder / "fxslice.json"))
     for key, spec in (index.get("zeros") or {}).items():
-        spec = spec if isinstance(spec, dict) else {}
-        dtype = getattr(torch, spec["dtype"], None) if isinstance(spec.get("dtype"), str) else None
-        if not isinstance(dtype, torch.dtype) or not isinstance(spec.get("shape"), list):
-            raise FxSliceError(f"{folder / 'fxslice.json'} is corrupted: weights.zeros['{key}'] has no valid shape and dtype")
-        out[key] = torch.zeros(spec["shape"], dtype=dtype)
+        try:
+            out[key] = torch.zeros(spec["shape"], dtype=dtype_named(spec["dtype"]))
+        except (RuntimeError, MemoryError) as exc:  # a shape no memory holds
+            raise FxSliceError(f"{folder / 'fxslice.json'} is corrupted: weights.zeros['{key}'] has shape "
+                               f"{spec['shape']}, which cannot be allocated ({type(exc).__name__})") from exc
     by_file: dict[str, list[str]] = {}
     for key, name in index["weight_map"].items():
         by_file.setdefault(name, []).append(key)
@@ -164,7 +186,7 @@ def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
         path = paths[name]
         if not path.is_file():
             raise FxSliceError(f"{path} is missing (listed in the folder's fxslice.json)")
-        expected = index.get("files", {}).get(name, {})
+        expected = (index.get("files") or {}).get(name, {})
         if path.stat().st_size != expected.get("bytes") or sha256(path) != expected.get("sha256"):
             raise FxSliceError(f"{path} does not match the size and checksum in fxslice.json: the file is "
                                "corrupted or was replaced")

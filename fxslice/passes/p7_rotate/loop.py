@@ -10,7 +10,7 @@ from torch.fx import Node
 from tqdm.auto import tqdm
 
 from ...calibration import Batch
-from ...distributed import all_reduce_sum, broadcast_from_first, world_size
+from ...distributed import all_reduce_sum, broadcast_from_first, raise_together, world_size
 from ...errors import CalibrationError
 from ...graph.store import place_unmanaged
 from ...hf import CausalProbe
@@ -58,10 +58,8 @@ class GroupHealth:
     def check(self, group: list[int], plan: Plan) -> None:
         """Sum over ranks, then raise this rank's exception, another rank's failure, or non-finite values."""
         all_reduce_sum(self.flags)
-        if self.failure is not None:
-            raise self.failure
-        if self.flags[2]:
-            raise CalibrationError("calibration failed on another rank (see its error)")
+        if self.flags[2]:  # every rank sees it: they exchange the failing rank's message
+            raise_together(self.failure)
         if float(self.flags[0]) > 0:
             labels = ", ".join(f"{i} ({plan.positions[i].label})" for i in group)
             where = f"calibration batch {int(self.flags[1])}" if world_size() == 1 else "a calibration batch of some rank"
