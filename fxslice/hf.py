@@ -7,6 +7,7 @@ static KV cache is exported, and how checkpoints and tokenizers are loaded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from contextlib import contextmanager
@@ -268,6 +269,22 @@ def export_with_static_cache(model: nn.Module, batch_size: int, max_cache_len: i
         model.generation_config = saved_config
 
 
+@contextlib.contextmanager
+def eager_experts(model: nn.Module):
+    """Mixture-of-experts layers run transformers' expert-by-expert loop (``_experts_implementation =
+    "eager"``) inside: the grouped matmul refuses the stride-0 weights a skeleton holds for the weights
+    it left out (:mod:`fxslice.source`), a loop of plain matmuls takes them."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_experts_implementation")}
+    saved = {key: config._experts_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._experts_implementation = "eager"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._experts_implementation = saved[key]
+
+
 def _match_written_heads(wrapper: nn.Module, model: nn.Module, batch_size: int) -> None:
     """Give every static cache layer the head count and head sizes the model really writes (one token
     through a dynamic cache; shapes only, so a model with unallocated weights works too): the
@@ -275,7 +292,7 @@ def _match_written_heads(wrapper: nn.Module, model: nn.Module, batch_size: int) 
     head by the new decoder architecture) is not what its attention stores."""
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager_experts(model):
             written = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True).past_key_values
         shapes = [(layer.keys.shape, layer.values.shape) for layer in written.layers]
     except Exception:  # the config's shapes stay; a mismatch surfaces in the export's own error

@@ -176,7 +176,9 @@ class LinearMatch:
 
     With ``expert_ids`` (a graph value with one expert index per row of ``input``) the weight is a
     grouped ``[E, out, in]`` tensor (bias ``[E, out]``) and the subgraph becomes one
-    :class:`~fxslice.graph.modules.ExpertLinear`: ``y_s = W[e_s] x_s + b[e_s]``.
+    :class:`~fxslice.graph.modules.ExpertLinear`: ``y_s = W[e_s] x_s + b[e_s]``. With ``compute_dtype``
+    the subgraph casts the stored weight before using it and becomes an
+    :class:`~fxslice.graph.modules.UpcastLinear`.
     """
 
     nodes: list[Node]
@@ -186,6 +188,7 @@ class LinearMatch:
     bias: Optional[torch.Tensor]
     name: str
     expert_ids: Optional[Node] = None
+    compute_dtype: Optional[torch.dtype] = None  # W (and b) cast to it where used: an UpcastLinear
 
 
 LinearMatcher = Callable[[GraphModule, Node], Optional[LinearMatch]]

@@ -17,17 +17,32 @@ def _name(call: Node, weight: Node) -> str:
     return module_path(call)[0] or str(weight.target).rsplit(".", 1)[0]
 
 
+def _cast_to(node: object) -> tuple[object, object]:
+    """``(source, dtype)`` of a dtype cast ``to(p, dtype)`` / ``_to_copy(p, dtype=…)``; else ``(node, None)``."""
+    if ops.calls(node, {aten.to.dtype}) and len(node.args) > 1:
+        return node.args[0], node.args[1]
+    if ops.calls(node, {aten._to_copy.default}) and set(node.kwargs) <= {"dtype"} and "dtype" in node.kwargs:
+        return node.args[0], node.kwargs["dtype"]
+    return node, None
+
+
 @register_linear_pattern("aten_linear")
 def aten_linear(gm: GraphModule, node: Node) -> LinearMatch | None:
-    """``aten.linear(x, W[, b])`` with ``W`` (and ``b``) parameters."""
+    """``aten.linear(x, W[, b])`` with ``W`` (and ``b``) parameters, or parameters cast to one dtype where
+    they are used (a bf16 model's router computing in float32: ``linear(x.float(), W.float())``)."""
     if not ops.calls(node, aten.linear.default):
         return None
-    weight = _param(gm, node.args[1])
+    weight_node, dtype = _cast_to(node.args[1])
     bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    bias = _param(gm, bias_node)
-    if weight is None or (bias_node is not None and bias is None):
+    bias_source, bias_dtype = _cast_to(bias_node)
+    weight, bias = _param(gm, weight_node), _param(gm, bias_source)
+    if weight is None or (bias_node is not None and (bias is None or bias_dtype != dtype)):
         return None
-    return LinearMatch([node], node.args[0], node, weight, bias, _name(node, node.args[1]))
+    if dtype is not None and dtype == weight.dtype:
+        dtype = None
+    casts = [n for n in (node.args[1], bias_node) if n is not None and n is not weight_node and n is not bias_source
+             and len(n.users) == 1]
+    return LinearMatch(casts + [node], node.args[0], node, weight, bias, _name(node, weight_node), compute_dtype=dtype)
 
 
 @register_linear_pattern("conv1d_addmm")

@@ -49,6 +49,15 @@ SHRINK = {  # attribute -> tiny value, applied where the config has the attribut
     "n_group": 1, "topk_group": 1,
 }
 FILL = {"head_dim": 16, "num_key_value_heads": 2}  # sizes some default configs leave None (derived nowhere)
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+FILL_MOE = {"num_experts_per_tok": 2}  # left None by mixture-of-experts configs that do have experts (DeepSeek-V2)
+EXPLICIT = {  # model type -> constructor arguments where the default config builds no model (a real checkpoint's
+    # config names these; the defaults leave them unset or inconsistent)
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
+}
 DECODER = {"is_decoder": True}  # encoder-decoder stacks offered as causal LMs run causally only as decoders
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
 
@@ -59,8 +68,10 @@ def tiny_config(model_type: str):
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    sizes = {key: value for key, value in SHRINK.items() if _int_attribute(default, key)}
+    sizes = {key: _tiny(default, key) for key in SHRINK if _int_attribute(default, key)}
     sizes.update({key: value for key, value in FILL.items() if key in vars(default) and vars(default)[key] is None})
+    if any(_int_attribute(default, key) for key in EXPERT_COUNTS):
+        sizes.update({key: value for key, value in FILL_MOE.items() if key in vars(default) and vars(default)[key] is None})
     sizes.update({key: value for key, value in DECODER.items() if key in vars(default)})
     kinds = _layer_kinds(default)
     if kinds is not None:
@@ -70,6 +81,9 @@ def tiny_config(model_type: str):
         sizes["rotary_dim"] = 8
     if _int_attribute(default, "qk_rope_head_dim"):  # multi-head latent attention: rotary on the rope part
         sizes["head_dim"] = SHRINK["qk_rope_head_dim"]
+    sizes.update(EXPLICIT.get(model_type, {}))
+    if isinstance(sizes.get("layer_types"), list):
+        sizes.update({key: len(sizes["layer_types"]) for key in LAYER_COUNTS if _int_attribute(default, key)})
     try:
         config = AutoConfig.for_model(model_type, **sizes)
     except Exception:  # noqa: BLE001 - a constructor that refuses some size: shrink the default instead
@@ -77,7 +91,8 @@ def tiny_config(model_type: str):
     text = getattr(config, "text_config", None)
     for target in [config] + ([text] if text is not None and text is not config else []):
         built = target is config and config is not default  # what the constructor took stays as it made it
-        for key, value in SHRINK.items():
+        for key in SHRINK:
+            value = _tiny(target, key)
             if not (built and key in sizes) and _int_attribute(target, key) and getattr(target, key) != value:
                 _set(target, key, value)
         for key in TOKEN_IDS:
@@ -94,6 +109,18 @@ def tiny_config(model_type: str):
 
 
 LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer")
+KV_HEADS = {"num_key_value_heads": "num_attention_heads"}  # a key/value head count -> the query head count
+
+
+def _tiny(config, key: str) -> int:
+    """The tiny value of ``key`` for ``config``: a key/value head count stays equal to the query head count
+    where the default has them equal (multi-head attention, and multi-head latent attention, whose
+    shapes torch.export checks against each other), else :data:`SHRINK`'s."""
+    heads = KV_HEADS.get(key)
+    if heads is not None and _int_attribute(config, key) and _int_attribute(config, heads) \
+            and getattr(config, key) == getattr(config, heads):
+        return SHRINK[heads]
+    return SHRINK[key]
 
 
 def _int_attribute(config, key: str) -> bool:

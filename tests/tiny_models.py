@@ -57,10 +57,25 @@ MOE_FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+# multi-head latent attention (DeepSeek-V2/V3 and the models reusing their code): queries and keys/values
+# pass through low-rank latents with their own norms; key/value heads = query heads
+LATENT = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+              v_head_dim=16)
+LATENT_MOE = dict(LATENT, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                  n_group=1, topk_group=1)
+LATENT_FAMILIES: dict[str, tuple[str, dict]] = {
+    "deepseek_v2": ("deepseek_v2", dict(LATENT_MOE, first_k_dense_replace=1)),  # a dense layer, then MoE
+    "deepseek_v2_lite": ("deepseek_v2", dict(LATENT_MOE, q_lora_rank=None, first_k_dense_replace=0)),  # q_proj
+    "deepseek_v3": ("deepseek_v3", dict(LATENT_MOE, first_k_dense_replace=1)),
+    "minicpm3": ("minicpm3", dict(LATENT)),  # dense MLPs
+    "glm4_moe_lite": ("glm4_moe_lite", dict(LATENT_MOE, first_k_dense_replace=1)),
+}
+
+
 def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
     """A tiny model of family ``name`` (dense or mixture-of-experts) with random weights; norm
     weights/biases randomised too."""
-    model_type, overrides = FAMILIES[name] if name in FAMILIES else MOE_FAMILIES[name]
+    model_type, overrides = {**FAMILIES, **MOE_FAMILIES, **LATENT_FAMILIES}[name]
     base = {} if "n_embd" in overrides or model_type == "bloom" else dict(COMMON)
     if model_type == "bloom":
         base = {"vocab_size": VOCAB, "hidden_size": 64}

@@ -1,4 +1,5 @@
-"""The parameter-free module fxslice puts into a rewritten graph (see :mod:`fxslice.graph.inserted` for the rest)."""
+"""The modules pass 2 makes of what the model wrote as functions, and the parameter-free norm fxslice puts
+into a rewritten graph (see :mod:`fxslice.graph.inserted` for the rest)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,23 @@ class ExpertLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, bias={self.bias is not None}")
+
+
+class UpcastLinear(nn.Linear):
+    """A Linear whose weight (and bias) are stored in the model's dtype and cast to ``compute_dtype`` where
+    they are used: ``F.linear(x, W.to(float32))``, as mixture-of-experts routers of bf16 models compute
+    their logits. For the stream algebra it is a Linear like any other (rotations edit the stored weight)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype, **kwargs):
+        super().__init__(in_features, out_features, bias=bias, **kwargs)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return nn.functional.linear(x, self.weight.to(self.compute_dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, compute_dtype={self.compute_dtype}"
 
 
 LINEARS = (nn.Linear, ExpertLinear)

@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.edit import mark_module_call
-from ..graph.modules import ExpertLinear
+from ..graph.modules import ExpertLinear, UpcastLinear
 from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, module_path, parameter_of
 from ..registry import REGISTRY, LinearMatch
 from ..source import keep_module
@@ -165,7 +165,10 @@ class ModuleBuilder:
                           (match.input, match.expert_ids))
         else:
             out_features, in_features = match.weight.shape
-            linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+            if match.compute_dtype is None:
+                linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+            else:
+                linear = UpcastLinear(in_features, out_features, bias is not None, match.compute_dtype, device="meta")
             linear.weight = self.parameter(match.weight)
             if bias is not None:
                 linear.bias = bias

@@ -240,9 +240,12 @@ class NodeKinds:
     @staticmethod
     def shape_query(node: Node, src: Node) -> bool:
         """Whether ``node`` reads only the shape, dtype or device of ``src``: the size of a leading
-        dimension, or a new tensor made like it (``zeros_like``, ``new_zeros``)."""
+        dimension, a new tensor made like it (``zeros_like``, ``new_zeros``), or another tensor cast to its
+        dtype (``y.type_as(src)``, as a bf16 router casts its float32 weights back)."""
         if ops.calls(node, ops.SYM_SIZE):
             return node.args[1] not in (-1, example_value(src).dim() - 1)
+        if ops.calls(node, {ops.aten.type_as.default}):
+            return node.args[1] is src and node.args[0] is not src
         return ops.calls(node, ops.LIKE) and node.args[0] is src
 
     def row_scalar(self, value, stream) -> bool:
