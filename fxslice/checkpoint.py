@@ -15,7 +15,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -30,6 +30,39 @@ if TYPE_CHECKING:
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 HEADER_LIMIT = 100 * 2**20  # safetensors refuses headers over 100 MB as well
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A model parameter transformers builds on load from several checkpoint tensors (per-expert
+    weights stacked into one grouped ``[E, out, in]`` tensor, gate and up projections concatenated):
+    ``sources`` lists, per source pattern of ``converter`` (a ``WeightConverter``), its tensors in
+    expert order; :meth:`Checkpoint.read` applies the converter's own operations to them."""
+
+    target: str
+    sources: tuple[tuple[str, tuple[str, ...]], ...]
+    converter: object = field(compare=False, hash=False, repr=False)
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for _, keys in self.sources for key in keys]
+
+    def __str__(self) -> str:
+        keys = self.keys
+        return f"{self.target} (converted from {len(keys)} tensors: {keys[0]}, ...)"
+
+    def build(self, values: dict[str, torch.Tensor], config) -> torch.Tensor:
+        tensors = {pattern: [values[key] for key in keys] for pattern, keys in self.sources}
+        converter = self.converter
+        for operation in converter.operations:
+            tensors = operation.convert(tensors, source_patterns=converter.source_patterns,
+                                        target_patterns=converter.target_patterns, full_layer_name=self.target,
+                                        model=None, config=config)
+        if len(tensors) != 1:
+            raise FxSliceError(f"transformers' conversion of {self} gave {len(tensors)} tensors, expected one")
+        return next(iter(tensors.values()))
+
+
 
 
 @dataclass
@@ -60,9 +93,17 @@ class Checkpoint:
         nbytes = sum(p.stat().st_size for p in set(files.values()))
         return cls(folder, config, files, nbytes)
 
-    def read(self, names: list[str], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-        """The tensors ``names`` as fresh CPU tensors (in ``dtype`` when given). Each shard is mapped
-        only while its tensors are copied out, so reading never leaves the file resident."""
+    def read(self, names: list, dtype: Optional[torch.dtype] = None) -> dict:
+        """The tensors ``names`` (tensor names, or :class:`Converted` parameters) as fresh CPU tensors (in
+        ``dtype`` when given). Each shard is mapped only while its tensors are copied out, so reading
+        never leaves the file resident."""
+        converted = [name for name in names if isinstance(name, Converted)]
+        out = self._read_tensors([name for name in names if not isinstance(name, Converted)], dtype)
+        for parameter in converted:
+            out[parameter] = parameter.build(self._read_tensors(parameter.keys, dtype), self.config)
+        return out
+
+    def _read_tensors(self, names: list[str], dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
@@ -139,7 +180,8 @@ class Checkpoint:
 
         state = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         state |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
-        used = {key for name, key in names.items() if name in state}
+        used = {part for name, key in names.items() if name in state
+                for part in (key.keys if isinstance(key, Converted) else [key])}
         ignored = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
         unused = sorted(key for key in self.files if key not in used and not any(p.search(key) for p in ignored))
         if unused:
@@ -148,13 +190,13 @@ class Checkpoint:
                                f"describes ({type(model).__name__}) has no parameter for: {shown}; does config.json "
                                "match the shards (e.g. its number of layers)?")
 
-    def model_keys(self, model: nn.Module) -> dict[str, str]:
+    def model_keys(self, model: nn.Module) -> dict:
         """model state-dict name -> checkpoint tensor name, through transformers' own key renamings
-        (e.g. a GPT-NeoX checkpoint's ``embed_out`` is the model's ``lm_head``). Tensors that
-        transformers must convert (split, merged, permuted) on load cannot be streamed."""
+        (e.g. a GPT-NeoX checkpoint's ``embed_out`` is the model's ``lm_head``); or the
+        :class:`Converted` tensors a parameter is built from (per-expert weights merged on load)."""
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
         except ImportError:  # an older transformers: checkpoint names are the model's
             return {name: name for name in self.files}
         try:
@@ -167,13 +209,22 @@ class Checkpoint:
         except Exception as exc:  # transformers' loading internals changed under us
             raise FxSliceError(f"checkpoint {self.folder}: cannot map its tensor names to {type(model).__name__}'s "
                                f"with this transformers version ({type(exc).__name__}: {exc})") from exc
-        names = {}
-        for key, (name, converter) in renamed.items():
-            if converter is not None:
+        names: dict = {}
+        merged: dict[str, tuple[object, dict[str, list[str]]]] = {}  # target -> (converter, pattern -> keys)
+        for key, (name, pattern) in renamed.items():
+            if pattern is None:
+                names[name] = key
+                continue
+            converter = next((c for c in converters if pattern in c.source_patterns), None)
+            if converter is None:
                 raise FxSliceError(f"checkpoint {self.folder}: tensor '{key}' must be converted by transformers on "
-                                   f"load ({converter}); such checkpoints cannot be streamed: load the model and "
-                                   "pass it to compress() instead")
-            names[name] = key
+                                   f"load ({pattern}) in a way fxslice cannot follow; load the model and pass it "
+                                   "to compress() instead")
+            merged.setdefault(name, (converter, {}))[1].setdefault(pattern, []).append(key)
+        for name, (converter, by_pattern) in merged.items():
+            sources = tuple((pattern, tuple(sorted(by_pattern[pattern], key=dot_natural_key)))
+                            for pattern in converter.source_patterns if pattern in by_pattern)
+            names[name] = Converted(name, sources, converter)
         return names
 
 

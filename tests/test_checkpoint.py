@@ -16,7 +16,7 @@ from fxslice.errors import FxSliceError, GraphStructureError
 from fxslice.graph.store import StreamedWeights
 from fxslice.hf import logits_of
 
-from tiny_models import VOCAB, tiny_model
+from tiny_models import MOE_FAMILIES, VOCAB, tiny_model
 
 # tied heads, Conv1D (transposed views), flattened OPT stream, Falcon's tensor constants, writer-side
 # norms, parallel blocks with a renamed head key (embed_out), LayerNorm centring with an embedding norm
@@ -84,6 +84,24 @@ def test_streamed_budget_and_unrotated_slices_equal_the_model_in_memory(tmp_path
     # named_parameters lists a tied weight once: equal names mean the same ties
     assert {n: p.shape for n, p in streamed.named_parameters()} == {n: p.shape for n, p in in_memory.named_parameters()}
     torch.testing.assert_close(logits_of(streamed, _probe()), logits_of(in_memory, _probe()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", [f if f in ("mixtral", "qwen2_moe") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(MOE_FAMILIES)])
+def test_per_expert_checkpoint_tensors_stream_into_grouped_experts(tmp_path, family):
+    """save_pretrained writes one tensor per expert; the stream stacks them (and concatenates gate and up)
+    with transformers' own conversion operations, shard by shard."""
+    model = tiny_model(family)
+    folder = _save(model, tmp_path / "ckpt", max_shard_size="50KB")
+    keys = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    if family in ("mixtral", "qwen2_moe"):  # per-expert tensors (gpt_oss and the granite MoEs store them grouped)
+        assert any(".experts.0." in key for key in keys)
+    before = _digest(folder)
+    in_memory = fxslice.compress(model, _calibration(True), 0.25, progress=False)
+    streamed = fxslice.compress(str(folder), _calibration(True), 0.25, progress=False)
+    assert streamed.fxslice.param_count == in_memory.fxslice.param_count
+    torch.testing.assert_close(logits_of(streamed, _probe()), logits_of(in_memory, _probe()), atol=1e-5, rtol=1e-5)
+    assert _digest(folder) == before
 
 
 def test_sharded_bf16_checkpoint_streams_in_its_own_dtype(tmp_path):
