@@ -188,6 +188,7 @@ class LinearMatch:
     bias: Optional[torch.Tensor]
     name: str
     expert_ids: Optional[Node] = None
+    batched_experts: bool = False  # a [E, out, in] weight applied to an [E, T, in] input: a BatchedExpertLinear
     compute_dtype: Optional[torch.dtype] = None  # W (and b) cast to it where used: an UpcastLinear
 
 

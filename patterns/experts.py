@@ -12,6 +12,14 @@ Each becomes one :class:`~fxslice.graph.modules.ExpertLinear` reading ``(x, ids)
 passes see the experts' up/gate weights as readers of the stream and their down weights as writers.
 The routing around them (``repeat_interleave`` of the tokens, the per-row routing weights, the
 sum over the top-k) only gathers, scales and sums rows: the analysis walks through it.
+
+Experts that see every token (Llama 4: the tokens ``repeat``-ed once per expert, scaled by their
+routing weight, viewed ``[E, T, in]``) are a plain batched product with the 3-D parameter,
+
+    y = bmm(x, W)                                                   x: [E, T, in], W: [E, in, out]
+
+which becomes a :class:`~fxslice.graph.modules.BatchedExpertLinear` (the sum over experts after it
+is a sum over a leading dimension).
 """
 
 from __future__ import annotations
@@ -80,3 +88,16 @@ def expert_bmm(gm: GraphModule, node: Node) -> LinearMatch | None:
                 bias, output = candidate, add
                 nodes += ([gathered_bias] if len(gathered_bias.users) == 1 else []) + [add]
     return LinearMatch(nodes, x, output, weight, bias, str(index.args[0].target), expert_ids=ids)
+
+
+@register_linear_pattern("batched_experts_bmm")
+def batched_experts_bmm(gm: GraphModule, node: Node) -> LinearMatch | None:
+    """``bmm(x [E, T, in], W [E, in, out])`` with ``W`` a 3-D parameter: every expert's rows at once."""
+    if not ops.calls(node, aten.bmm.default):
+        return None
+    weight = parameter_of(gm, node.args[1])
+    value = example_value(node.args[0])
+    if weight is None or weight.dim() != 3 or value is None or value.dim() != 3:
+        return None
+    return LinearMatch([node], node.args[0], node, weight.transpose(1, 2), None, str(node.args[1].target),
+                       batched_experts=True)

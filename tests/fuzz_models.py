@@ -138,6 +138,7 @@ SPECS: dict[str, Family] = {
     "gpt_oss": Family(**LLAMA_LIKE, experts="num_local_experts", extra=_sliding_window),
     "flex_olmo": Family(experts="num_experts"),
     "granitemoeshared": Family(experts="num_local_experts", shared_width="shared_intermediate_size"),
+    "llama4_text": Family(**LLAMA_LIKE, experts="num_local_experts", shared_width="intermediate_size_mlp"),
 }
 assert set(SPECS) == set(FAMILIES) | set(MOE_FAMILIES), set(SPECS) ^ (set(FAMILIES) | set(MOE_FAMILIES))
 

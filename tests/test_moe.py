@@ -18,7 +18,7 @@ INPUTS = [torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_se
 PROMPT = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
 
 
-COMMON_MOE = ["granitemoe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]  # the quick profile's
+COMMON_MOE = ["granitemoe", "llama4_text", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]  # the quick profile's
 FAMILIES = [f if f in COMMON_MOE else pytest.param(f, marks=pytest.mark.slow) for f in sorted(MOE_FAMILIES)]
 
 

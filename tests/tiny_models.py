@@ -54,6 +54,9 @@ MOE_FAMILIES: dict[str, tuple[str, dict]] = {
     "gpt_oss": ("gpt_oss", dict(MOE, num_local_experts=4, head_dim=16, sliding_window=8)),  # transposed, biases
     "flex_olmo": ("flex_olmo", dict(MOE, num_experts=4)),
     "granitemoeshared": ("granitemoeshared", dict(MOE, num_local_experts=4, shared_intermediate_size=64)),
+    # every token through every expert, scaled by its routing weight (repeat, bmm, sum), and a shared expert
+    "llama4_text": ("llama4_text", dict(MOE, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96,
+                                        head_dim=16, interleave_moe_layer_step=1)),
 }
 
 

@@ -78,6 +78,16 @@ class ExpertLinear(nn.Module):
                 f"out_features={self.out_features}, bias={self.bias is not None}")
 
 
+class BatchedExpertLinear(ExpertLinear):
+    """The experts of a mixture that sends every token to every expert (Llama 4): the input is
+    ``[E, T, in]``, one batch per expert, and ``y_e = x_e W_eᵀ + b_e``; the weight is the same grouped
+    ``[E, out, in]`` as :class:`ExpertLinear`'s, rotated the same way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.bmm(x, self.weight.transpose(1, 2))
+        return out if self.bias is None else out + self.bias[:, None, :]
+
+
 class UpcastLinear(nn.Linear):
     """A Linear whose weight (and bias) are stored in the model's dtype and cast to ``compute_dtype`` where
     they are used: ``F.linear(x, W.to(float32))``, as mixture-of-experts routers of bf16 models compute

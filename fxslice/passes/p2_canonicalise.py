@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.edit import mark_module_call
-from ..graph.modules import ExpertLinear, UpcastLinear
+from ..graph.modules import BatchedExpertLinear, ExpertLinear, UpcastLinear
 from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, module_path, parameter_of
 from ..registry import REGISTRY, LinearMatch
 from ..source import keep_module
@@ -163,6 +163,9 @@ class ModuleBuilder:
         if match.expert_ids is not None:  # grouped expert weights [E, out, in], one expert per input row
             self._install(match.name, ExpertLinear(self.parameter(match.weight), bias), match.output,
                           (match.input, match.expert_ids))
+        elif match.batched_experts:  # the same weights, one batch of rows per expert
+            self._install(match.name, BatchedExpertLinear(self.parameter(match.weight), bias), match.output,
+                          (match.input,))
         else:
             out_features, in_features = match.weight.shape
             if match.compute_dtype is None:

@@ -227,6 +227,8 @@ class NodeKinds:
             return node.args[0] is src and dim not in (-1, vin.dim() - 1)
         if ops.calls(node, ops.ROW_GATHERS | {ops.aten.index.Tensor}):
             return node.args[0] is src and self.leading_only(node, vin)
+        if ops.calls(node, {ops.aten.repeat.default}):  # copies of whole rows (every token to every expert)
+            return node.args[0] is src and len(node.args[1]) == vin.dim() and node.args[1][-1] == 1
         if ops.calls(node, ops.ROW_SUMS):
             dims = [d % vin.dim() for d in node.args[1]] if len(node.args) > 1 and node.args[1] else []
             return node.args[0] is src and bool(dims) and vin.dim() - 1 not in dims
