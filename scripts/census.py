@@ -52,9 +52,14 @@ FILL = {"head_dim": 16, "num_key_value_heads": 2}  # sizes some default configs 
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 FILL_MOE = {"num_experts_per_tok": 2}  # left None by mixture-of-experts configs that do have experts (DeepSeek-V2)
 EXPLICIT = {  # model type -> constructor arguments where the default config builds no model (a real checkpoint's
-    # config names these; the defaults leave them unset or inconsistent)
+    # config names these; the defaults leave them unset or inconsistent: experts, layer kinds, rope per layer
+    # kind, shared key/value layers, indexer sizes)
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
+                       "indexer_compress_ratio": 4},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
 }
