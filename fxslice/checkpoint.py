@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 HEADER_LIMIT = 100 * 2**20  # safetensors refuses headers over 100 MB as well
+ALWAYS_IGNORED = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")
+"""Tensors older exports stored that from_pretrained drops whatever the model class declares (buffers
+it recomputes)."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,13 @@ class Converted:
         tensors = {pattern: [values[key] for key in keys] for pattern, keys in self.sources}
         converter = self.converter
         for operation in converter.operations:
-            tensors = operation.convert(tensors, source_patterns=converter.source_patterns,
-                                        target_patterns=converter.target_patterns, full_layer_name=self.target,
-                                        model=None, config=config)
+            try:
+                tensors = operation.convert(tensors, source_patterns=converter.source_patterns,
+                                            target_patterns=converter.target_patterns, full_layer_name=self.target,
+                                            model=None, config=config)
+            except Exception as exc:  # noqa: BLE001 — mismatched expert tensors, an operation that needs the model
+                raise FxSliceError(f"cannot build {self} with transformers' {type(operation).__name__}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
         if len(tensors) != 1:
             raise FxSliceError(f"transformers' conversion of {self} gave {len(tensors)} tensors, expected one")
         return next(iter(tensors.values()))
@@ -182,7 +189,8 @@ class Checkpoint:
         state |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
         used = {part for name, key in names.items() if name in state
                 for part in (key.keys if isinstance(key, Converted) else [key])}
-        ignored = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+        patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []) + list(ALWAYS_IGNORED)
+        ignored = [re.compile(pattern) for pattern in patterns]
         unused = sorted(key for key in self.files if key not in used and not any(p.search(key) for p in ignored))
         if unused:
             shown = ", ".join(f"'{key}'" for key in unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
@@ -216,7 +224,7 @@ class Checkpoint:
                 names[name] = key
                 continue
             converter = next((c for c in converters if pattern in c.source_patterns), None)
-            if converter is None:
+            if converter is None or len(converter.target_patterns) != 1:  # a split into several parameters
                 raise FxSliceError(f"checkpoint {self.folder}: tensor '{key}' must be converted by transformers on "
                                    f"load ({pattern}) in a way fxslice cannot follow; load the model and pass it "
                                    "to compress() instead")

@@ -272,6 +272,7 @@ def match_norm(region: Region) -> tuple[Optional[str], Optional[NormSpec], list[
     """Try every registered norm pattern; returns (name, spec, notes on the ones that were rejected)."""
     tolerance = 1e-4 if region.dtype in (torch.float32, torch.float64) else 3e-2
     notes = []
+    damaged: Optional[NormSpec] = None  # a proposal with non-finite weights: refused if no other pattern verifies
     for name, fn in REGISTRY.norms:
         try:
             spec = fn(region)
@@ -283,9 +284,13 @@ def match_norm(region: Region) -> tuple[Optional[str], Optional[NormSpec], list[
         if spec.scale.shape != (region.width,) or (spec.shift is not None and spec.shift.shape != (region.width,)):
             notes.append(f"{name}: scale/shift shape does not match width {region.width}")
             continue
-        _check_finite(region, spec)
+        if not all(t is None or bool(torch.isfinite(t).all()) for t in (spec.scale, spec.shift)):
+            damaged = damaged or spec
+            continue
         error = verify_norm(region, spec)
         if error <= tolerance:
             return name, spec, notes
         notes.append(f"{name}: proposed spec deviates by {error:.2e} (tolerance {tolerance:.0e})")
+    if damaged is not None:
+        _check_finite(region, damaged)
     return None, None, notes

@@ -18,7 +18,7 @@ import pytest
 import fxslice
 from fxslice.errors import FxSliceError
 from fxslice.runtime import save as save_module
-from fxslice.tempfolders import private_folder
+from fxslice.tempfolders import host_tag, made_by, private_folder
 from tiny_models import calibration, tiny_model
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -67,14 +67,18 @@ def test_with_overwrite_the_last_save_replaces_the_folder_whole(slices, tmp_path
 
 def test_leftovers_of_a_killed_process_are_removed_by_the_next_run(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"fxslice-offload-{int(dead.stdout)}-abc"
+    host = host_tag()
+    stale = tmp_path / f"fxslice-offload-{int(dead.stdout)}@{host}-abcdefgh"
     stale.mkdir()
     (stale / "weights-00000.safetensors").write_bytes(b"partial")
-    alive = tmp_path / f"fxslice-offload-{os.getppid()}-def"  # a live process's (the test runner's parent)
-    alive.mkdir()
+    kept = [tmp_path / f"fxslice-offload-{os.getppid()}@{host}-abcdefgh",  # a live process's (the runner's parent)
+            tmp_path / f"fxslice-offload-{int(dead.stdout)}@another.node-abcdefgh",  # another host's rank
+            tmp_path / f"fxslice-offload-{int(dead.stdout)}-backup"]  # not a name fxslice makes
+    for folder in kept:
+        folder.mkdir()
     fresh = private_folder("fxslice-offload-", tmp_path)
-    assert fresh.name.startswith(f"fxslice-offload-{os.getpid()}-")
-    assert not stale.exists() and alive.is_dir()
+    assert made_by(fresh.name, "fxslice-offload-") == (os.getpid(), host)
+    assert not stale.exists() and all(folder.is_dir() for folder in kept)
 
 
 CONCURRENT_SAVE = """
@@ -151,4 +155,4 @@ def test_a_streamed_compression_killed_at_any_point_leaves_no_trace(tmp_path):
     assert [p.name for p in offload.iterdir()] == [survivor.name]
     staging = [p for p in Path(tempfile.gettempdir()).glob(".sliced.fxslice-*")]
     private_folder(".sliced.fxslice-", tempfile.gettempdir()).rmdir()
-    assert all(not p.exists() or p.name.split("fxslice-")[1].split("-")[0] == str(os.getpid()) for p in staging)
+    assert all(not p.exists() or (made_by(p.name, ".sliced.fxslice-") or (None,))[0] == os.getpid() for p in staging)

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import fxslice
 from fxslice import CalibrationError, FxSliceError
 from fxslice.runtime.generate import generate, with_cache
+from fxslice.tempfolders import made_by
 from tiny_models import COMMON, VOCAB, calibration, tiny_model, tiny_tokenizer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -213,7 +214,7 @@ def test_a_save_killed_midway_leaves_the_previous_folder_intact(sliced, tmp_path
     assert fxslice.load(target)[0].record["sparsity"] == 0.25
     fxslice.save(sliced, target, overwrite=True, record={"sparsity": 0.5}, max_cache_len=0)  # cleans up after the killed save
     leftovers = [p for where in (tmp_path, Path(tempfile.gettempdir())) for p in where.glob(".model.fxslice-*")
-                 if p.name.split("fxslice-")[1].split("-")[0] == str(process.pid)]
+                 if (made_by(p.name, ".model.fxslice-") or (None,))[0] == process.pid]
     assert not leftovers and fxslice.load(target)[0].record["sparsity"] == 0.5
 
 

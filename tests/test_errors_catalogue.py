@@ -32,9 +32,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _own_temporary_folders() -> set[str]:
-    """Folders this process made in the system's temporary folder (fxslice names them PREFIX<pid>-...)."""
-    pid = str(os.getpid())
-    return {p.name for p in Path(tempfile.gettempdir()).glob("fxslice-*") if pid in p.name.split("-")}
+    """Folders this process made in the system's temporary folder (fxslice names them PREFIX<pid>@<host>-...)."""
+    made = [p for pattern in ("fxslice-*", ".*.fxslice-*") for p in Path(tempfile.gettempdir()).glob(pattern)]
+    return {p.name for p in made if f"-{os.getpid()}@" in p.name}
 
 
 def _refused(call, message: str, *folders: Path, error=FxSliceError):

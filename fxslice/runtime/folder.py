@@ -181,10 +181,17 @@ def move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
         return
     old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
     os.replace(target, old / "previous")
+    moved = False
     try:
         os.replace(staging, target)
+        moved = True
     except BaseException:
-        os.replace(old / "previous", target)  # put the previous folder back
+        try:
+            os.replace(old / "previous", target)  # put the previous folder back
+        except OSError:
+            raise FxSliceError(f"{target} was written by another save while this one replaced it; the previous "
+                               f"folder is kept at {old / 'previous'}") from None
         raise
     finally:
-        shutil.rmtree(old, ignore_errors=True)
+        if moved or not (old / "previous").exists():
+            shutil.rmtree(old, ignore_errors=True)
