@@ -70,8 +70,6 @@ class Converted:
         return next(iter(tensors.values()))
 
 
-
-
 @dataclass
 class Checkpoint:
     """A validated safetensors checkpoint: which file holds each tensor, and its config."""
@@ -357,10 +355,10 @@ def check_config_file(path: Path) -> None:
         raise FxSliceError(f"checkpoint {path} is not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise FxSliceError(f"checkpoint {path} is a JSON {type(config).__name__}, not an object")
-    for field in ("dtype", "torch_dtype"):
-        value = config.get(field)
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
         if value is not None and value != "auto" and dtype_named(value) is None:
-            raise FxSliceError(f"checkpoint {path}: '{field}' is {value!r}, not a torch dtype (e.g. 'bfloat16', "
+            raise FxSliceError(f"checkpoint {path}: '{key}' is {value!r}, not a torch dtype (e.g. 'bfloat16', "
                                "'float16', 'float32')")
 
 

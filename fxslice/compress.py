@@ -219,8 +219,7 @@ def _offload_folder(offload_dir, made: list[Path], needed: bool) -> Optional[Pat
     outright is removed by the next compression, :mod:`fxslice.tempfolders`)."""
     if offload_dir is None and not needed:
         return None
-    _check_offload_dir(offload_dir)
-    folder = private_folder("fxslice-offload-", offload_dir)
+    folder = private_folder("fxslice-offload-", offload_dir)  # offload_dir checked by compress
     made.append(folder)
     return folder
 

@@ -7,7 +7,6 @@ static KV cache is exported, and how checkpoints and tokenizers are loaded.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 from contextlib import contextmanager
@@ -147,20 +146,29 @@ def exportable(model: nn.Module, use_cache_via: Optional[str] = "use_cache"):
     config = getattr(model, "config", None)
     cache_default = getattr(config, "use_cache", None)
     cache_off = use_cache_via != "use_cache" and bool(cache_default)
-    experts = None
-    if callable(getattr(model, "set_experts_implementation", None)) and _has_experts(model):
-        experts = model.get_experts_implementation()
     if cache_off:
         config.use_cache = False
     try:
-        if experts is not None:
-            model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-        yield model
+        with experts_implementation(model, EXPERTS_IMPLEMENTATION):
+            yield model
     finally:
         if cache_off:
             config.use_cache = cache_default
-        if experts is not None:
-            model.set_experts_implementation(experts)
+
+
+@contextmanager
+def experts_implementation(model: nn.Module, name: str):
+    """``model``'s experts dispatched through transformers' implementation ``name`` inside (where the model
+    lets it be chosen: ``set_experts_implementation``), restored afterwards."""
+    chosen = callable(getattr(model, "set_experts_implementation", None)) and _has_experts(model)
+    previous = model.get_experts_implementation() if chosen else None
+    if chosen:
+        model.set_experts_implementation(name)
+    try:
+        yield
+    finally:
+        if chosen:
+            model.set_experts_implementation(previous)
 
 
 def _has_experts(model: nn.Module) -> bool:
@@ -269,22 +277,6 @@ def export_with_static_cache(model: nn.Module, batch_size: int, max_cache_len: i
         model.generation_config = saved_config
 
 
-@contextlib.contextmanager
-def eager_experts(model: nn.Module):
-    """Mixture-of-experts layers run transformers' expert-by-expert loop (``_experts_implementation =
-    "eager"``) inside: the grouped matmul refuses the stride-0 weights a skeleton holds for the weights
-    it left out (:mod:`fxslice.source`), a loop of plain matmuls takes them."""
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_experts_implementation")}
-    saved = {key: config._experts_implementation for key, config in configs.items()}
-    try:
-        for config in configs.values():
-            config._experts_implementation = "eager"
-        yield
-    finally:
-        for key, config in configs.items():
-            config._experts_implementation = saved[key]
-
-
 def _match_written_heads(wrapper: nn.Module, model: nn.Module, batch_size: int) -> None:
     """Give every static cache layer the head count and head sizes the model really writes (one token
     through a dynamic cache; shapes only, so a model with unallocated weights works too): the
@@ -292,7 +284,8 @@ def _match_written_heads(wrapper: nn.Module, model: nn.Module, batch_size: int) 
     head by the new decoder architecture) is not what its attention stores."""
     device = next(model.parameters()).device
     try:
-        with torch.no_grad(), eager_experts(model):
+        with torch.no_grad(), experts_implementation(model, "eager"):  # the grouped matmul refuses the
+            # stride-0 weights a skeleton holds for what it left out; a loop of plain matmuls takes them
             written = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True).past_key_values
         shapes = [(layer.keys.shape, layer.values.shape) for layer in written.layers]
     except Exception:  # the config's shapes stay; a mismatch surfaces in the export's own error

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from fxslice.errors import FxSliceError, GraphStructureError
 from fxslice.graph.store import StreamedWeights
 from fxslice.hf import logits_of
 
-from tiny_models import MOE_FAMILIES, VOCAB, tiny_model
+from tiny_models import MOE_FAMILIES, VOCAB, folder_digest, tiny_model
 
 # tied heads, Conv1D (transposed views), flattened OPT stream, Falcon's tensor constants, writer-side
 # norms, parallel blocks with a renamed head key (embed_out), LayerNorm centring with an embedding norm
@@ -38,9 +37,6 @@ def _probe() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
 
 def _save(model, folder: Path, **kwargs) -> Path:
     model.save_pretrained(folder, **kwargs)
@@ -53,7 +49,7 @@ def _save(model, folder: Path, **kwargs) -> Path:
 def test_streamed_checkpoint_equals_the_model_in_memory(tmp_path, family, sparsity, masked, basis):
     model = tiny_model(family)
     folder = _save(model, tmp_path / "ckpt")
-    before = _digest(folder)
+    before = folder_digest(folder)
     in_memory = fxslice.compress(model, _calibration(masked), sparsity, basis=basis, progress=False)
     streamed = fxslice.compress(str(folder), _calibration(masked), sparsity, basis=basis, progress=False)
     assert streamed.fxslice.param_count == in_memory.fxslice.param_count
@@ -62,7 +58,7 @@ def test_streamed_checkpoint_equals_the_model_in_memory(tmp_path, family, sparsi
     torch.testing.assert_close(logits_of(streamed, _probe()), logits_of(in_memory, _probe()), atol=1e-5, rtol=1e-5)
     if sparsity == 0.0:
         torch.testing.assert_close(logits_of(streamed, _probe()), logits_of(model, _probe()), atol=1e-4, rtol=1e-4)
-    assert _digest(folder) == before  # the checkpoint is only read
+    assert folder_digest(folder) == before  # the checkpoint is only read
 
 
 @pytest.mark.parametrize("family", ["falcon_new", "llama_tied"])  # LayerNorm shifts folded into bias-free readers; a tied head
@@ -96,12 +92,12 @@ def test_per_expert_checkpoint_tensors_stream_into_grouped_experts(tmp_path, fam
     keys = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     if family in ("mixtral", "qwen2_moe"):  # per-expert tensors (gpt_oss and the granite MoEs store them grouped)
         assert any(".experts.0." in key for key in keys)
-    before = _digest(folder)
+    before = folder_digest(folder)
     in_memory = fxslice.compress(model, _calibration(True), 0.25, progress=False)
     streamed = fxslice.compress(str(folder), _calibration(True), 0.25, progress=False)
     assert streamed.fxslice.param_count == in_memory.fxslice.param_count
     torch.testing.assert_close(logits_of(streamed, _probe()), logits_of(in_memory, _probe()), atol=1e-5, rtol=1e-5)
-    assert _digest(folder) == before
+    assert folder_digest(folder) == before
 
 
 def test_sharded_bf16_checkpoint_streams_in_its_own_dtype(tmp_path):
@@ -180,10 +176,10 @@ def test_truncated_shard_is_named_and_left_as_it_is(tmp_path):
     shard = _shards(folder)[0]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
-    before = _digest(folder)
+    before = folder_digest(folder)
     with pytest.raises(FxSliceError, match=f"{shard.name} is truncated"):
         fxslice.compress(folder, _calibration(False), 0.25, progress=False)
-    assert _digest(folder) == before
+    assert folder_digest(folder) == before
 
 
 def test_tensor_missing_from_checkpoint_is_named(tmp_path):

@@ -3,7 +3,6 @@ with SIGKILL at any point, leftovers of killed processes removed by the next run
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ import fxslice
 from fxslice.errors import FxSliceError
 from fxslice.runtime import save as save_module
 from fxslice.tempfolders import host_tag, made_by, private_folder
-from tiny_models import calibration, tiny_model
+from tiny_models import calibration, folder_digest, tiny_model
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,15 +121,12 @@ fxslice.save(sliced, {target!r}, max_cache_len=16)
 """
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
 
 @pytest.mark.slow
 def test_a_streamed_compression_killed_at_any_point_leaves_no_trace(tmp_path):
     checkpoint = tmp_path / "checkpoint"
     tiny_model("llama").save_pretrained(checkpoint)
-    before = _digest(checkpoint)
+    before = folder_digest(checkpoint)
     offload, output = tmp_path / "offload", tmp_path / "output"
     offload.mkdir()
     output.mkdir()
@@ -145,7 +141,7 @@ def test_a_streamed_compression_killed_at_any_point_leaves_no_trace(tmp_path):
         time.sleep(whole * fraction)
         process.send_signal(signal.SIGKILL)
         process.wait(30)
-        assert _digest(checkpoint) == before, f"the checkpoint changed (killed at {fraction:.0%})"
+        assert folder_digest(checkpoint) == before, f"the checkpoint changed (killed at {fraction:.0%})"
         left = [p.name for p in output.iterdir()]
         assert left in ([], ["sliced"]), f"killed at {fraction:.0%}, the output folder holds {left}"
         if left:  # the save finished before the kill: a whole folder

@@ -30,7 +30,6 @@ FXSLICE_FUZZ_EXAMPLES sets the number of examples (default 30).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import warnings
@@ -47,7 +46,7 @@ from fuzz_models import BUDGET_MODES, FuzzCase, expected_width, fuzz_cases
 from fxslice.errors import FxSliceError
 from fxslice.runtime.load import load
 from fxslice.runtime.save import save
-from tiny_models import VOCAB
+from tiny_models import VOCAB, folder_digest
 
 FP32_TOLERANCE = 1e-4
 
@@ -153,13 +152,10 @@ def _close(case: FuzzCase, got: torch.Tensor, expected: torch.Tensor, what: str)
     assert error <= scale, f"{what}: max |difference| = {error:.3g} > {scale:.3g}"
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
 
 def check_streamed(case: FuzzCase, model: nn.Module, sliced: nn.Module, ids: torch.Tensor, folder: Path) -> None:
     model.save_pretrained(folder)
-    before = _digest(folder)
+    before = folder_digest(folder)
     streamed = fxslice.compress(str(folder), case.calibration(), dtype=case.torch_dtype, progress=False,
                                 **case.options())
     if case.torch_dtype != torch.float32:  # the checkpoint is the model from_pretrained loads: its rotary
@@ -171,7 +167,7 @@ def check_streamed(case: FuzzCase, model: nn.Module, sliced: nn.Module, ids: tor
         assert got == want, f"streamed {field} {got} != in memory {want}"
     with torch.no_grad():
         _close(case, streamed(ids).logits, sliced(ids).logits, "streamed vs in memory")
-    assert _digest(folder) == before, "streaming changed the checkpoint"
+    assert folder_digest(folder) == before, "streaming changed the checkpoint"
 
 
 def check_saved(case: FuzzCase, sliced: nn.Module, folder: Path) -> str:

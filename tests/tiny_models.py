@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -125,3 +128,8 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "[EOS]"], show_progress=False)
     tokenizer.train_from_iterator([kjv_text()[:20000]], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file directly in ``folder`` (a checkpoint that must stay byte-identical)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
