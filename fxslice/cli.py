@@ -1,4 +1,4 @@
-"""Command line: ``fxslice compress | eval | finetune | generate | compile | inspect`` (``fxslice COMMAND --help``).
+"""Command line: ``fxslice compress | eval | finetune | quantize | generate | compile | inspect`` (``fxslice COMMAND --help``).
 
 Parses arguments, calls a job of :mod:`fxslice.jobs`, prints its typed result. Option choices and
 defaults come from the library's constants.
@@ -17,7 +17,7 @@ from .distributed import init_from_environment, is_writer, shutdown
 from .errors import FxSliceError
 from .jobs.assets import DTYPES, SHIPPED
 from .jobs.data import CORPORA, Protocol
-from .options import ALLOCATIONS, BASES, PCA_SIGNALS, SAVE_FORMATS
+from .options import ALLOCATIONS, BASES, PCA_SIGNALS, QUANT_SCHEMES, SAVE_FORMATS
 
 PROTOCOL = Protocol()  # the default data protocol
 
@@ -115,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--cache-batch-size", type=_positive_int, default=1,
                       help="sequences the saved KV-cache program generates at once (fewer are padded)")
     comp.add_argument("--compile", nargs="*", default=None, metavar="DEVICE",
-                      help="after saving, build AOTInductor packages (default devices: cpu, and cuda when present)")
+                      help="after saving, build AOTInductor packages for these devices (the default, without "
+                           "devices: cpu, and cuda when present, whenever a C++ compiler is found)")
+    comp.add_argument("--no-compile", action="store_true", help="save the exported programs only (no AOTInductor package)")
+    comp.add_argument("--quantize", choices=QUANT_SCHEMES, default=None, metavar="SCHEME",
+                      help=f"also quantise the saved slice's Linears (torchao, weight-only): {', '.join(QUANT_SCHEMES)}")
+    comp.add_argument("--group-size", type=_positive_int, default=32, help="int4: inputs per scale and zero point")
     comp.add_argument("--plot-spectra", default=None, metavar="PNG", help="save the eigenvalue spectra of every position")
     _protocol_args(comp)
 
@@ -151,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--json", default=None, help="also write the figures to this JSON file")
     _protocol_args(ft)
 
+    qu = commands.add_parser("quantize", help="weight-only quantisation (torchao) of a saved sliced folder; perplexity before/after",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    qu.add_argument("model", help="a folder saved by fxslice compress or finetune")
+    qu.add_argument("--scheme", choices=QUANT_SCHEMES, default=QUANT_SCHEMES[0],
+                    help="int8: int8 weights, one scale per row; int4: int4 in groups of --group-size inputs (head int8)")
+    qu.add_argument("--group-size", type=_positive_int, default=32, help="int4: inputs per scale and zero point")
+    qu.add_argument("--output", default=None, help="folder for the quantised model (default: MODEL-SCHEME)")
+    qu.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    qu.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
+    qu.add_argument("--no-compile", action="store_true", help="save the exported programs only (no AOTInductor package)")
+    _protocol_args(qu)
+
     gen = commands.add_parser("generate", help="generate text from a saved sliced model with its KV cache",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gen.add_argument("model", help="a folder saved by fxslice compress or finetune")
@@ -174,6 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compile_devices(args) -> list[str] | None:
+    """What to compile after saving: the devices given; else the default devices when a C++ compiler is
+    found (None, with a one-line warning, when none is); None with ``--no-compile``."""
+    if getattr(args, "no_compile", False):
+        if args.__dict__.get("compile"):
+            raise FxSliceError("--compile and --no-compile contradict each other: give one")
+        return None
+    if args.__dict__.get("compile") is not None:
+        return args.compile
+    from .runtime.compiled import cpp_compiler
+
+    if cpp_compiler() is None:
+        print("fxslice: warning: no C++ compiler found: the folder keeps its exported programs (install g++ for the "
+              "AOTInductor package, which generates several times faster)", file=sys.stderr)
+        return None
+    return []
+
+
 def cmd_compress(args) -> int:
     from .jobs.compress import compress_job
 
@@ -193,8 +228,9 @@ def cmd_compress(args) -> int:
                        overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,
                        plot_spectra=args.plot_spectra, pca_signal=args.pca_signal, slice_head=args.slice_head,
                        basis=args.basis, round_to=args.round_to, stream=args.stream, offload_dir=args.offload_dir,
-                       cache_batch_size=args.cache_batch_size, compile_devices=args.compile,
-                       stock=stock, save_format=args.save_format)
+                       cache_batch_size=args.cache_batch_size,
+                       compile_devices=None if args.no_save or args.save_format == "transformers" else _compile_devices(args),
+                       stock=stock, save_format=args.save_format, quantize=args.quantize, group_size=args.group_size)
     if not is_writer():
         return 0
     print()
@@ -209,6 +245,8 @@ def cmd_compress(args) -> int:
     elif job.saved:
         print(f"saved to {job.saved}  (load with fxslice.load; without fxslice: torch.export.load + safetensors, "
               "see the README's 'Saved folders')")
+    if job.quantized is not None:
+        print(job.quantized.summary)
     _report_compiled(job.compiled)
     if job.spectra_plot:
         print(f"spectra plot: {job.spectra_plot}")
@@ -243,6 +281,21 @@ def cmd_finetune(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result.record, indent=2, default=str))
     return 0
+
+
+def cmd_quantize(args) -> int:
+    from .jobs.quantize import quantize_job
+
+    from .runtime.compiled import UNCOMPILABLE_SCHEMES
+
+    devices = None if args.scheme in UNCOMPILABLE_SCHEMES else _compile_devices(args)
+    result = quantize_job(args.model, args.scheme, _protocol(args), output=args.output, overwrite=args.overwrite,
+                          group_size=args.group_size, evaluate=not args.no_eval, eval_batch_size=args.eval_batch_size,
+                          compile_devices=devices, progress=not args.no_progress)
+    if result.perplexities_after:
+        print(result.table())
+    print(result.summary)
+    return 0 if _report_compiled(result.compiled) else 1
 
 
 def cmd_generate(args) -> int:
@@ -285,8 +338,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         init_from_environment(getattr(args, "device", "cpu"))
-        commands = {"compress": cmd_compress, "eval": cmd_eval, "finetune": cmd_finetune, "generate": cmd_generate,
-                    "compile": cmd_compile, "inspect": cmd_inspect}
+        commands = {"compress": cmd_compress, "eval": cmd_eval, "finetune": cmd_finetune, "quantize": cmd_quantize,
+                    "generate": cmd_generate, "compile": cmd_compile, "inspect": cmd_inspect}
         return commands[args.command](args)
     except FxSliceError as exc:
         print(f"fxslice: error: {exc}", file=sys.stderr)

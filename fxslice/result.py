@@ -65,6 +65,8 @@ class SliceResult:
     slice: Optional["Slice"] = None
     """every graph edit the rotation made, in order (:mod:`fxslice.passes.slice_record`): what another
     capture of the model replays to take the sliced shapes."""
+    quantization: Optional[dict] = None
+    """what pass 8 quantised (:meth:`~fxslice.passes.p8_quantize.QuantizationReport.to_record`), or None."""
     source: Optional["ModelSource"] = None
     """how the model can be captured again (:mod:`fxslice.source`); not part of the record."""
 
@@ -102,6 +104,7 @@ class SliceResult:
             "norm_eps": self.norm_eps,
             "stock_param_count": self.stock_param_count,
             **({"slice": self.slice.to_record()} if self.slice is not None else {}),
+            **({"quantization": self.quantization} if self.quantization is not None else {}),
         }
 
     def table(self) -> str:

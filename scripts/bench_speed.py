@@ -190,8 +190,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-hf-compile", action="store_true", help="leave out dense HF torch.compile")
     parser.add_argument("--model", default="smollm2-135m", help="shipped name, hub id or HF folder")
-    parser.add_argument("--out", default="runs/bench/speed.json")
+    parser.add_argument("--out", default=None, help="JSON figures (default runs/bench/speed.json, or deploy.json)")
+    parser.add_argument("--deploy", action="store_true",
+                        help="the deployment contenders instead: the budget-0.8 slice in float32, bfloat16, int8 and "
+                             "int4, the dense model int8, exported and compiled, and llama.cpp (see deploy())")
+    parser.add_argument("--gguf", nargs="*", default=[], metavar="FILE",
+                        help="--deploy: GGUF files llama.cpp (llama-cpp-python) decodes beside fxslice's rows; the "
+                             "shipped SmolLM2 Q4_1 is always one when llama-cpp-python is installed")
     args = parser.parse_args()
+    if args.deploy:
+        from bench_deploy import deploy
+
+        return deploy(args)
+    args.out = args.out or "runs/bench/speed.json"
     repeats = 1 if args.quick else args.repeats
     protocol = Protocol(calibration_windows=16 if args.quick else 128, evaluation=())
     model, tokenizer = load_model(args.model)

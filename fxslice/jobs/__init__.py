@@ -3,6 +3,7 @@
 - :func:`.compress.compress_job` (``fxslice compress``), :func:`.compress.inspect_job` (``fxslice inspect``),
 - :func:`.evaluate.evaluate_job` (``fxslice eval``: perplexity, or lm-eval tasks via :mod:`.lmeval`),
 - :func:`.finetune.finetune_job` (``fxslice finetune``: LoRA recovery),
+- :func:`.quantize.quantize_job` (``fxslice quantize``: torchao weight-only quantisation, perplexity before/after),
 - :func:`.generation.generate_job` (``fxslice generate``),
 
 and their inputs: shipped models (:mod:`.assets`), texts and windows (:mod:`.data`), plots (:mod:`.plots`).

@@ -19,13 +19,15 @@ from ..errors import FxSliceError
 from ..hf import load_tokenizer
 from ..options import Options
 from ..passes.p3_analyse import Structure
+from ..passes.p8_quantize import check_scheme
 from ..result import SliceResult
-from ..runtime.compiled import check_compile_devices, compile_folder
+from ..runtime.compiled import UNCOMPILABLE_SCHEMES, check_compile_devices, compile_folder
 from ..runtime.folder import check_destination
 from ..runtime.save import save
 from .assets import load_model, resolve_model, torch_dtype
 from .data import Protocol, batches, protocol_data
 from .evaluate import perplexity
+from .quantize import QuantizeJobResult, quantize_job
 
 
 @dataclass
@@ -68,6 +70,7 @@ class CompressJobResult:
     saved: Optional[Path] = None
     spectra_plot: Optional[str] = None
     compiled: list = field(default_factory=list)  # CompileOutcome per device, when asked for
+    quantized: Optional[QuantizeJobResult] = None  # when the saved folder was quantised
 
     def table(self) -> str:
         return table(self.rows, self.eval_names)
@@ -86,7 +89,8 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
                  output: Optional[str] = None, overwrite: bool = False, progress: bool = True,
                  max_cache_len: int = 1024, cache_batch_size: int = 1, plot_spectra: Optional[str] = None,
                  stream: bool = False, offload_dir: Optional[str] = None, compile_devices: Optional[list[str]] = None,
-                 save_format: str = "fxslice", **options) -> CompressJobResult:
+                 save_format: str = "fxslice", quantize: Optional[str] = None, group_size: int = 32,
+                 **options) -> CompressJobResult:
     """Compress ``model_name`` at ``sparsity`` (or ``options["target_params"]``) on ``protocol``; evaluate
     dense and sliced; save to ``output``. ``options``: the other :class:`fxslice.compress.Options`.
 
@@ -95,7 +99,9 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
     windows; only rank 0 evaluates and writes files. ``max_cache_len`` / ``cache_batch_size``: the
     saved KV-cache program's length and batch; ``compile_devices``: also build AOTInductor packages
     (:func:`fxslice.runtime.compiled.compile_folder`) for these devices after saving; ``save_format``:
-    ``"transformers"`` saves a stock checkpoint (needs ``stock=True``)."""
+    ``"transformers"`` saves a stock checkpoint (needs ``stock=True``); ``quantize``: a scheme of
+    :data:`fxslice.options.QUANT_SCHEMES` the saved folder is then quantised with, in place
+    (:func:`fxslice.jobs.quantize.quantize_job`; ``group_size`` for int4)."""
     writer = is_writer()
     error = None
     try:  # under torch.distributed, what one rank refuses stops every rank with the same message
@@ -109,6 +115,11 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
         check_device(device)
         if compile_devices:  # an unknown compile device is refused before any work, not after the save
             check_compile_devices(compile_devices)
+        if quantize is not None:
+            if not output or save_format != "fxslice":
+                raise FxSliceError("quantize applies to a saved fxslice folder: give an output folder and format "
+                                   "'fxslice' (a transformers checkpoint is quantised by its own runtime)")
+            check_scheme(quantize, "cpu", group_size)
         if output and writer:
             check_destination(Path(output), overwrite)
         source = resolve_model(model_name) if writer else None  # a shipped model is converted once, by rank 0
@@ -168,6 +179,15 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
     if output and writer:
         job.saved = save(sliced, output, tokenizer, record, overwrite=overwrite, max_cache_len=max_cache_len,
                          cache_batch_size=cache_batch_size, format=save_format)
+        if quantize in UNCOMPILABLE_SCHEMES:
+            compile_devices = None  # its folder keeps the exported programs (the reason: UNCOMPILABLE_SCHEMES)
+        if quantize is not None:
+            job.quantized = quantize_job(job.saved, quantize, protocol, output=job.saved, overwrite=True,
+                                         group_size=group_size, evaluate=evaluate, eval_batch_size=eval_batch_size,
+                                         progress=progress, float_perplexities=row.perplexities)
+            quantized_row = Row(f"{label} + {quantize}", result.param_count, result.dense_param_count,
+                                distinct_widths(result.widths), job.quantized.perplexities_after, job.quantized.seconds)
+            job.rows.append(quantized_row)
         if compile_devices is not None:
             job.compiled = compile_folder(job.saved, compile_devices or None, progress=progress)
     if plot_spectra and writer:

@@ -195,13 +195,15 @@ def finetune_job(folder: str, protocol, *, output: Optional[str] = None, overwri
                  evaluate: bool = True, progress: bool = True, **options) -> FinetuneJobResult:
     """LoRA-fine-tune a saved sliced folder on the windows after its calibration windows, evaluate
     before and after, save the merged model (and its KV-cache program) to ``output``."""
-    from ..runtime.folder import check_destination
+    from ..runtime.folder import check_destination, read_record
+    from ..runtime.quantize import check_not_quantized
     from ..runtime.load import load
     from ..runtime.save import save
     from .data import batches, finetune_data, protocol_data
     from .evaluate import perplexity
 
     target = Path(output or f"{str(folder).rstrip('/')}-ft")
+    check_not_quantized(Path(folder), read_record(folder), "fine-tune")
     check_destination(target, overwrite)
     sliced, tokenizer = load(folder, compiled=False)  # fine-tuning needs the graph, not compiled code
     if tokenizer is None:

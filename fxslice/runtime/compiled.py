@@ -58,6 +58,16 @@ class CompileOutcome:
                 "exported programs")
 
 
+def cpp_compiler() -> Optional[str]:
+    """The C++ compiler AOTInductor would use (its own search: ``$CXX``, then g++/clang++), or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # noqa: BLE001 — inductor raises its own error types when it finds none
+        return None
+
+
 def default_devices() -> list[str]:
     """CPU always, CUDA when this machine has it."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -69,8 +79,13 @@ def compile_folder(folder: str | os.PathLike, devices: Optional[list[str]] = Non
     when present). A compilation that fails (no C++ compiler, an op AOTInductor cannot lower) is
     returned as a failed :class:`CompileOutcome` — the folder is left as it was — never raised."""
     path = Path(folder)
-    read_record(path)  # refuse a folder fxslice did not save before compiling anything
-    device_types = check_compile_devices(devices or default_devices())  # all checked first
+    record = read_record(path)  # refuse a folder fxslice did not save before compiling anything
+    packed_for = (record.get("quantization") or {}).get("packed_for")
+    device_types = check_compile_devices(devices or ([packed_for] if packed_for else default_devices()))
+    for device_type in device_types:  # all checked first
+        if packed_for and device_type != packed_for:
+            raise FxSliceError(f"compile: {path} holds weights packed for {packed_for} kernels; it cannot be "
+                               f"compiled for {device_type}")
     return [_compile_for(path, device_type, progress) for device_type in device_types]
 
 
@@ -91,9 +106,18 @@ def _device_type(device: str) -> str:
     return device_type
 
 
+UNCOMPILABLE_SCHEMES = {"int4": "AOTInductor lowers the int4 kernel with a group-size constant of its own, which a "
+                                "package compiled without its weights cannot be given"}
+"""Quantisation schemes (pass 8) whose folders keep their exported programs, and why."""
+
+
 def _compile_for(folder: Path, device_type: str, progress: bool) -> CompileOutcome:
     started = time.perf_counter()
     outcome = CompileOutcome(device_type)
+    scheme = (read_record(folder).get("quantization") or {}).get("scheme")
+    if scheme in UNCOMPILABLE_SCHEMES:
+        outcome.failure = f"scheme {scheme}: {UNCOMPILABLE_SCHEMES[scheme]}"
+        return outcome
     staging = private_folder("fxslice-aoti-")
     try:
         with warnings.catch_warnings():  # torch-internal deprecation noise of export and inductor

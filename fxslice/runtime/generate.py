@@ -24,6 +24,7 @@ from torch.fx import GraphModule
 from ..errors import FxSliceError, GraphStructureError, whole
 from ..graph.edit import plain_graph_module, strip_guards
 from ..graph.modules import LINEARS, WEIGHTED
+from ..graph.quantized import QUANTIZED_LINEARS, model_dtype
 from ..graph.store import SkeletonWeights
 from ..graph.weights import sync_features
 from ..hf import STATIC_CACHE_PREFIX, export_with_static_cache
@@ -60,8 +61,7 @@ def with_cache(sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 10
     for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
         if not whole(value) or value < 1:
             raise FxSliceError(f"{name} must be a positive integer, got {value!r}")
-    like = next(p for p in sliced.parameters() if p.is_floating_point())  # the sliced model's dtype and device
-    module, fill = result.source.build(like.dtype, like.device)
+    module, fill = result.source.build(model_dtype(sliced), next(sliced.parameters()).device)
     gm = canonicalise(capture_with_cache(module, batch_size, max_cache_len))
     del module
     fill(gm)  # what transfer_weights will not replace holds the model's values
@@ -86,13 +86,16 @@ def retarget(generator: nn.Module, weights: nn.Module) -> GraphModule:
 def transfer_weights(target: nn.Module, source: nn.Module, strip: str = "", clone: bool = True) -> None:
     """Give every Linear/Embedding of ``target`` the parameters of the same-named module of ``source``
     (``strip`` removed from target names; copies unless ``clone=False``), keeping parameters that
-    ``source`` shares shared."""
+    ``source`` shares shared. A Linear whose twin is quantised (pass 8) is replaced by that module."""
     modules = dict(source.named_modules())
     shared: dict[int, nn.Parameter] = {}
-    for name, module in target.named_modules():
+    for name, module in list(target.named_modules()):
         if not isinstance(module, WEIGHTED):
             continue
         twin = modules.get(name[len(strip):] if strip and name.startswith(strip) else name)
+        if isinstance(twin, QUANTIZED_LINEARS) and type(module) is nn.Linear:
+            target.set_submodule(name, twin)  # frozen integers: shared, never copied
+            continue
         if twin is None or not isinstance(twin, type(module)):
             raise GraphStructureError(f"module '{name}' has no counterpart in the model that holds the weights")
         for attr in ("weight", "bias"):

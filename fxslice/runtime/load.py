@@ -61,6 +61,14 @@ def _tokenizer(path: Path, vocab_size: int):
     return tokenizer
 
 
+def check_quantized_device(folder: Path, record: dict, device_type: Optional[str]) -> None:
+    """Refuse a quantised folder on a device its weights are not packed for (ATen's CPU kernels)."""
+    packed_for = (record.get("quantization") or {}).get("packed_for")
+    if packed_for and device_type is not None and device_type != packed_for:
+        raise FxSliceError(f"{folder} holds {record['quantization'].get('scheme')} weights packed for {packed_for} "
+                           f"kernels; it cannot run on {device_type}: load it on {packed_for}, or load the float folder")
+
+
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tokenizer: bool = True,
          compiled: Optional[bool] = None):
     """Load a saved sliced model: returns ``(model, tokenizer)`` (tokenizer None when absent or not wanted).
@@ -74,6 +82,7 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", with_tok
     except (RuntimeError, TypeError):
         device_type = None  # check_device names it
     program_file(path)  # refused before any weight is read
+    check_quantized_device(path, record, device_type)
     entry = compiled_entry(path, record, device_type, required=compiled is True) \
         if compiled is not False and device_type is not None else None
     check_device(device)  # a device this machine lacks is refused before any weight is read

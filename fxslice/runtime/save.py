@@ -20,6 +20,7 @@ from ..version import __version__
 from .folder import (FORMAT, FORMAT_VERSION, GENERATOR, PROGRAM, check_destination, move_into_place,
                      share_files, staging_folder, write_record)
 from .generate import with_cache
+from ..graph.quantized import model_dtype
 from .programs import export_generator, export_program
 from .stock import save_transformers
 from .weightfiles import sha256, write_weights
@@ -69,7 +70,7 @@ def _full_record(record: dict, model: nn.Module, vocab: int, staging: Path, weig
         "fxslice_version": __version__,
         "torch_version": torch.__version__,
         "vocab_size": vocab,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(model_dtype(model)).replace("torch.", ""),
         "program_sha256": sha256(staging / PROGRAM),
         "weights": weights,
     }

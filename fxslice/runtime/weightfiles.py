@@ -27,7 +27,8 @@ from ..graph.weights import meta_parameter
 from ..hf import STATIC_CACHE_PREFIX
 
 REST = "weights.safetensors"  # the weights held in memory
-SHARDS = "weights"  # a folder of the offload files of a streamed compression, one per finished block
+SHARDS = "weights"
+ALIGNMENT = 64  # bytes: a cache line, what the widest vector load needs  # a folder of the offload files of a streamed compression, one per finished block
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
@@ -193,10 +194,19 @@ def read_weights(folder: Path, index: dict) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for key in keys:
-                    out[key] = handle.get_tensor(key)
+                    out[key] = aligned(handle.get_tensor(key))
         except Exception as exc:  # truncated or foreign file: one message naming it
             raise FxSliceError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     return out
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it where it holds integers at an address that is not a multiple of
+    :data:`ALIGNMENT`: ATen's weight-only kernels (pass 8) read their int8/int4 weights with aligned
+    vector loads and crash on a tensor mapped at an 8-byte offset of a safetensors file."""
+    if tensor.is_floating_point() or tensor.data_ptr() % ALIGNMENT == 0:
+        return tensor
+    return tensor.clone()
 
 
 def fill_weights(program: torch.export.ExportedProgram, names: Optional[dict], tensors: dict[str, torch.Tensor],
