@@ -20,7 +20,11 @@ fine-tuning, zero-shot tasks), ``hf.py`` (every Hugging Face assumption about a 
 (torch.distributed calibration), ``cli.py`` (argument parsing and printing only).
 """
 
-from .compress import compress, inspect
+from .noise import filter_import_noise
+
+filter_import_noise()  # before anything imports transformers (which imports torchao)
+
+from .compress import compress, inspect  # noqa: E402
 from .errors import CalibrationError, FxSliceError, GraphStructureError
 from .graph.inserted import InsertedModule
 from .passes.p3_analyse import Structure

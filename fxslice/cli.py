@@ -17,7 +17,7 @@ from .distributed import init_from_environment, is_writer, shutdown
 from .errors import FxSliceError
 from .jobs.assets import DTYPES, SHIPPED
 from .jobs.data import CORPORA, Protocol
-from .options import ALLOCATIONS, BASES, PCA_SIGNALS, QUANT_SCHEMES, SAVE_FORMATS
+from .options import ALLOCATIONS, BASES, FINETUNE_METHODS as METHODS, PCA_SIGNALS, QUANT_SCHEMES, SAVE_FORMATS
 
 PROTOCOL = Protocol()  # the default data protocol
 
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-length", type=_positive_int, default=2048, help="lm-eval: longest context in tokens")
     _protocol_args(ev)
 
-    ft = commands.add_parser("finetune", help="LoRA recovery fine-tuning of a saved sliced model; saves the merged result",
+    ft = commands.add_parser("finetune", help="recovery fine-tuning (LoRA or full, language-model loss or distillation) "
+                                              "of a saved sliced model; saves the result",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ft.add_argument("model", help="a folder saved by fxslice compress")
     ft.add_argument("--output", default=None, help="folder for the fine-tuned model (default: MODEL-ft)")
@@ -145,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--val-windows", type=_positive_int, default=8, help="validation windows for early stopping")
     ft.add_argument("--batch-size", type=_positive_int, default=4, help="training windows per step")
     ft.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training windows")
-    ft.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    ft.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 for lora, 2e-5 for full)")
+    ft.add_argument("--method", choices=METHODS, default=METHODS[0],
+                    help="lora: LoRA adapters merged into the weights; full: train every weight")
+    ft.add_argument("--distill", action="store_true",
+                    help="learn the dense model's logits (KL at --temperature) instead of the next tokens")
+    ft.add_argument("--teacher", default=None,
+                    help="--distill: the dense model (shipped name, hub id or folder; default: the folder's source model)")
+    ft.add_argument("--temperature", type=float, default=2.0, help="--distill: softmax temperature of both logits")
     ft.add_argument("--lora-r", type=_positive_int, default=32, help="LoRA rank")
     ft.add_argument("--lora-alpha", type=float, default=10.0, help="LoRA alpha")
     ft.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
@@ -272,9 +280,13 @@ def cmd_finetune(args) -> int:
     result = finetune_job(args.model, _protocol(args), output=args.output, overwrite=args.overwrite,
                           train_windows=args.train_windows, val_windows=args.val_windows, batch_size=args.batch_size,
                           eval_batch_size=args.eval_batch_size, evaluate=not args.no_eval,
-                          progress=not args.no_progress, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                          lora_dropout=args.lora_dropout, lr=args.lr, epochs=args.epochs, eval_every=args.eval_every,
-                          patience=args.patience, include_shortcuts=args.include_shortcuts)
+                          progress=not args.no_progress, method=args.method, distill=args.distill,
+                          teacher=args.teacher, epochs=args.epochs,
+                          **({"temperature": args.temperature} if args.distill else {}),
+                          eval_every=args.eval_every, patience=args.patience,
+                          **({} if args.lr is None else {"lr": args.lr}),
+                          **({"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+                              "include_shortcuts": args.include_shortcuts} if args.method == "lora" else {}))
     if result.perplexities_after:
         print(result.table())
     print(result.summary)

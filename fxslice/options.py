@@ -18,6 +18,8 @@ BASES = ("position", "block", "none")
 its coordinates and its width (only MLP hidden units are cut), so no shortcut and no norm change."""
 SAVE_FORMATS = ("fxslice", "transformers")
 """What ``fxslice.save`` writes: the sliced program and its weights, or a stock Transformers checkpoint."""
+FINETUNE_METHODS = ("lora", "full")
+"""What recovery fine-tuning trains: LoRA adapters merged afterwards, or every weight of the slice."""
 QUANT_SCHEMES = ("int8", "int4")
 """Weight-only quantisation of a slice (pass 8): int8 with one scale per row, or int4 in groups."""
 ALLOCATIONS = ("uniform", "energy")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import platform
 from dataclasses import dataclass, field
 from typing import Optional
@@ -66,23 +65,15 @@ class QuantizationReport:
 
 
 def torchao_configs():
-    """torchao's ``quantize_`` and the two configs, or a clear error naming the package. Its import-time
-    log lines (CUDA-only kernel libraries a CPU build cannot load, torch's pytree deprecation notes)
-    are silenced: none of them concerns the CPU schemes."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
+    """torchao's ``quantize_`` and the two configs, or a clear error naming the package (its import-time
+    log lines about CUDA-only kernel libraries are filtered: :mod:`fxslice.noise`)."""
     try:
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
         import torchao  # noqa: F401
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as exc:
         raise FxSliceError(f"quantisation needs the package torchao (pip install 'fxslice[quantize]' or "
                            f"pip install torchao==0.18.0): {exc}") from exc
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
     return quantize_, Int8WeightOnlyConfig, PrototypeInt4WeightOnlyConfig
 
 
