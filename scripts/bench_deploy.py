@@ -5,8 +5,15 @@ captured by fxslice and compiled with AOTInductor, in float32 and int8 (quantise
 pass 8, head in bfloat16); the budget-0.8 slice (``target_params=0.8``) as the exported programs a
 folder without a package runs, and as AOTInductor packages in float32, bfloat16 (compressed from the
 bfloat16 model), int8 and int4; llama.cpp (``llama-cpp-python``, built from the package registry)
-on the shipped Q4_1 GGUF and any ``--gguf`` files (e.g. F32 / Q8_0 conversions made offline with
-llama.cpp's ``convert_hf_to_gguf.py``), the same token ids, the same thread count.
+on the shipped Q4_1 GGUF and any ``--gguf`` files, the same token ids, the same thread count. F32 and
+Q8_0 files of the dense model are made offline with the ``convert_hf_to_gguf.py`` that the
+llama-cpp-python source distribution vendors (``scripts/interop.py``'s ``converter`` fetches it from
+the package registry; it needs ``pip install sentencepiece``)::
+
+    python -c "import sys; sys.path.insert(0, 'scripts'); import interop, pathlib; \
+        print(interop.converter(pathlib.Path.home() / '.cache/fxslice/llama-cpp-src'))"   # -> SCRIPT
+    python SCRIPT ~/.cache/fxslice/models/smollm2-135m --outtype q8_0 --outfile runs/gguf/dense-q8_0.gguf
+    python scripts/bench_speed.py --deploy --gguf runs/gguf/dense-f32.gguf runs/gguf/dense-q8_0.gguf
 
 Prefill: batch 1 and 8 × 512 tokens, logits for every position (llama.cpp: the last position only,
 as its API computes by default; batch 1 only). Decode: 128 greedy steps after a 128-token prompt

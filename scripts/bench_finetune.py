@@ -9,6 +9,12 @@ fine-tuning CPU time.
 
     python scripts/bench_finetune.py                    # ~30 min on 2 cores
     python scripts/bench_finetune.py --sparsities 0.25 --train-windows 16 --task-limit 50   # quicker
+
+Recovery by distillation against the language-model loss, at equal steps (``--recoveries``: LoRA on
+the language-model loss, LoRA distilled from the dense logits, every weight distilled), on
+parameter budgets instead of sparsities:
+
+    python scripts/bench_finetune.py --budgets 0.75 --recoveries lora lora-distill full-distill
 """
 
 from __future__ import annotations
@@ -30,13 +36,23 @@ from fxslice.jobs.finetune import finetune  # noqa: E402
 from fxslice.jobs.lmeval import evaluate_tasks  # noqa: E402
 
 
+RECOVERIES = {"lora": ("lora", False), "lora-distill": ("lora", True), "full": ("full", False),
+              "full-distill": ("full", True)}
+"""recovery name -> (finetune method, distilled from the dense model)"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.3])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[],
+                        help="target_params fractions (instead of --sparsities when given)")
+    parser.add_argument("--recoveries", nargs="+", default=["lora"], choices=sorted(RECOVERIES),
+                        help="what recovers each slice, at equal steps")
+    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
     parser.add_argument("--train-windows", type=int, default=64)
     parser.add_argument("--val-windows", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=None, help="default: 5e-4 for LoRA, 2e-5 for full")
     parser.add_argument("--task-limit", type=int, default=200, help="kjv_verse_end questions (of 500)")
     parser.add_argument("--out", default="runs/bench/finetune.json")
     args = parser.parse_args()
@@ -58,17 +74,25 @@ def main() -> None:
 
     dense_params = sum(p.numel() for p in model.parameters())
     rows = [measure("dense", model, dense_params)]
-    for sparsity in args.sparsities:
-        sliced = fxslice.compress(model, batches(calibration, 8), sparsity, progress=progress)
+    slices = [(f"budget {b:g}", {"target_params": b}) for b in args.budgets] or \
+        [(f"sliced {s:g}", {"sparsity": s}) for s in args.sparsities]
+    for index, (name, knob) in enumerate(slices):
+        sliced = fxslice.compress(model, batches(calibration, 8), progress=progress, **knob)
         params = sliced.fxslice.param_count
-        rows.append(measure(f"sliced {sparsity:g}", sliced, params, task=sparsity == args.sparsities[0]))
-        started = time.process_time()
-        merged, report = finetune(sliced, batches(train, 4), batches(val, 4), lr=args.lr, progress=progress)
-        cpu = time.process_time() - started
-        row = measure(f"sliced {sparsity:g} + LoRA", merged, params, task=sparsity == args.sparsities[0])
-        row.update({"finetune wall (s)": report.seconds, "finetune CPU (s)": cpu, "steps": report.steps,
-                    "best step": report.best_step})
-        rows.append(row)
+        task = index == 0
+        rows.append(measure(name, sliced, params, task=task))
+        for recovery in args.recoveries:
+            method, distill = RECOVERIES[recovery]
+            options = {"method": method, **({"lr": args.lr} if args.lr else {}),
+                       **({"teacher": model, "temperature": args.temperature} if distill else {})}
+            started = time.process_time()
+            tuned, report = finetune(sliced, batches(train, 4), batches(val, 4), progress=progress, **options)
+            cpu = time.process_time() - started
+            row = measure(f"{name} + {recovery}", tuned, params, task=task)
+            row.update({"finetune wall (s)": report.seconds, "finetune CPU (s)": cpu, "steps": report.steps,
+                        "best step": report.best_step})
+            rows.append(row)
+            del tuned
     columns = ["model", "params", "ppl shakespeare", "ppl kjv", "kjv_verse_end acc", "finetune wall (s)", "finetune CPU (s)", "steps"]
     table = [[_fmt(r.get(c), c, dense_params) for c in columns] for r in rows]
     print(tabulate(table, columns, tablefmt="github"))

@@ -27,8 +27,8 @@ from ..graph.weights import meta_parameter
 from ..hf import STATIC_CACHE_PREFIX
 
 REST = "weights.safetensors"  # the weights held in memory
-SHARDS = "weights"
-ALIGNMENT = 64  # bytes: a cache line, what the widest vector load needs  # a folder of the offload files of a streamed compression, one per finished block
+SHARDS = "weights"  # a folder of the offload files of a streamed compression, one per finished block
+ALIGNMENT = 64  # bytes: a cache line, what the widest vector load needs
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
