@@ -199,15 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _compile_devices(args) -> list[str] | None:
-    """What to compile after saving: the devices given; else the default devices when a C++ compiler is
-    found (None, with a one-line warning, when none is); None with ``--no-compile``."""
+def _compile_devices(args, by_default: bool = True) -> list[str] | None:
+    """What to compile after saving: the devices given; else (``by_default``: what is saved can be
+    compiled) the default devices when a C++ compiler is found (None, with a one-line warning, when
+    none is); None with ``--no-compile``."""
     if getattr(args, "no_compile", False):
         if args.__dict__.get("compile"):
             raise FxSliceError("--compile and --no-compile contradict each other: give one")
         return None
     if args.__dict__.get("compile") is not None:
         return args.compile
+    if not by_default:
+        return None
     from .runtime.compiled import cpp_compiler
 
     if cpp_compiler() is None:
@@ -237,7 +240,7 @@ def cmd_compress(args) -> int:
                        plot_spectra=args.plot_spectra, pca_signal=args.pca_signal, slice_head=args.slice_head,
                        basis=args.basis, round_to=args.round_to, stream=args.stream, offload_dir=args.offload_dir,
                        cache_batch_size=args.cache_batch_size,
-                       compile_devices=None if args.no_save or args.save_format == "transformers" else _compile_devices(args),
+                       compile_devices=None if args.no_save else _compile_devices(args, args.save_format != "transformers"),
                        stock=stock, save_format=args.save_format, quantize=args.quantize, group_size=args.group_size)
     if not is_writer():
         return 0
