@@ -8,6 +8,7 @@
     fxslice.inspect(model)         # the residual-stream structure fxslice finds
     fxslice.save(sliced, "out", tokenizer); model, tokenizer = fxslice.load("out")
     fxslice.save(fxslice.quantize(sliced, "int8"), "out-int8", tokenizer)   # torchao weight-only int8 (or "int4")
+    tuned, report = fxslice.finetune(sliced, train, val, teacher=model)      # recovery: distil from the dense model
     sliced = fxslice.compress("path/to/checkpoint", calib_batches, 0.25)   # streamed, block by block
 
 Layout: ``passes/`` (the graph pass, one module per step, numbered in run order; the recorded slice
@@ -31,6 +32,7 @@ from .passes.p3_analyse import Structure
 from .registry import LinearMatch, NormSpec, Region, register_linear_pattern, register_norm_pattern, unregister_pattern
 from .result import SliceResult
 from .passes.p8_quantize import quantize
+from .jobs.finetune import finetune
 from .runtime.load import load
 from .runtime.quantize import quantize_folder
 from .runtime.save import save
@@ -39,7 +41,7 @@ from .version import __version__
 from . import patterns  # noqa: E402,F401  (registers the built-in patterns from the top-level patterns/ folder)
 
 __all__ = [
-    "compress", "inspect", "save", "load", "quantize", "quantize_folder", "SliceResult", "Structure", "InsertedModule", "NormSpec", "Region",
+    "compress", "inspect", "save", "load", "quantize", "quantize_folder", "finetune", "SliceResult", "Structure", "InsertedModule", "NormSpec", "Region",
     "LinearMatch", "register_norm_pattern", "register_linear_pattern", "unregister_pattern",
     "FxSliceError", "GraphStructureError", "CalibrationError", "__version__",
 ]
