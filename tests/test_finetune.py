@@ -43,7 +43,7 @@ def test_lora_trains_changes_output_and_merges_exactly(sliced):
     before_state = {k: v.clone() for k, v in sliced.state_dict().items()}
     train, val = _data()
     peft_model, report = train_adapters(sliced, train, val, lr=1e-2, eval_every=2, progress=False)
-    assert report.steps == 4 and report.lora_parameters > 0 and len(report.val_losses) >= 2
+    assert report.steps == 4 and report.trained_parameters > 0 and len(report.val_losses) >= 2
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().max() > 0 for p in lora_b), "LoRA B matrices never moved from zero"
     with torch.no_grad():
@@ -159,6 +159,10 @@ def test_distillation_refuses_a_foreign_teacher_and_bad_options(sliced):
         finetune(sliced, train, val, teacher=tiny_model("llama_tied"), temperature=0.0, progress=False)
     with pytest.raises(fxslice.FxSliceError, match="method must be one of"):
         finetune(sliced, train, val, method="qlora", progress=False)
+    with pytest.raises(fxslice.FxSliceError, match="epochs, eval_every and patience must be positive and lr > 0"):
+        finetune(sliced, train, val, method="full", lr=0.0, progress=False)
+    with pytest.raises(fxslice.FxSliceError, match="lora_r must be a positive integer, got 0"):
+        finetune(sliced, train, val, lora_r=0, progress=False)
     with pytest.raises(fxslice.FxSliceError, match="teacher must be the dense model"):
         finetune(sliced, train, val, method="full", teacher="smollm2-135m", progress=False)
 

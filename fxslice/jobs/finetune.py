@@ -39,7 +39,7 @@ from .evaluate import next_token_loss
 @dataclass
 class FinetuneReport:
     targets: list[str]
-    lora_parameters: int  # the parameters trained (adapters, or every weight with method "full")
+    trained_parameters: int  # the parameters trained (adapters, or every weight with method "full")
     method: str = "lora"
     teacher: Optional[str] = None  # what the slice was distilled from (None: the language-model loss)
     temperature: Optional[float] = None
@@ -61,7 +61,7 @@ class FinetuneReport:
     def to_dict(self) -> dict:
         return {"method": self.method, "objective": "distillation" if self.teacher else "language model",
                 **({"teacher": self.teacher, "temperature": self.temperature} if self.teacher else {}),
-                "targets": len(self.targets), "lora_parameters": self.lora_parameters, "steps": self.steps,
+                "targets": len(self.targets), "trained_parameters": self.trained_parameters, "steps": self.steps,
                 "best_step": self.best_step, "stopped_early": self.stopped_early, "seconds": round(self.seconds, 1),
                 "val_loss": self.val_losses, **self._validation_figures()}
 
@@ -185,7 +185,8 @@ def _check_budget(train_batches, val_batches, lr, epochs, eval_every, patience) 
     if not train_batches or not val_batches:
         raise FxSliceError("finetune needs at least one training and one validation batch")
     if epochs < 1 or eval_every < 1 or patience < 1 or not lr > 0:
-        raise FxSliceError("lora_r, epochs, eval_every and patience must be positive, and lr > 0")
+        raise FxSliceError(f"epochs, eval_every and patience must be positive and lr > 0, got epochs={epochs}, "
+                           f"eval_every={eval_every}, patience={patience}, lr={lr}")
 
 
 def train_adapters(model: nn.Module, train_batches: list[torch.Tensor], val_batches: list[torch.Tensor], *,
@@ -196,7 +197,7 @@ def train_adapters(model: nn.Module, train_batches: list[torch.Tensor], val_batc
     from peft import LoraConfig, get_peft_model
 
     if lora_r < 1:
-        raise FxSliceError("lora_r, epochs, eval_every and patience must be positive, and lr > 0")
+        raise FxSliceError(f"lora_r must be a positive integer, got {lora_r}")
     _check_budget(train_batches, val_batches, lr, loop.get("epochs", 1), loop.get("eval_every", 4),
                   loop.get("patience", 2))
     torch.manual_seed(seed)
@@ -238,7 +239,7 @@ def _train(net: nn.Module, report: FinetuneReport, train_batches, val_batches, *
     ``teacher``; validation every ``eval_every`` steps, stopping after ``patience`` passes without
     improvement; ``net`` is left holding the best state (the entries ``kept`` selects)."""
     trainable = [p for p in net.parameters() if p.requires_grad]
-    report.lora_parameters = sum(p.numel() for p in trainable)
+    report.trained_parameters = sum(p.numel() for p in trainable)
     if teacher is not None:
         _check_teacher(teacher, net, train_batches[0], temperature)
         teacher.eval()
