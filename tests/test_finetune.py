@@ -127,7 +127,7 @@ def _kl_to(teacher, student, batches) -> float:
         return sum(distillation_loss(student(ids).logits, teacher(ids).logits, 1.0).item() for ids in batches)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=pytest.mark.slow)])  # full: the same loop
 def test_distillation_moves_the_slice_towards_the_dense_model(method):
     dense = tiny_model("llama")
     with torch.no_grad():  # a random tiny model predicts almost uniformly: sharpen it, so that there is a gap

@@ -30,9 +30,17 @@ def _state(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "falcon_old", "olmo2", "phi"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def _close_cases():
+    """Every family × dtype × scheme; the quick profile keeps every family in one of them, and both
+    dtypes and schemes on llama and gpt2."""
+    for family in ("llama", "qwen3", "gpt2", "falcon_old", "olmo2", "phi"):
+        for index, (dtype, scheme) in enumerate([(torch.float32, "int8"), (torch.bfloat16, "int8"),
+                                                 (torch.float32, "int4"), (torch.bfloat16, "int4")]):
+            quick = family in ("llama", "gpt2") or index == ("qwen3", "falcon_old", "olmo2", "phi").index(family)
+            yield pytest.param(family, dtype, scheme, marks=() if quick else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("family, dtype, scheme", list(_close_cases()))
 def test_quantised_slice_is_close_and_the_caller_untouched(family, dtype, scheme):
     model = tiny_model(family, dtype=dtype)
     sliced = fxslice.compress(model, masked_calibration(), 0.5, progress=False)  # width 32: int4 groups fit
@@ -165,7 +173,7 @@ def float_folder(tmp_path_factory):
     return fxslice.save(sliced, tmp_path_factory.mktemp("q") / "float", tiny_tokenizer(), max_cache_len=32), sliced
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", pytest.param("int4", marks=pytest.mark.slow)])  # int4: the same path
 def test_quantised_folder_round_trip_stores_weights_once_and_generates(float_folder, tmp_path, scheme):
     folder, sliced = float_folder
     direct = fxslice.save(quantize(sliced, scheme), tmp_path / "direct", tiny_tokenizer(), max_cache_len=32)
