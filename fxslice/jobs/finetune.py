@@ -31,6 +31,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from ..errors import FxSliceError
+from ..graph.quantized import model_dtype
 from ..hf import device_of, logits_of
 from ..options import FINETUNE_METHODS as METHODS
 from .evaluate import next_token_loss
@@ -198,8 +199,6 @@ def train_adapters(model: nn.Module, train_batches: list[torch.Tensor], val_batc
 
     if lora_r < 1:
         raise FxSliceError(f"lora_r must be a positive integer, got {lora_r}")
-    _check_budget(train_batches, val_batches, lr, loop.get("epochs", 1), loop.get("eval_every", 4),
-                  loop.get("patience", 2))
     torch.manual_seed(seed)
     record = sliced_record(model)
     base = trainable_copy(model)
@@ -215,8 +214,6 @@ def train_weights(model: nn.Module, train_batches: list[torch.Tensor], val_batch
                   lr: float = 2e-5, seed: int = 0, **loop) -> tuple[torch.fx.GraphModule, FinetuneReport]:
     """Train every floating-point weight of a private copy of ``model`` (AdamW); returns (the copy at
     its best validation loss, report). ``loop``: :func:`_train`."""
-    _check_budget(train_batches, val_batches, lr, loop.get("epochs", 1), loop.get("eval_every", 4),
-                  loop.get("patience", 2))
     torch.manual_seed(seed)
     sliced_record(model)
     base = trainable_copy(model)
@@ -238,6 +235,7 @@ def _train(net: nn.Module, report: FinetuneReport, train_batches, val_batches, *
     """AdamW on ``net``'s trainable parameters, the language-model loss or distillation from
     ``teacher``; validation every ``eval_every`` steps, stopping after ``patience`` passes without
     improvement; ``net`` is left holding the best state (the entries ``kept`` selects)."""
+    _check_budget(train_batches, val_batches, lr, epochs, eval_every, patience)
     trainable = [p for p in net.parameters() if p.requires_grad]
     report.trained_parameters = sum(p.numel() for p in trainable)
     if teacher is not None:
@@ -355,7 +353,7 @@ def finetune_job(folder: str, protocol, *, output: Optional[str] = None, overwri
     if distill:
         from .assets import load_model
 
-        options["teacher"], _ = load_model(teacher_name, _float_dtype(sliced))
+        options["teacher"], _ = load_model(teacher_name, model_dtype(sliced))
     train, val = finetune_data(tokenizer, protocol, train_windows, val_windows)
     merged, report = finetune(sliced, batches(train, batch_size), batches(val, batch_size), progress=progress, **options)
     result = FinetuneJobResult(report, target, {k: v for k, v in sliced.record.items() if k != "program_sha256"})
@@ -380,6 +378,3 @@ def finetune_job(folder: str, protocol, *, output: Optional[str] = None, overwri
     save(merged, target, tokenizer, result.record, overwrite=overwrite, generator=generator)
     return result
 
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
