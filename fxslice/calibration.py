@@ -38,7 +38,7 @@ def token_count(batches: list[Batch]) -> int:
     return sum(b.tokens for b in batches)
 
 
-def _ids_and_mask(batch, i: int) -> tuple[object, object]:
+def ids_and_mask(batch, i: int) -> tuple[object, object]:
     if isinstance(batch, Mapping):
         if "input_ids" not in batch:
             raise CalibrationError(f"calibration batch {i} is a mapping without 'input_ids' (keys: {sorted(batch)})")
@@ -101,7 +101,7 @@ def prepare_batches(calib_loader: Iterable, vocab_size: int, device: torch.devic
         raise CalibrationError(f"calib_loader must be an iterable of batches, got {type(calib_loader).__name__}") from None
     batches = []
     for i, batch in enumerate(iterator):
-        ids, mask = _ids_and_mask(batch, i)
+        ids, mask = ids_and_mask(batch, i)
         _check_ids(ids, i, vocab_size)
         if mask is not None:
             _check_mask(mask, ids, i)

@@ -17,7 +17,7 @@ from .distributed import init_from_environment, is_writer, shutdown
 from .errors import FxSliceError
 from .jobs.assets import DTYPES, SHIPPED
 from .jobs.data import CORPORA, Protocol
-from .options import ALLOCATIONS, BASES, FINETUNE_METHODS as METHODS, PCA_SIGNALS, QUANT_SCHEMES, SAVE_FORMATS
+from .options import ALLOCATIONS, BASES, SPLITS, FINETUNE_METHODS as METHODS, PCA_SIGNALS, QUANT_SCHEMES, SAVE_FORMATS
 
 PROTOCOL = Protocol()  # the default data protocol
 
@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                       help="MLP hidden units kept: the same fraction in every block, or by each unit's share of "
                            "its block's output energy (one extra dense forward; not with --stream)")
+    comp.add_argument("--split", choices=SPLITS, default="measured",
+                      help="with --target-params: measured (slice a few splits of the budget between the stream width "
+                           "and the MLP units on a quarter of the calibration windows, keep the one closest to the model "
+                           "on held-out windows, then compress it on all) or fixed (MLP units cut 2.3x the stream's share)")
+    comp.add_argument("--stream-sparsity", type=float, default=None,
+                      help="with --target-params: cut this fraction of the stream width and meet the rest of the budget "
+                           "with MLP units (no search)")
     comp.add_argument("--round-to", type=int, default=8, help="round slice widths down to a multiple of this")
     comp.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     comp.add_argument("--no-eval", action="store_true", help="skip all perplexity evaluation")
@@ -233,7 +240,8 @@ def cmd_compress(args) -> int:
     size += "-stock" if stock else ""
     output = None if args.no_save else (args.output or f"runs/{Path(args.model).name}-{size}")
     job = compress_job(args.model, args.sparsity, _protocol(args), target_params=args.target_params,
-                       hidden_sparsity=args.hidden_sparsity, allocation=args.allocation, dtype=args.dtype, device=args.device,
+                       hidden_sparsity=args.hidden_sparsity, allocation=args.allocation, split=args.split,
+                       stream_sparsity=args.stream_sparsity, dtype=args.dtype, device=args.device,
                        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
                        overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,
@@ -245,8 +253,12 @@ def cmd_compress(args) -> int:
     if not is_writer():
         return 0
     print()
-    print(job.table())
     result = job.result
+    if result.split_search is not None:
+        search = result.split_search
+        print(f"the budget's split, measured ({search.calibration_windows} calibration and {search.held_out_windows} "
+              f"held-out batches):\n{search.table()}\n")
+    print(job.table())
     print(f"\nshortcut/affine parameters included above: {result.added_param_count:,}; "
           f"compression time split: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     print(f"peak RSS: {job.peak_rss_mb:.0f} MiB")

@@ -36,6 +36,7 @@ from .passes.p2_canonicalise import canonicalise
 from .passes.p3_analyse import Structure, analyse
 from .passes.run import Run
 from .result import SliceResult, Stopwatch
+from .split import SplitSearch, measure_split
 from .source import CheckpointSource
 from .tempfolders import private_folder
 
@@ -61,6 +62,8 @@ def compress(
     basis: Optional[str] = None,
     allocation: str = "uniform",
     stock: bool = False,
+    split: str = "measured",
+    stream_sparsity: Optional[float] = None,
     device: Optional[str | torch.device] = None,
     dtype: Optional[torch.dtype] = None,
     offload_dir: Optional[str | os.PathLike] = None,
@@ -98,6 +101,14 @@ def compress(
         allocation: how the kept MLP hidden units are spread over the blocks: ``"uniform"`` (the
             same fraction everywhere) or ``"energy"`` (by each unit's share of its block's output
             energy, measured by one extra forward of the dense model; in-memory models only).
+        split: how ``target_params`` divides the budget between the stream width and the MLP hidden
+            units: ``"measured"`` (default: a few candidate splits — the fixed one, the stream narrowed
+            less, the stream whole and unrotated when ``basis`` is left to its default — are sliced on a
+            quarter of the calibration windows and the one closest to the model on held-out windows
+            (KL of the next-token distributions; a streamed checkpoint: cross-entropy) is compressed;
+            :mod:`fxslice.split`) or ``"fixed"`` (MLP hidden sparsity 2.3 × the stream's, no search).
+        stream_sparsity: with ``target_params``, the fraction of the stream width to delete; the same
+            fraction of every MLP's units is cut to meet the rest of the budget (no search).
         stock: keep the slice expressible by a stock Transformers config of the model's own type
             (one hidden size, one MLP width, nothing on the residual path), so that
             ``fxslice.save(..., format="transformers")`` writes a checkpoint ``from_pretrained``
@@ -121,7 +132,7 @@ def compress(
     error, options = None, None
     try:
         options = Options(sparsity, target_params, hidden_sparsity, round_to, pca_signal, slice_head, basis,
-                          allocation, stock).check()
+                          allocation, stock, split, stream_sparsity).check()
         if device is not None:
             check_device(device)
         if dtype is not None:
@@ -131,6 +142,35 @@ def compress(
         error = exc
     raise_together(error)
     watch = Stopwatch()
+    search: Optional[SplitSearch] = None
+    if options.searches_split:
+        calib_loader = _materialised(calib_loader)
+        with watch("split search"):
+            options, search = measure_split(
+                options, calib_loader, model if isinstance(model, nn.Module) else None, free_basis=basis is None,
+                run_candidate=lambda candidate, items: _compress_once(model, items, candidate, device, dtype,
+                                                                      offload_dir, False, Stopwatch()),
+                progress=progress)
+    gm = _compress_once(model, calib_loader, options, device, dtype, offload_dir, progress, watch)
+    gm.fxslice.split_search = search
+    return gm
+
+
+def _materialised(calib_loader):
+    """The calibration batches as a list the split search can go over several times (what a single
+    tensor or a non-iterable would be refused for is left to the compression to say)."""
+    if calib_loader is None or isinstance(calib_loader, (torch.Tensor, str, bytes, list, tuple)):
+        return calib_loader
+    try:
+        return list(calib_loader)
+    except TypeError:
+        return calib_loader
+
+
+def _compress_once(model, calib_loader, options: Options, device, dtype, offload_dir, progress,
+                   watch: Stopwatch) -> GraphModule:
+    """Every pass once with ``options``; the sliced graph with its :class:`SliceResult`. The offload
+    folders it made are removed with the graph (at once if it fails)."""
     temporary: list[Path] = []  # offload folders fxslice made: they back the result's weights
     try:
         run = _run_passes(model, calib_loader, options, device, dtype, offload_dir, progress, watch, temporary)
@@ -142,7 +182,7 @@ def compress(
     for folder in temporary:
         weakref.finalize(gm, shutil.rmtree, folder, True)
     timings = dict(watch.seconds)
-    timings["total"] = timings.pop("total")  # listed last
+    timings["total"] = timings.pop("total") + timings.get("split search", 0.0)  # listed last
     gm.fxslice = SliceResult(
         hidden_size=plan.hidden_size,
         vocab_size=run.spec.vocab_size,

@@ -24,6 +24,10 @@ QUANT_SCHEMES = ("int8", "int4")
 """Weight-only quantisation of a slice (pass 8): int8 with one scale per row, or int4 in groups."""
 ALLOCATIONS = ("uniform", "energy")
 """MLP hidden units kept: the same fraction everywhere, or by measured output energy."""
+SPLITS = ("measured", "fixed")
+"""How ``target_params`` divides the budget between the stream width and the MLP units: the candidate
+split whose slice stays closest to the model on held-out calibration windows (:mod:`fxslice.split`), or
+the fixed ratio of :mod:`fxslice.passes.p6_widths`."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Options:
     basis: Optional[str] = None  # None: "none" under ``stock``, else "block"
     allocation: str = "uniform"
     stock: bool = False
+    split: str = "measured"
+    stream_sparsity: Optional[float] = None  # under target_params: the stream's share, MLP units meet the rest
 
     def check(self) -> "Options":
         """Refuse a bad option before any work, naming the argument; returns the options with the
@@ -66,11 +72,20 @@ class Options:
             raise FxSliceError(f"basis must be one of {BASES}, got {self.basis!r}")
         if self.allocation not in ALLOCATIONS:
             raise FxSliceError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.split not in SPLITS:
+            raise FxSliceError(f"split must be one of {SPLITS}, got {self.split!r}")
+        _fraction("stream_sparsity", self.stream_sparsity, low_open=False)
+        if self.stream_sparsity is not None and self.target_params is None:
+            raise FxSliceError("stream_sparsity fixes the stream's share of a target_params budget; without "
+                               "target_params give sparsity (and hidden_sparsity)")
         if self.stock:
             self._check_stock()
         if self.basis == "none" and self.sparsity:
             raise FxSliceError(f"basis='none' keeps the stream unrotated and whole: sparsity must be 0, got "
                                f"{self.sparsity!r} (cut MLP units with hidden_sparsity, or give target_params)")
+        if self.stream_sparsity and self.basis == "none":
+            raise FxSliceError(f"basis='none' keeps the stream unrotated and whole: stream_sparsity must be 0, "
+                               f"got {self.stream_sparsity!r}")
         if self.basis == "none" and self.slice_head:
             raise FxSliceError("basis='none' keeps the stream whole: slice_head needs a rotated stream")
         return self
@@ -78,9 +93,9 @@ class Options:
     def _check_stock(self) -> None:
         """A stock config has one hidden size and nothing on the residual path, one MLP width for all
         layers: the stream stays unrotated and every MLP keeps the same number of units."""
-        if self.sparsity:
+        if self.sparsity or self.stream_sparsity:
             raise FxSliceError(f"stock=True keeps the stream width (a stock config has one hidden size): sparsity "
-                               f"must be 0, got {self.sparsity!r}; cut MLP units with hidden_sparsity or target_params")
+                               f"must be 0, got {self.sparsity or self.stream_sparsity!r}; cut MLP units with hidden_sparsity or target_params")
         if self.basis != "none":
             raise FxSliceError(f"stock=True keeps the stream unrotated (a stock Transformers config has no "
                                f"rotation on the residual path): basis must be 'none', got {self.basis!r}")
@@ -90,6 +105,13 @@ class Options:
 
     def to_record(self) -> dict:
         return asdict(self)
+
+    @property
+    def searches_split(self) -> bool:
+        """A budget whose stream/MLP split is still to be measured: ``target_params`` with
+        ``split="measured"``, no ``stream_sparsity`` given, and a stream that may be narrowed."""
+        return (self.target_params is not None and self.split == "measured" and self.stream_sparsity is None
+                and self.basis != "none" and not self.stock)
 
     def label(self) -> str:
         """``0.25``, ``0.2 + MLP 0.4``, ``≤80% params``: what was asked for, in a table cell."""

@@ -15,6 +15,7 @@ from .graph.inserted import InsertedModule
 if TYPE_CHECKING:
     from .passes.slice_record import Slice
     from .source import ModelSource
+    from .split import SplitSearch
 
 
 class Stopwatch:
@@ -69,6 +70,8 @@ class SliceResult:
     """what pass 8 quantised (:meth:`~fxslice.passes.p8_quantize.QuantizationReport.to_record`), or None."""
     source: Optional["ModelSource"] = None
     """how the model can be captured again (:mod:`fxslice.source`); not part of the record."""
+    split_search: Optional["SplitSearch"] = None
+    """the candidate splits of a ``target_params`` budget and their held-out scores (:mod:`fxslice.split`)."""
 
     @property
     def param_fraction(self) -> float:
@@ -105,6 +108,7 @@ class SliceResult:
             "stock_param_count": self.stock_param_count,
             **({"slice": self.slice.to_record()} if self.slice is not None else {}),
             **({"quantization": self.quantization} if self.quantization is not None else {}),
+            **({"split_search": self.split_search.to_record()} if self.split_search is not None else {}),
         }
 
     def table(self) -> str:
@@ -121,7 +125,9 @@ class SliceResult:
              if self.stock_param_count is not None else []) + [
             ["tied embeddings kept tied", self.tied_embeddings],
             ["calibration tokens", f"{self.calibration_tokens:,}"],
-        ] + [[f"time {k} (s)", f"{v:.2f}"] for k, v in self.timings.items()]
+        ] + ([["budget split", f"{self.split_search.chosen} (measured, held-out {self.split_search.criterion})"]]
+             if self.split_search is not None else []) + [
+            [f"time {k} (s)", f"{v:.2f}"] for k, v in self.timings.items()]
         return tabulate(rows, tablefmt="simple")
 
     def __str__(self) -> str:

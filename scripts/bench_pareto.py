@@ -38,12 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 RUNS: dict[str, tuple[str, dict]] = {
     **{f"budget-{t:g}": (SMOL, {"target_params": t}) for t in (0.8, 0.75, 0.7, 0.9, 0.85)},
-    "budget-0.8-energy": (SMOL, {"target_params": 0.8, "allocation": "energy"}),
+    **{f"budget-{t:g}-fixed": (SMOL, {"target_params": t, "split": "fixed"}) for t in (0.8, 0.75, 0.7, 0.9, 0.85)},
+    "budget-0.8-energy": (SMOL, {"target_params": 0.8, "allocation": "energy", "split": "fixed"}),
     "sgpt-block-0.25": (SMOL, {"sparsity": 0.25}),
     "sgpt-position-0.25": (SMOL, {"sparsity": 0.25, "basis": "position"}),
     "gemma-budget-0.8": (GEMMA, {"target_params": 0.8}),
+    "gemma-budget-0.8-fixed": (GEMMA, {"target_params": 0.8, "split": "fixed"}),
     "gemma-sgpt-block-0.25": (GEMMA, {"sparsity": 0.25}),
-    "gemma-budget-0.9": (GEMMA, {"target_params": 0.9}),
+    "gemma-budget-0.9": (GEMMA, {"target_params": 0.9, "split": "fixed"}),
     **{f"sgpt-block-{s:g}": (SMOL, {"sparsity": s}) for s in (0.2, 0.3)},
     **{f"stock-{t:g}": (SMOL, {"target_params": t, "stock": True}) for t in (0.8, 0.7, 0.75, 0.9)},
     "sgpt-position-0.3": (SMOL, {"sparsity": 0.3, "basis": "position"}),
@@ -55,8 +57,10 @@ def mode(options: dict) -> str:
     """The plot series a run belongs to."""
     if options.get("stock"):
         return "stock budget (unrotated stream, MLP units)"
+    if "target_params" in options and options.get("split") == "fixed":
+        return f"budget, fixed split ({options.get('allocation', 'uniform')} MLP widths)"
     if "target_params" in options:
-        return f"budget ({options.get('allocation', 'uniform')} MLP widths)"
+        return "budget, measured split"
     return f"SliceGPT ({options.get('basis', 'block')} basis)"
 
 
@@ -78,7 +82,10 @@ def child(name: str, out: Path) -> None:
               "fraction": result.param_fraction, "widths": sorted(set(result.widths)),
               "hidden_kept": sum(k for k, _ in result.hidden_widths.values()),
               "hidden_total": sum(f for _, f in result.hidden_widths.values()),
-              "perplexity": job.rows[-1].perplexities, "seconds": job.seconds}
+              "perplexity": job.rows[-1].perplexities, "seconds": job.seconds,
+              "options_run": {k: v for k, v in result.options.items() if v is not None}}
+    if result.split_search is not None:
+        record["split_search"] = result.split_search.to_record()
     if first:
         record["dense_perplexity"] = job.rows[0].perplexities
     record.update(prefill_speedups(model_name, job.sliced))
@@ -117,10 +124,12 @@ def speed_again(name: str, out: Path) -> None:
     model_name, options = RUNS[name]
     if options.get("allocation") == "energy":
         raise SystemExit(f"{name}: energy-allocated widths depend on the calibration data; rerun it whole")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    ran = next(r for r in records if r["run"] == name).get("options_run", {})
+    options = {**options, **{k: ran[k] for k in ("basis", "split", "stream_sparsity") if k in ran}}  # the split chosen
     model, tokenizer = load_model(model_name)
     windows, _ = protocol_data(tokenizer, Protocol(calibration_windows=2, evaluation=()))
     sliced = compress(model, batches(windows, 2), progress=False, **options)
-    records = [json.loads(line) for line in out.read_text().splitlines()]
     for record in records:
         if record["run"] == name:
             assert record["params"] == sliced.fxslice.param_count, "the rebuilt slice differs from the run's"

@@ -145,7 +145,8 @@ def test_predicted_count_is_the_true_count(family, basis):
 @pytest.mark.parametrize("target", [0.9, 0.75])
 def test_target_params_is_met_within_half_a_percent(family, target):
     model = tiny_model(family)
-    sliced = fxslice.compress(model, masked_calibration(), target_params=target, round_to=1, progress=False)
+    sliced = fxslice.compress(model, masked_calibration(), target_params=target, round_to=1, split="fixed",
+                              progress=False)
     fraction = sliced.fxslice.param_fraction
     assert target - 0.005 <= fraction <= target, fraction
     assert sliced.fxslice.options["target_params"] == target
@@ -174,7 +175,7 @@ def test_target_params_refusals():
 @pytest.mark.parametrize("family", ["gemma2", pytest.param("phi3", marks=pytest.mark.slow)])
 def test_budget_slices_generate_save_and_reload(family, tmp_path):
     model = tiny_model(family)
-    sliced = fxslice.compress(model, masked_calibration(), target_params=0.8, progress=False)
+    sliced = fxslice.compress(model, masked_calibration(), target_params=0.8, split="fixed", progress=False)
     assert sliced.fxslice.hidden_widths and (family != "gemma2" or sliced.fxslice.norm_eps)
     program = with_cache(sliced, max_cache_len=32)
     prompt = IDS[:1, :7]

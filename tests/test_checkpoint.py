@@ -62,7 +62,7 @@ def test_streamed_checkpoint_equals_the_model_in_memory(tmp_path, family, sparsi
 
 
 @pytest.mark.parametrize("family", ["falcon_new", "llama_tied"])  # LayerNorm shifts folded into bias-free readers; a tied head
-@pytest.mark.parametrize("options", [dict(target_params=0.8, round_to=1), dict(sparsity=0.0, basis="none",
+@pytest.mark.parametrize("options", [dict(target_params=0.8, round_to=1, split="fixed"), dict(sparsity=0.0, basis="none",
                                                                              hidden_sparsity=0.3)],
                          ids=["budget", "unrotated"])
 def test_streamed_budget_and_unrotated_slices_equal_the_model_in_memory(tmp_path, family, options):

@@ -21,7 +21,7 @@ IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(9
 
 @pytest.fixture(scope="module")
 def sliced():  # the budget mode: stream and MLP hidden units sliced, down projections refitted
-    return fxslice.compress(tiny_model("llama_tied"), calibration(), target_params=0.8, progress=False)
+    return fxslice.compress(tiny_model("llama_tied"), calibration(), target_params=0.8, split="fixed", progress=False)
 
 
 def _data():
@@ -132,7 +132,7 @@ def test_distillation_moves_the_slice_towards_the_dense_model(method):
     dense = tiny_model("llama")
     with torch.no_grad():  # a random tiny model predicts almost uniformly: sharpen it, so that there is a gap
         dense.lm_head.weight.mul_(30)
-    sliced = fxslice.compress(dense, calibration(), target_params=0.7, progress=False)
+    sliced = fxslice.compress(dense, calibration(), target_params=0.7, split="fixed", progress=False)
     before_state = {k: v.clone() for k, v in sliced.state_dict().items()}
     train, val = _data()
     held_out = calibration(batches=2, seed=23)
@@ -174,7 +174,7 @@ def test_cli_finetune_distills_from_the_source_model(tmp_path):
     dense.save_pretrained(source)
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(source)
-    sliced = fxslice.compress(dense, calibration(), target_params=0.8, progress=False)
+    sliced = fxslice.compress(dense, calibration(), target_params=0.8, split="fixed", progress=False)
     folder = save(sliced, tmp_path / "sliced", tokenizer=tokenizer, record={"source_model": str(source)},
                   max_cache_len=0)
     data = ["--calibration", "kjv", "--calibration-windows", "4", "--eval", "kjv", "--eval-windows", "2", "--length",

@@ -66,6 +66,9 @@ def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: lis
     groups = basis_groups(plan, options.basis)
     if options.basis == "none":
         widths = unrotated_widths(plan, options, dense_count, groups)
+    elif options.target_params is not None and options.stream_sparsity is not None:
+        widths = fixed_stream_budget(plan, options.target_params, dense_count, float(options.stream_sparsity),
+                                     options.round_to, options.slice_head, groups)
     elif options.target_params is not None:
         widths = plan_budget(plan, options.target_params, dense_count, options.round_to, options.slice_head, groups)
     else:
@@ -85,35 +88,48 @@ def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: lis
 
 def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: list[list[int]]) -> Widths:
     """Widths of an unrotated stream (``basis="none"``): every position whole, MLP units cut by
-    ``hidden_sparsity`` or to meet ``target_params`` (the same fraction of every MLP: the rounding's
-    steps, else single units). The graph then has the stock model's parameters exactly; rotation runs
-    without PCA."""
-    def at(sparsity: float, round_to: int) -> Widths:
-        return replace(uniform_widths(plan, 0.0, sparsity, round_to, False, groups), rotate=False)
-
+    ``hidden_sparsity`` or to meet ``target_params`` (:func:`fixed_stream_budget`). The graph then has the
+    stock model's parameters exactly; rotation runs without PCA."""
     if options.target_params is None:
-        return at(float(options.hidden_sparsity or 0.0), options.round_to)
-    goal = options.target_params * dense_count
+        return replace(uniform_widths(plan, 0.0, float(options.hidden_sparsity or 0.0), options.round_to, False,
+                                      groups), rotate=False)
+    return fixed_stream_budget(plan, options.target_params, dense_count, 0.0, options.round_to, False, groups,
+                               rotate=False)
+
+
+def fixed_stream_budget(plan: Plan, target: float, dense_count: int, stream_sparsity: float, round_to: int,
+                        slice_head: bool, groups: list[list[int]], rotate: bool = True) -> Widths:
+    """Widths meeting ``target_params`` with the stream cut by ``stream_sparsity`` (0 and ``rotate=False``:
+    the stream whole and unrotated) and the same fraction of every MLP's units cut for the rest — the
+    rounding's steps, else single units; found by bisection on the hidden sparsity."""
+    stream = stream_widths(plan, stream_sparsity, round_to, slice_head)
+
+    def at(sparsity: float, step: int) -> Widths:
+        return Widths(list(stream), hidden_widths(plan.mlps, sparsity, step), stream_sparsity, sparsity, groups,
+                      rotate=rotate)
 
     def count(widths: Widths) -> int:
         return sliced_parameter_count(plan, widths)
 
-    chosen = at(0.0, options.round_to)
+    what = "with the stream whole (basis='none')" if not rotate else f"with stream_sparsity {stream_sparsity:g}"
+    goal = target * dense_count
+    chosen = at(0.0, round_to)
     if count(chosen) <= goal:
+        if count(chosen) < goal - TOLERANCE * dense_count and rotate:
+            raise FxSliceError(f"target_params {target} is below what stream_sparsity {stream_sparsity:g} keeps with "
+                               f"every MLP whole ({count(chosen) / dense_count:.1%} of dense): lower stream_sparsity")
         return chosen
-    for round_to in dict.fromkeys((options.round_to, 1)):  # the rounding's steps, then single units
-        narrowest = count(at(1.0 - 1e-9, round_to))
+    for step in dict.fromkeys((round_to, 1)):  # the rounding's steps, then single units
+        narrowest = count(at(1.0 - 1e-9, step))
         if narrowest > goal:
-            raise FxSliceError(f"target_params {options.target_params} is out of reach with the stream whole "
-                               f"(basis='none'): cutting every MLP to {round_to} unit(s) keeps "
-                               f"{narrowest / dense_count:.1%} of the dense parameters")
-        chosen = at(least_sparsity(lambda h: count(at(h, round_to)), goal, 0.0, 1.0), round_to)
+            raise FxSliceError(f"target_params {target} is out of reach {what}: cutting every MLP to {step} "
+                               f"unit(s) keeps {narrowest / dense_count:.1%} of the dense parameters")
+        chosen = at(least_sparsity(lambda h: count(at(h, step)), goal, 0.0, 1.0), step)
         if count(chosen) >= goal - TOLERANCE * dense_count:
             chosen.hidden_sparsity = removed_unit_fraction(chosen, plan.mlps)
             return chosen
-    raise FxSliceError(f"target_params {options.target_params} cannot be met within {TOLERANCE:.1%} by cutting "
-                       f"the same fraction of every MLP: the nearest count below it is "
-                       f"{count(chosen) / dense_count:.2%} of dense")
+    raise FxSliceError(f"target_params {target} cannot be met within {TOLERANCE:.1%} {what} by cutting the same "
+                       f"fraction of every MLP: the nearest count below it is {count(chosen) / dense_count:.2%} of dense")
 
 
 def least_sparsity(count_at, goal: float, low: float, high: float) -> float:
