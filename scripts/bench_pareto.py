@@ -14,7 +14,7 @@ calibration windows, 40 evaluation windows per text) for
 
 each in its own process (one at a time), and prefill speed of every slice against the dense captured
 graph (batch 1 and 8, 512 tokens, interleaved rounds in the same process). Results accumulate in
-``runs/bench/pareto.jsonl`` (a finished run is not repeated; ``--fresh`` starts over); the table is
+``docs/pareto.jsonl`` (a finished run is not repeated; ``--fresh`` starts over); the table is
 printed and ``docs/pareto.png`` plotted from all of them.
 
     python scripts/bench_pareto.py                      # everything (~1.5-2 h on 2 cores)
@@ -64,8 +64,9 @@ def mode(options: dict) -> str:
     return f"SliceGPT ({options.get('basis', 'block')} basis)"
 
 
-def child(name: str, out: Path) -> None:
-    """One run: compress, evaluate, time prefill against the dense captured graph; append a JSON line."""
+def child(name: str, out: Path, task_limit: int) -> None:
+    """One run: compress, evaluate (perplexity, and ``kjv_verse_end`` on its first ``task_limit``
+    questions when not 0), time prefill against the dense captured graph; append a JSON line."""
     from fxslice.jobs.compress import compress_job
     from fxslice.jobs.data import Protocol
 
@@ -88,9 +89,26 @@ def child(name: str, out: Path) -> None:
         record["split_search"] = result.split_search.to_record()
     if first:
         record["dense_perplexity"] = job.rows[0].perplexities
+    if task_limit:
+        record["kjv_verse_end"] = kjv_accuracy(job.sliced, model_name, task_limit)
+        if first:
+            from fxslice.jobs.assets import load_model
+
+            record["dense_kjv_verse_end"] = kjv_accuracy(load_model(model_name)[0], model_name, task_limit)
     record.update(prefill_speedups(model_name, job.sliced))
     with out.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def kjv_accuracy(model, model_name: str, limit: int) -> dict:
+    """lm-eval's accuracy on the shipped ``kjv_verse_end`` task, its first ``limit`` questions."""
+    from fxslice.hf import load_tokenizer
+    from fxslice.jobs.assets import resolve_model
+    from fxslice.jobs.lmeval import evaluate_tasks
+
+    results = evaluate_tasks(model, load_tokenizer(resolve_model(model_name)), ["kjv_verse_end"], limit=limit,
+                             batch_size=8)
+    return {"acc": results["results"]["kjv_verse_end"]["acc,none"], "limit": limit}
 
 
 def prefill_speedups(model_name: str, sliced, repeats: int = 2) -> dict:
@@ -142,15 +160,23 @@ def table(records: list[dict]) -> str:
     dense = {r["model"]: r["dense_perplexity"] for r in records if "dense_perplexity" in r}
     for model in dict.fromkeys(r["model"] for r in records):
         if model in dense:
-            rows.append([model, "dense", "100.0%", *[f"{dense[model][n]:.2f}" for n in NAMES], "1.00×", "1.00×", "-"])
+            task = next((r["dense_kjv_verse_end"] for r in records if r["model"] == model and "dense_kjv_verse_end" in r), None)
+            rows.append([model, "dense", "100.0%", *[f"{dense[model][n]:.2f}" for n in NAMES], _accuracy(task),
+                         "1.00×", "1.00×", "-"])
         for r in sorted((r for r in records if r["model"] == model), key=lambda r: -r["fraction"]):
             hidden = f"{r['hidden_kept']}/{r['hidden_total']}" if r["hidden_total"] else "all"
             rows.append([model, r["run"], f"{100 * r['fraction']:.1f}%", *[f"{r['perplexity'][n]:.2f}" for n in NAMES],
-                         f"{r['prefill_b1']:.2f}×", f"{r['prefill_b8']:.2f}×",
+                         _accuracy(r.get("kjv_verse_end")),
+                         *[f"{r[k]:.2f}×" if r.get(k) is not None else "-" for k in ("prefill_b1", "prefill_b8")],
                          f"stream {'/'.join(map(str, sorted(r['widths'], reverse=True)))}, MLP units {hidden}"])
-    head = ["model", "run", "params (true)", "ppl shakespeare", "ppl kjv", "prefill b1 vs dense", "prefill b8",
-            "widths"]
+    head = ["model", "run", "params (true)", "ppl shakespeare", "ppl kjv", "kjv_verse_end acc", "prefill b1 vs dense",
+            "prefill b8", "widths"]
     return tabulate(rows, head, tablefmt="github")
+
+
+def _accuracy(task) -> str:
+    """``0.53 (100)``: accuracy and how many questions, or ``-``."""
+    return f"{task['acc']:.2f} ({task['limit']})" if task else "-"
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -165,7 +191,8 @@ def plot(records: list[dict], path: Path) -> None:
               ("perplexity", "kjv", "KJV perplexity"), ("prefill_b8", None, "prefill speed vs dense (b8 × 512)")]
     for ax, (key, sub, label) in zip(axes, panels):
         for series in sorted({r["mode"] for r in smol}):
-            points = sorted((r["fraction"], r[key][sub] if sub else r[key]) for r in smol if r["mode"] == series)
+            points = sorted((r["fraction"], r[key][sub] if sub else r[key]) for r in smol
+                            if r["mode"] == series and (sub or r.get(key) is not None))
             ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=series)
         dense = next((r["dense_perplexity"] for r in smol if "dense_perplexity" in r), None)
         if sub and dense:
@@ -186,16 +213,18 @@ def plot(records: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
-    parser.add_argument("--out", default="runs/bench/pareto.jsonl")
+    parser.add_argument("--out", default="docs/pareto.jsonl")
     parser.add_argument("--plot", default="docs/pareto.png")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
     parser.add_argument("--speed-again", nargs="+", default=None, metavar="RUN",
                         help="time these finished runs' prefill again (3 rounds) on a quiet machine")
+    parser.add_argument("--task-limit", type=int, default=100,
+                        help="kjv_verse_end questions (of 500) per run; 0 skips the zero-shot task")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
     if args.child:
-        child(args.child, out)
+        child(args.child, out, args.task_limit)
         return
     for name in args.speed_again or []:
         speed_again(name, out)
@@ -209,7 +238,8 @@ def main() -> None:
         if name in done:
             continue
         print(f"$ {name}: {RUNS[name]}", flush=True)
-        subprocess.run([sys.executable, __file__, "--child", name, "--out", str(out)], check=True)
+        subprocess.run([sys.executable, __file__, "--child", name, "--out", str(out), "--task-limit",
+                        str(args.task_limit)], check=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     print(table(records))
     plot(records, Path(args.plot))
