@@ -134,7 +134,7 @@ def candidates(options: Options, fixed_stream_sparsity: float, free_basis: bool)
     if fixed_stream_sparsity > 0:
         for share in STREAM_SHARES:
             sparsity = share * fixed_stream_sparsity
-            found.append(Candidate(f"stream {sparsity:.3f}", replace(options, stream_sparsity=sparsity)))
+            found.append(Candidate(f"stream sparsity {sparsity:.3g}", replace(options, stream_sparsity=sparsity)))
     if free_basis and not options.slice_head:
         found.append(Candidate("stream whole (basis none)", replace(options, basis="none")))
     return found

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 import fxslice
-from fxslice.errors import GraphStructureError
+from fxslice.errors import FxSliceError, GraphStructureError
 from fxslice.graph.modules import ExpertLinear
+from fxslice.passes.p7_rotate.hidden import keep_rows, select_expert_units
 from fxslice.runtime.load import load
 from fxslice.runtime.save import save
 from fxslice.runtime.generate import generate, with_cache
@@ -90,7 +91,8 @@ def test_bfloat16_moe_is_exact_to_its_own_rounding():
 # transposed expert weights with biases
 def test_kv_cache_program_save_and_reload(family, tmp_path):
     model = tiny_model(family)
-    sliced = fxslice.compress(model, masked_calibration(), 0.25, progress=False)
+    sliced = fxslice.compress(model, masked_calibration(), 0.25, hidden_sparsity=0.3, progress=False)
+    assert any("experts" in writer for writer in sliced.fxslice.hidden_widths)  # expert units cut too
     program = with_cache(sliced, max_cache_len=64)
     with torch.no_grad():
         assert (program(PROMPT, torch.arange(PROMPT.shape[1])) - sliced(PROMPT).logits).abs().max() < 1e-4
@@ -104,14 +106,76 @@ def test_kv_cache_program_save_and_reload(family, tmp_path):
     assert torch.equal(loaded.generate(PROMPT, 8), tokens)
 
 
-def test_budget_counts_experts_and_fills_the_shared_expert():
+def test_budget_counts_experts_and_cuts_every_experts_units():
     model = tiny_model("qwen2_moe")
     dense = sum(p.numel() for p in model.parameters())
     sliced = fxslice.compress(model, masked_calibration(), target_params=0.8, round_to=1, split="fixed", progress=False)
     result = sliced.fxslice
     assert result.param_count == sum(p.numel() for p in sliced.parameters())
     assert 0.795 <= result.param_count / dense <= 0.8
-    assert set(result.hidden_widths) == {f"model.layers.{i}.mlp.shared_expert.down_proj" for i in range(2)}
+    layers = range(model.config.num_hidden_layers)
+    assert set(result.hidden_widths) == {f"model.layers.{i}.mlp.{part}.down_proj" for i in layers
+                                         for part in ("shared_expert", "experts")}
+
+
+# the experts that run through transformers' grouped form, the ones that see every token (llama4_text)
+# and GPT-OSS's interleaved gate/up with biases
+EXPERT_UNITS = ["mixtral", "llama4_text", "gpt_oss", pytest.param("qwen3_moe", marks=pytest.mark.slow),
+                pytest.param("olmoe", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "right-padded-mask"])
+@pytest.mark.parametrize("family", EXPERT_UNITS)
+def test_experts_lose_hidden_units_each_its_own_refitted(family, masked):
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = masked_calibration() if masked else calibration()
+    sliced = fxslice.compress(model, batches, 0.0, hidden_sparsity=0.5, basis="none", progress=False)
+    experts = {name: m for name, m in sliced.named_modules() if isinstance(m, ExpertLinear)}
+    writers = [name for name in sliced.fxslice.hidden_widths if name in experts]
+    assert len(writers) == model.config.num_hidden_layers, sliced.fxslice.hidden_widths
+    for writer in writers:
+        kept, full = sliced.fxslice.hidden_widths[writer]
+        assert kept == full // 2 and experts[writer].in_features == kept
+        units = sliced.fxslice.slice.hidden_units[writer]
+        assert len(units) == experts[writer].num_experts and all(len(u) == kept for u in units)
+        assert len({tuple(u) for u in units}) > 1  # each expert its own units
+    assert sliced.fxslice.param_count == sum(p.numel() for p in sliced.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "compress changed the model"
+    with torch.no_grad():
+        reference = model(INPUTS[0]).logits
+        cut = sliced(INPUTS[0]).logits
+    assert torch.isfinite(cut).all()
+    # the refit keeps the slice near the model: much nearer than deleting the same units without it
+    assert (cut - reference).abs().max() < 0.5 * reference.abs().max()
+
+
+def test_keep_rows_keeps_each_experts_units_in_blocked_and_interleaved_layouts():
+    weight = torch.arange(2 * 8 * 3, dtype=torch.float64).reshape(2, 8, 3)  # 2 experts, gate/up of 4 units
+    kept = torch.tensor([[0, 2], [1, 3]])
+    blocked, interleaved = ExpertLinear(weight.clone()), ExpertLinear(weight.clone(), torch.arange(16.).reshape(2, 8))
+    keep_rows(blocked, kept, 2)
+    keep_rows(interleaved, kept, 2, interleaved=True)
+    assert torch.equal(blocked.weight[0], weight[0, [0, 2, 4, 6]]) and torch.equal(blocked.weight[1], weight[1, [1, 3, 5, 7]])
+    assert torch.equal(interleaved.weight[1], weight[1, [2, 3, 6, 7]]) and interleaved.out_features == 4
+    assert interleaved.bias[1].tolist() == [10.0, 11.0, 14.0, 15.0]
+
+
+def test_an_expert_no_calibration_row_reaches_keeps_its_largest_units_unrefitted():
+    grams = torch.zeros(2, 4, 4, dtype=torch.float64)
+    grams[0] = torch.eye(4)
+    writer = torch.tensor([[[1.0, 1.0, 1.0, 1.0]], [[1.0, 3.0, 0.1, 2.0]]], dtype=torch.float64)  # [E, out 1, I 4]
+    reader = torch.ones(2, 4, 2, dtype=torch.float64)
+    kept, refitted, error = select_expert_units(grams, writer, [(reader, False)], 2)
+    assert kept[1].tolist() == [1, 3] and torch.equal(refitted[1], writer[1][:, [1, 3]])
+    assert error == pytest.approx(0.5, rel=1e-2)  # expert 0: two of four equal, independent units
+
+
+def test_energy_allocation_is_refused_for_experts_with_the_module():
+    with pytest.raises(FxSliceError, match=r"allocation='energy' ranks the units of dense MLPs; a mixture of experts "
+                                           r"\('model\.layers\.0\.mlp\.experts\.down_proj'\)"):
+        fxslice.compress(tiny_model("mixtral"), calibration(), 0.0, hidden_sparsity=0.3, allocation="energy",
+                         progress=False)
 
 
 class DenseDispatchMoE(nn.Module):

@@ -1,4 +1,4 @@
-"""Pass 4 — MLPs: find, from the graph, the MLPs whose hidden units can be sliced.
+r"""Pass 4 — MLPs: find, from the graph, the MLPs whose hidden units can be sliced.
 
 A graph analysis like :mod:`.p3_analyse` (no weight is read or changed): it runs on the
 :class:`~.p3_analyse.Structure`, before fuse, and its result travels in the plan (``Plan.mlps``).
@@ -15,6 +15,12 @@ chunk) of every input Linear and column ``j`` of ``W_out``: deleting it is exact
 contribution. Attention outputs (reshaped heads) are no MLP; a hidden value meeting anything else
 (a reduction over the units, a split into unequal parts, a per-unit parameter) is refused by
 :func:`trace_mlp` with the node named, and skipped by :func:`find_mlps`.
+
+Mixture-of-experts MLPs are found the same way: a writer :class:`~fxslice.graph.modules.ExpertLinear`
+(``[E, out, I]``) whose hidden value comes from reader ``ExpertLinear``\ s routed by the *same* expert
+ids (or, for experts that see every token, :class:`~fxslice.graph.modules.BatchedExpertLinear`\ s).
+Unit ``j`` of expert ``e`` is then row ``j`` of every reader's ``W[e]`` and column ``j`` of the
+writer's ``W[e]``; each expert keeps its own units (:mod:`.p7_rotate.hidden`), the router is untouched.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import GraphStructureError
 from ..graph import ops
+from ..graph.modules import LINEARS, BatchedExpertLinear, ExpertLinear
 from ..graph.nodes import describe, example_value
 from .p3_analyse import Structure
 
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
     from .run import Run
 
 CHUNK = torch.ops.aten.chunk.default
+SLICE = torch.ops.aten.slice.Tensor
 
 
 @dataclass
@@ -48,6 +56,9 @@ class MLP:
     hidden: Node  # the writer's input node
     width: int  # I
     position: int  # the stream position the writer writes
+    interleaved: tuple[str, ...] = ()  # readers whose parts alternate row by row (unit j: rows j·parts + i)
+    experts: int = 0  # E for a mixture of experts' MLP (one set of units per expert), 0 for a dense MLP
+    routing: Optional[Node] = None  # the expert id of every row of ``hidden`` (None: dense, or [E, T, I] rows)
 
 
 @dataclass
@@ -69,16 +80,18 @@ def trace_mlp(gm: GraphModule, writer: str, position: int) -> MLP:
     where its hidden value meets an op that is not elementwise over the hidden units."""
     modules = dict(gm.named_modules())
     node = next((n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == writer), None)
-    if node is None or not isinstance(modules.get(writer), nn.Linear):
+    if node is None or not isinstance(modules.get(writer), LINEARS):
         raise GraphStructureError(f"'{writer}' is not a Linear of the graph")
     hidden = node.args[0]
     width = modules[writer].in_features
+    kind = _kind(modules[writer], node)
 
     def refuse(at: Node, why: str) -> GraphStructureError:
         return GraphStructureError(f"the hidden units of '{writer}' cannot be sliced: {describe(at)} {why}")
 
     region: set[Node] = set()
     readers: dict[str, int] = {}
+    interleaved: set[str] = set()
     frontier = [hidden]
     while frontier:
         current = frontier.pop()
@@ -89,12 +102,18 @@ def trace_mlp(gm: GraphModule, writer: str, position: int) -> MLP:
         if value is None or value.dim() == 0 or value.shape[-1] != width:
             raise refuse(current, f"does not carry the {width} hidden units in its last dimension")
         module = modules.get(str(current.target)) if current.op == "call_module" else None
-        if isinstance(module, nn.Linear):
+        if isinstance(module, LINEARS):
+            if _kind(module, current) != kind:
+                raise refuse(current, "is not routed like the writer (dense and expert Linears, or other expert ids)")
             readers[str(current.target)] = 1
             continue
         fused = _fused_part(current, modules, width)
         if fused is not None:  # gate, up = chunk(gate_up(x), n, -1): unit j is row j + i·I of gate_up
-            chunk, source, parts = fused
+            chunk, source, parts, alternating = fused
+            if alternating:
+                interleaved.add(str(source.target))
+            if _kind(modules[str(source.target)], source) != kind:
+                raise refuse(source, "is not routed like the writer (dense and expert Linears, or other expert ids)")
             region.update((chunk, source))
             readers[str(source.target)] = parts
             continue
@@ -116,23 +135,43 @@ def trace_mlp(gm: GraphModule, writer: str, position: int) -> MLP:
         raise refuse(hidden, "is not computed from any Linear")
     if hidden.op == "call_module":  # W_out right after one Linear: no nonlinearity, nothing to slice
         raise refuse(hidden, "is a Linear feeding the writer directly (a low-rank pair, not an MLP)")
-    return MLP(writer, dict(sorted(readers.items())), hidden, width, position)
+    experts = modules[writer].num_experts if isinstance(modules[writer], ExpertLinear) else 0
+    routing = node.args[1] if isinstance(modules[writer], ExpertLinear) and len(node.args) > 1 else None
+    return MLP(writer, dict(sorted(readers.items())), hidden, width, position, tuple(sorted(interleaved)), experts,
+               routing)
 
 
-def _fused_part(node: Node, modules: dict, width: int) -> Optional[tuple[Node, Node, int]]:
-    """``(chunk, linear, parts)`` when ``node`` is one of ``parts`` equal chunks of a Linear's output
-    along its last dimension."""
-    if node.op != "call_function" or node.target is not operator.getitem or not ops.calls(node.args[0], CHUNK):
+def _kind(module: nn.Module, call: Node) -> object:
+    """How a Linear's rows are routed: ``"dense"``, ``"batched"`` (every expert sees every token) or the
+    node of its expert ids — readers and writer of one MLP must agree."""
+    if isinstance(module, BatchedExpertLinear):
+        return "batched"
+    if isinstance(module, ExpertLinear):
+        return call.args[1] if len(call.args) > 1 else call.kwargs.get("expert_ids")
+    return "dense"
+
+
+def _fused_part(node: Node, modules: dict, width: int) -> Optional[tuple[Node, Node, int, bool]]:
+    """``(split, linear, parts, interleaved)`` when ``node`` is one of ``parts`` equal parts of a Linear's
+    output along its last dimension: a chunk (``getitem(chunk(y, parts, -1), i)``, unit ``j`` at row
+    ``j + i·I``) or a strided slice (``y[..., i::parts]``, GPT-OSS's gate/up, unit ``j`` at row ``j·parts + i``)."""
+    if node.op == "call_function" and node.target is operator.getitem and ops.calls(node.args[0], CHUNK):
+        split = node.args[0]
+        source, parts = split.args[0], split.args[1]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        interleaved = False
+    elif ops.calls(node, SLICE) and len(node.args) == 5 and isinstance(node.args[4], int) and node.args[4] > 1 \
+            and node.args[2] in range(node.args[4]):
+        split, (source, dim, _, _, parts) = node, node.args
+        interleaved = True
+    else:
         return None
-    chunk = node.args[0]
-    source, parts = chunk.args[0], chunk.args[1]
-    dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
     linear = modules.get(str(source.target)) if isinstance(source, Node) and source.op == "call_module" else None
     value = example_value(source)
-    if not isinstance(linear, nn.Linear) or value is None or dim not in (-1, value.dim() - 1) \
+    if not isinstance(linear, LINEARS) or value is None or dim not in (-1, value.dim() - 1) \
             or linear.out_features != parts * width:
         return None
-    return chunk, source, parts
+    return split, source, parts, interleaved
 
 
 def find_mlps(structure: Structure) -> MLPSearch:
@@ -143,7 +182,7 @@ def find_mlps(structure: Structure) -> MLPSearch:
     writers += [(str(w.target), index) for index, site in structure.branch_sites() for w in site.inner_writers]
     search = MLPSearch()
     for writer, position in writers:
-        if not isinstance(modules.get(writer), nn.Linear):
+        if not isinstance(modules.get(writer), LINEARS):
             continue
         try:
             search.mlps.append(trace_mlp(structure.gm, writer, position))

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 HIDDEN_PER_STREAM = 2.3
 MAX_HIDDEN = 0.6
+EXPERT_UNIT_STEP = 8
+"""A stock checkpoint's experts keep a multiple of this many units: transformers' grouped expert kernels
+(``torch._grouped_mm``), which ``from_pretrained`` models run, need row strides a multiple of 16 bytes."""
 TOLERANCE = 0.005  # the budget is met within this fraction of the dense count (from below)
 
 
@@ -75,6 +78,9 @@ def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: lis
         widths = uniform_widths(plan, float(options.sparsity), float(options.hidden_sparsity or 0.0),
                                 options.round_to, options.slice_head, groups)
     if options.allocation == "energy" and any(widths.hidden[m.writer] < m.width for m in plan.mlps):
+        if any(m.experts for m in plan.mlps):
+            raise FxSliceError("allocation='energy' ranks the units of dense MLPs; a mixture of experts ("
+                               f"'{next(m.writer for m in plan.mlps if m.experts)}') takes allocation='uniform'")
         if any(plan.weights.manages(m.writer) for m in plan.mlps):
             raise FxSliceError("allocation='energy' measures the dense model in memory; a streamed or "
                                "offloaded compression takes allocation='uniform'")
@@ -90,23 +96,26 @@ def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: l
     """Widths of an unrotated stream (``basis="none"``): every position whole, MLP units cut by
     ``hidden_sparsity`` or to meet ``target_params`` (:func:`fixed_stream_budget`). The graph then has the
     stock model's parameters exactly; rotation runs without PCA."""
+    expert_step = EXPERT_UNIT_STEP if options.stock else 1
     if options.target_params is None:
-        return replace(uniform_widths(plan, 0.0, float(options.hidden_sparsity or 0.0), options.round_to, False,
-                                      groups), rotate=False)
+        stream = stream_widths(plan, 0.0, options.round_to, False)
+        sparsity = float(options.hidden_sparsity or 0.0)
+        return Widths(stream, hidden_widths(plan.mlps, sparsity, options.round_to, expert_step), 0.0, sparsity, groups,
+                      rotate=False)
     return fixed_stream_budget(plan, options.target_params, dense_count, 0.0, options.round_to, False, groups,
-                               rotate=False)
+                               rotate=False, expert_step=expert_step)
 
 
 def fixed_stream_budget(plan: Plan, target: float, dense_count: int, stream_sparsity: float, round_to: int,
-                        slice_head: bool, groups: list[list[int]], rotate: bool = True) -> Widths:
+                        slice_head: bool, groups: list[list[int]], rotate: bool = True, expert_step: int = 1) -> Widths:
     """Widths meeting ``target_params`` with the stream cut by ``stream_sparsity`` (0 and ``rotate=False``:
     the stream whole and unrotated) and the same fraction of every MLP's units cut for the rest — the
     rounding's steps, else single units; found by bisection on the hidden sparsity."""
     stream = stream_widths(plan, stream_sparsity, round_to, slice_head)
 
     def at(sparsity: float, step: int) -> Widths:
-        return Widths(list(stream), hidden_widths(plan.mlps, sparsity, step), stream_sparsity, sparsity, groups,
-                      rotate=rotate)
+        return Widths(list(stream), hidden_widths(plan.mlps, sparsity, step, expert_step), stream_sparsity, sparsity,
+                      groups, rotate=rotate)
 
     def count(widths: Widths) -> int:
         return sliced_parameter_count(plan, widths)
@@ -128,8 +137,11 @@ def fixed_stream_budget(plan: Plan, target: float, dense_count: int, stream_spar
         if count(chosen) >= goal - TOLERANCE * dense_count:
             chosen.hidden_sparsity = removed_unit_fraction(chosen, plan.mlps)
             return chosen
+    steps = f" (a stock checkpoint's experts keep multiples of {expert_step} units)" \
+        if expert_step > 1 and any(m.experts for m in plan.mlps) else ""
     raise FxSliceError(f"target_params {target} cannot be met within {TOLERANCE:.1%} {what} by cutting the same "
-                       f"fraction of every MLP: the nearest count below it is {count(chosen) / dense_count:.2%} of dense")
+                       f"fraction of every MLP: the nearest count below it is {count(chosen) / dense_count:.2%} of dense"
+                       + steps)
 
 
 def least_sparsity(count_at, goal: float, low: float, high: float) -> float:
@@ -176,9 +188,15 @@ def stream_widths(plan: Plan, sparsity: float, round_to: int, slice_head: bool) 
     return widths
 
 
-def hidden_widths(mlps: list[MLP], sparsity: float, round_to: int) -> dict[str, int]:
-    """Units kept per MLP writer: the same fraction of each (at least ``round_to``, or one)."""
-    return {m.writer: max(slice_width(m.width, sparsity, round_to), min(round_to, m.width)) for m in mlps}
+def unit_step(mlp: MLP, round_to: int, expert_step: int = 1) -> int:
+    """The rounding of an MLP's kept units: ``round_to``, and at least ``expert_step`` for experts."""
+    return max(round_to, expert_step) if mlp.experts else round_to
+
+
+def hidden_widths(mlps: list[MLP], sparsity: float, round_to: int, expert_step: int = 1) -> dict[str, int]:
+    """Units kept per MLP writer: the same fraction of each (at least one rounding step, or one unit)."""
+    steps = {m.writer: unit_step(m, round_to, expert_step) for m in mlps}
+    return {m.writer: max(slice_width(m.width, sparsity, steps[m.writer]), min(steps[m.writer], m.width)) for m in mlps}
 
 
 def uniform_widths(plan: Plan, sparsity: float, hidden_sparsity: float, round_to: int, slice_head: bool,
@@ -286,22 +304,23 @@ def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slic
     return chosen
 
 
-def fill_hidden(widths: Widths, mlps: list[MLP], goal: float, round_to: int, count) -> tuple[Widths, int]:
-    """Give hidden units back, ``round_to`` at a time to the MLP keeping the smallest fraction, while
+def fill_hidden(widths: Widths, mlps: list[MLP], goal: float, round_to: int, count,
+                expert_step: int = 1) -> tuple[Widths, int]:
+    """Give hidden units back, a rounding step (:func:`unit_step`) at a time to the MLP keeping the smallest fraction, while
     the count stays within ``goal``; returns the widths and their count."""
     total = count(widths)
-    step_cost = {}
-    for mlp in mlps:  # parameters of round_to more units of one MLP (linear in the units)
+    step_cost, step = {}, {m.writer: unit_step(m, round_to, expert_step) for m in mlps}
+    for mlp in mlps:  # parameters of one more step of units of one MLP (linear in the units)
         wider = Widths(widths.stream, {**widths.hidden, mlp.writer: widths.hidden[mlp.writer] + 1}, groups=widths.groups)
-        step_cost[mlp.writer] = (count(wider) - total) * round_to
+        step_cost[mlp.writer] = (count(wider) - total) * step[mlp.writer]
     width_of = {m.writer: m.width for m in mlps}
     while True:
         open_mlps = [w for w, kept in widths.hidden.items()
-                     if kept + round_to <= width_of[w] and total + step_cost[w] <= goal]
+                     if kept + step[w] <= width_of[w] and total + step_cost[w] <= goal]
         if not open_mlps:
             return widths, total
         writer = min(open_mlps, key=lambda w: (widths.hidden[w] / width_of[w], w))
-        widths.hidden[writer] += round_to
+        widths.hidden[writer] += step[writer]
         total += step_cost[writer]
 
 

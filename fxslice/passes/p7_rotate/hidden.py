@@ -12,6 +12,11 @@ refit, ICLR 2025). Its calibration error ``tr(W C Wᵀ) − tr(X C[S, :] Wᵀ) �
 ``C``, so ``S`` is chosen as the best of three column scores: output energy ``C_jj ‖W_j‖²``, ridge
 leverage of ``C`` and ridge leverage of ``C`` weighted by ``‖W_j‖`` (``diag(G (G + λ I)⁻¹)``). When
 every unit is kept nothing is touched (exact). Weights only change: the graph keeps its shape.
+
+A mixture of experts' MLP does this per expert: ``C_e`` sums the rows routed to expert ``e`` (the
+rows of a ``repeat_interleave``-d token batch, so a token's mask covers its ``k`` rows), every expert
+keeps the same number of units — its own — and its writer ``W[e]`` is refitted on ``C_e``. An expert
+no calibration row reached keeps the units of largest weight norms, unrefitted.
 """
 
 from __future__ import annotations
@@ -74,11 +79,54 @@ def select_units(gram: torch.Tensor, weight: torch.Tensor, keep: int) -> tuple[t
     return kept, x, error / total
 
 
-def keep_rows(linear: nn.Linear, kept: torch.Tensor, parts: int = 1) -> None:
-    """A reader keeps the output rows of the hidden units ``kept`` (in each of its ``parts``)."""
+def _unit_norms(reader: torch.Tensor, width: int, interleaved: bool) -> torch.Tensor:
+    """``‖R[rows of unit j]‖`` for every unit of a reader weight ``[parts·I, in]``."""
+    parts = reader.shape[0] // width
+    grouped = reader.reshape(width, parts, -1) if interleaved else reader.reshape(parts, width, -1).transpose(0, 1)
+    return grouped.pow(2).sum((1, 2)).sqrt()
+
+
+def select_expert_units(grams: torch.Tensor, weight: torch.Tensor, readers: list[tuple[torch.Tensor, bool]],
+                        keep: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`select_units` for every expert: ``(kept [E, keep], refitted writer [E, out, keep], mean
+    relative error over the experts the calibration reached)``. An unreached expert (``C_e = 0``) keeps
+    the units of largest ``‖W_e[:, j]‖ · Σ_r ‖R_e[j]‖`` (``readers``: ``([E, parts·I, in], interleaved)``),
+    as they are."""
+    kept, refitted, errors = [], [], []
+    width = weight.shape[-1]
+    for expert in range(weight.shape[0]):
+        gram, writer = grams[expert], f64(weight[expert])
+        if float(gram.diagonal().sum()) > 0:
+            units, x, error = select_units(gram, writer, keep)
+            errors.append(error)
+        else:
+            norms = writer.pow(2).sum(0).sqrt() * sum(_unit_norms(f64(r[expert]), width, layout)
+                                                    for r, layout in readers)
+            units = torch.sort(torch.topk(norms, keep).indices).values
+            x = writer[:, units]
+        kept.append(units)
+        refitted.append(x)
+    return torch.stack(kept), torch.stack(refitted), sum(errors) / len(errors) if errors else float("nan")
+
+
+def keep_rows(linear: nn.Module, kept: torch.Tensor, parts: int = 1, interleaved: bool = False) -> None:
+    """A reader keeps the output rows of the hidden units ``kept`` (in each of its ``parts``: blocks of
+    ``I`` rows, or ``interleaved`` row by row); an expert reader's ``kept`` is ``[E, keep]``, one set of
+    units per expert."""
     width = linear.out_features // parts
-    index = torch.cat([kept + i * width for i in range(parts)]).to(linear.weight.device)
-    set_linear(linear, f64(linear.weight)[index], None if linear.bias is None else f64(linear.bias)[index])
+
+    def rows(units: torch.Tensor) -> torch.Tensor:
+        if interleaved:
+            return (units[:, None] * parts + torch.arange(parts, device=units.device)).reshape(-1).to(linear.weight.device)
+        return torch.cat([units + i * width for i in range(parts)]).to(linear.weight.device)
+
+    weight, bias = f64(linear.weight), None if linear.bias is None else f64(linear.bias)
+    if kept.dim() == 1:
+        set_linear(linear, weight[rows(kept)], None if bias is None else bias[rows(kept)])
+        return
+    index = torch.stack([rows(units) for units in kept])  # [E, parts·keep]
+    set_linear(linear, torch.stack([w[i] for w, i in zip(weight, index)]),
+               None if bias is None else torch.stack([b[i] for b, i in zip(bias, index)]))
 
 
 def replace_weight(linear: nn.Linear, weight: torch.Tensor) -> None:
@@ -97,19 +145,46 @@ class HiddenSlicer:
         self.grams: dict[str, torch.Tensor] = {}
 
     def taps(self, group: list[int]) -> dict[Node, Tap]:
-        """Per hidden node of the group's MLPs, the function accumulating its ``C``."""
+        """Per hidden node of the group's MLPs, the function accumulating its ``C`` (one per expert of a
+        mixture, which also watches the expert ids of its rows)."""
         taps = {}
         for mlp in self.mlps:
             if mlp.position in group:
-                self.grams[mlp.writer] = torch.zeros(mlp.width, mlp.width, dtype=torch.float64,
-                                                     device=self.plan.weights.device)
-                taps[mlp.hidden] = self._accumulator(mlp.writer)
+                shape = (mlp.experts,) * bool(mlp.experts) + (mlp.width, mlp.width)
+                self.grams[mlp.writer] = torch.zeros(shape, dtype=torch.float64, device=self.plan.weights.device)
+                if not mlp.experts:
+                    taps[mlp.hidden] = self._accumulator(mlp.writer)
+                    continue
+                routing: dict[str, torch.Tensor] = {}
+                taps[mlp.hidden] = self._expert_accumulator(mlp.writer, routing)
+                if mlp.routing is not None:
+                    taps[mlp.routing] = lambda ids, _batch, seen=routing: seen.update(ids=ids)
         return taps
 
     def _accumulator(self, writer: str) -> Tap:
         def accumulate(value: torch.Tensor, batch: Batch) -> None:
             rows = token_rows(value, batch).to(torch.float32)
             self.grams[writer] += (rows.T @ rows).to(torch.float64)
+        return accumulate
+
+    def _expert_accumulator(self, writer: str, routing: dict[str, torch.Tensor]) -> Tap:
+        def accumulate(value: torch.Tensor, batch: Batch) -> None:
+            grams = self.grams[writer]
+            if "ids" not in routing:  # every expert sees every token: value [E, tokens, I]
+                real = None if batch.attention_mask is None else batch.attention_mask.reshape(-1)
+                for expert, rows in enumerate(value.to(torch.float32)):
+                    rows = rows if real is None or rows.shape[0] != real.numel() else rows[real]
+                    grams[expert] += (rows.T @ rows).to(torch.float64)
+                return
+            rows, ids = value.reshape(-1, value.shape[-1]).to(torch.float32), routing["ids"].reshape(-1)
+            if batch.attention_mask is not None:  # a token's k routed rows follow each other
+                real = batch.attention_mask.reshape(-1)
+                real = real.repeat_interleave(rows.shape[0] // real.numel()) if rows.shape[0] % real.numel() == 0 else None
+                if real is not None:
+                    rows, ids = rows[real], ids[real]
+            for expert in torch.unique(ids).tolist():
+                chosen = rows[ids == expert]
+                grams[expert] += (chosen.T @ chosen).to(torch.float64)
         return accumulate
 
     def slice(self, group: list[int], record: Slice) -> None:
@@ -119,11 +194,16 @@ class HiddenSlicer:
             if mlp.position not in group:
                 continue
             gram = all_reduce_sum(self.grams.pop(mlp.writer))
-            kept, x, error = select_units(gram, f64(weights.module(mlp.writer).weight), self.keep[mlp.writer])
+            weight = weights.module(mlp.writer).weight
+            if mlp.experts:
+                readers = [(weights.module(reader).weight, reader in mlp.interleaved) for reader in mlp.readers]
+                kept, x, error = select_expert_units(gram, weight, readers, self.keep[mlp.writer])
+            else:
+                kept, x, error = select_units(gram, f64(weight), self.keep[mlp.writer])
             broadcast_from_first(kept)
             broadcast_from_first(x)
             record.hidden_units[mlp.writer] = kept.tolist()
             record.refit_errors[mlp.writer] = error
             for reader, parts in mlp.readers.items():
-                weights.edit(reader, keep_rows, kept, parts)
+                weights.edit(reader, keep_rows, kept, parts, reader in mlp.interleaved)
             weights.edit(mlp.writer, replace_weight, x)
