@@ -22,8 +22,9 @@ FINETUNE_METHODS = ("lora", "full")
 """What recovery fine-tuning trains: LoRA adapters merged afterwards, or every weight of the slice."""
 QUANT_SCHEMES = ("int8", "int4")
 """Weight-only quantisation of a slice (pass 8): int8 with one scale per row, or int4 in groups."""
-ALLOCATIONS = ("uniform", "energy")
-"""MLP hidden units kept: the same fraction everywhere, or by measured output energy."""
+ALLOCATIONS = ("uniform", "energy", "measured")
+"""MLP hidden units kept: the same fraction everywhere, by measured output energy, or by the measured
+divergence each MLP's cut alone causes (:func:`fxslice.passes.p6_widths.mlp_sensitivities`)."""
 SPLITS = ("measured", "fixed")
 """How ``target_params`` divides the budget between the stream width and the MLP units: the candidate
 split whose slice stays closest to the model on held-out calibration windows (:mod:`fxslice.split`), or

@@ -8,10 +8,11 @@ slice stays closest to the model on calibration windows none of them was calibra
 
 - the fixed split of pass 6 (stream sparsity ``s_f``, MLP hidden sparsity ``2.3 s_f``, units refilled
   to the budget: :func:`fxslice.passes.p6_widths.plan_budget`),
-- the stream narrowed by ``⅔ s_f`` and ``⅓ s_f``, the same fraction of every MLP's units meeting the
+- the stream narrowed by ``⅔ s_f`` and ``⅓ s_f`` (when the rounding makes them new widths), the same fraction of every MLP's units meeting the
   rest (:func:`~fxslice.passes.p6_widths.fixed_stream_budget`),
 - the stream whole and unrotated (``basis="none"``: no PCA, no shortcut, MLP units only) when the
-  caller left ``basis`` to its default.
+  caller left ``basis`` to its default: the same share of every MLP's units, and (``allocation="measured"``)
+  each MLP's share set by the divergence its cut alone causes (:func:`~fxslice.passes.p6_widths.mlp_sensitivities`).
 
 Score, per held-out token (masked tokens left out, summed over ``torch.distributed`` ranks): the
 divergence ``KL(p_dense ‖ p_slice)`` of the next-token distributions when the dense model is in memory;
@@ -35,6 +36,7 @@ from .calibration import Batch, ids_and_mask, prepare_batches
 from .distributed import total
 from .errors import FxSliceError
 from .options import Options
+from .passes.p6_widths import slice_width
 
 STREAM_SHARES = (2 / 3, 1 / 3)
 """Stream sparsities tried besides the fixed split's ``s_f`` and the whole stream, as fractions of ``s_f``."""
@@ -50,6 +52,7 @@ class Candidate:
     options: Options  # what compress runs for it (``split="fixed"`` or an explicit ``stream_sparsity``)
     stream_sparsity: Optional[float] = None  # what its slice cut of the stream
     stream_width: Optional[int] = None  # the narrowest stream position of its slice
+    hidden_size: Optional[int] = None
     hidden_sparsity: Optional[float] = None
     param_fraction: Optional[float] = None
     score: Optional[float] = None
@@ -128,15 +131,21 @@ def held_out_score(sliced: nn.Module, teacher: Optional[nn.Module], batches: lis
     return total(summed) / tokens
 
 
-def candidates(options: Options, fixed_stream_sparsity: float, free_basis: bool) -> list[Candidate]:
-    """The splits tried besides the fixed one (already run): the stream narrowed less, then whole."""
-    found = []
-    if fixed_stream_sparsity > 0:
-        for share in STREAM_SHARES:
-            sparsity = share * fixed_stream_sparsity
-            found.append(Candidate(f"stream sparsity {sparsity:.3g}", replace(options, stream_sparsity=sparsity)))
+def candidates(options: Options, fixed: Candidate, hidden_size: int, free_basis: bool) -> list[Candidate]:
+    """The splits tried besides the fixed one (already run): the stream narrowed less (widths the rounding
+    makes equal to one already tried left out), then whole."""
+    found, widths = [], {fixed.stream_width}
+    for share in STREAM_SHARES if fixed.stream_sparsity else ():
+        sparsity = share * fixed.stream_sparsity
+        width = slice_width(hidden_size, sparsity, options.round_to)
+        if width not in widths and width < hidden_size:
+            widths.add(width)
+            found.append(Candidate(f"stream {width} of {hidden_size}", replace(options, stream_sparsity=sparsity)))
     if free_basis and not options.slice_head:
         found.append(Candidate("stream whole (basis none)", replace(options, basis="none")))
+        if options.allocation == "uniform":
+            found.append(Candidate("stream whole, MLP units by measured sensitivity",
+                                   replace(options, basis="none", allocation="measured")))
     return found
 
 
@@ -154,12 +163,12 @@ def measure_split(options: Options, items: list, teacher: Optional[nn.Module], f
     calibration, held_out = windows
     search = SplitSearch("kl" if teacher is not None else "cross-entropy", len(calibration), len(held_out))
     fixed = Candidate("fixed (hidden 2.3x stream)", replace(options, split="fixed"))
-    bar = tqdm(total=len(STREAM_SHARES) + 2, desc="measuring the budget's split", disable=not progress)
+    bar = tqdm(total=len(STREAM_SHARES) + 3, desc="measuring the budget's split", disable=not progress)
     try:
         _score(fixed, run_candidate, calibration, held_out, teacher)  # its refusal is the budget's
         bar.update()
         search.candidates.append(fixed)
-        for candidate in candidates(options, fixed.stream_sparsity, free_basis):
+        for candidate in candidates(options, fixed, fixed.hidden_size, free_basis):
             try:
                 _score(candidate, run_candidate, calibration, held_out, teacher)
             except FxSliceError as exc:
@@ -181,6 +190,7 @@ def _score(candidate: Candidate, run_candidate, calibration: list, held_out: lis
     result = sliced.fxslice
     held_out = prepare_batches(held_out, result.vocab_size, next(sliced.parameters()).device)
     candidate.stream_sparsity = result.sparsity
+    candidate.hidden_size = result.hidden_size
     candidate.stream_width = min(result.widths)
     candidate.hidden_sparsity = result.hidden_sparsity
     candidate.param_fraction = result.param_count / result.dense_param_count

@@ -23,7 +23,10 @@ def test_measured_split_compresses_the_candidate_closest_to_the_model(family, ma
     search = sliced.fxslice.split_search
     assert search.criterion == "kl" and (search.calibration_windows, search.held_out_windows) == (1, 1)
     labels = [c.label for c in search.candidates]
-    assert labels[0].startswith("fixed") and labels[-1] == "stream whole (basis none)" and len(labels) == 4
+    assert labels[0].startswith("fixed") and labels[-2:] == ["stream whole (basis none)",
+                                                             "stream whole, MLP units by measured sensitivity"]
+    widths = [c.stream_width for c in search.candidates]
+    assert len(set(widths[:-1])) == len(widths) - 1  # no stream width tried twice
     scored = [c for c in search.candidates if c.score is not None]
     best = min(scored, key=lambda c: c.score)
     assert search.chosen == best.label
@@ -32,7 +35,8 @@ def test_measured_split_compresses_the_candidate_closest_to_the_model(family, ma
     result = sliced.fxslice
     assert 0.8 - TOLERANCE <= result.param_fraction <= 0.8
     assert min(result.widths) == best.stream_width  # the final slice is the chosen split, on every window
-    assert (result.options["basis"] == "none") == (best.label == "stream whole (basis none)")
+    assert (result.options["basis"] == "none") == best.label.startswith("stream whole")
+    assert (result.options["allocation"] == "measured") == best.label.endswith("measured sensitivity")
     assert result.calibration_tokens == sum(int(b["attention_mask"].sum()) if masked else b.numel() for b in batches)
     assert torch.isfinite(sliced(batches[0]["input_ids"] if masked else batches[0]).logits).all()
     assert result.to_record()["split_search"]["chosen"] == best.label
@@ -128,9 +132,25 @@ def test_a_streamed_checkpoint_measures_its_split_by_held_out_cross_entropy(tmp_
     streamed = fxslice.compress(str(folder), batches, target_params=0.8, progress=False)
     search = streamed.fxslice.split_search
     assert search.criterion == "cross-entropy" and search.chosen
-    assert all(c.score is not None and c.score > 0 for c in search.candidates)  # nats per held-out token
+    *scored, sensitivity = search.candidates
+    assert all(c.score is not None and c.score > 0 for c in scored)  # nats per held-out token
+    assert "measures the dense model in memory" in sensitivity.refused  # never in memory when streamed
     in_memory = fxslice.compress(model, batches, target_params=0.8, split="fixed",
                                  stream_sparsity=None, progress=False)
     assert 0.8 - TOLERANCE <= streamed.fxslice.param_fraction <= 0.8
     assert in_memory.fxslice.split_search is None
     assert folder_digest(folder) == before
+
+
+def test_measured_allocation_cuts_the_least_sensitive_mlps_most():
+    from fxslice.passes.p6_widths import allocate_by_sensitivity
+
+    model = tiny_model("llama")
+    sliced = fxslice.compress(model, masked_calibration(), target_params=0.75, basis="none", allocation="measured",
+                              progress=False)
+    assert 0.75 - TOLERANCE <= sliced.fxslice.param_fraction <= 0.75
+    mlps = [type("M", (), {"writer": f"m{i}", "width": 128, "experts": 0})() for i in range(3)]
+    kept = allocate_by_sensitivity(mlps, {"m0": 1.0, "m1": 2.0, "m2": -1e-9}, 3 * 64, 8)
+    assert kept["m2"] < kept["m0"] < kept["m1"] <= 128  # ~0 sensitivity: cut most (to the cap)
+    assert kept["m2"] == 16  # at most 85% of its units cut, rounded down to 8
+    assert sum(kept.values()) <= 3 * 64

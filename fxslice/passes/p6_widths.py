@@ -27,7 +27,7 @@ from ..calibration import Batch, token_rows
 from ..distributed import all_reduce_sum
 from ..errors import FxSliceError
 from ..graph.modules import WEIGHTED
-from ..graph.weights import f64
+from ..graph.weights import f64, set_linear, sync_features
 from .p4_mlps import MLP
 from .p5_fuse import Plan
 
@@ -77,19 +77,30 @@ def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: lis
     else:
         widths = uniform_widths(plan, float(options.sparsity), float(options.hidden_sparsity or 0.0),
                                 options.round_to, options.slice_head, groups)
-    if options.allocation == "energy" and any(widths.hidden[m.writer] < m.width for m in plan.mlps):
-        if any(m.experts for m in plan.mlps):
-            raise FxSliceError("allocation='energy' ranks the units of dense MLPs; a mixture of experts ("
-                               f"'{next(m.writer for m in plan.mlps if m.experts)}') takes allocation='uniform'")
-        if any(plan.weights.manages(m.writer) for m in plan.mlps):
-            raise FxSliceError("allocation='energy' measures the dense model in memory; a streamed or "
-                               "offloaded compression takes allocation='uniform'")
-        energies = unit_energies(plan, batches)
-        widths.hidden = allocate_units(plan.mlps, energies, sum(widths.hidden.values()), options.round_to)
+    if options.allocation != "uniform" and any(widths.hidden[m.writer] < m.width for m in plan.mlps):
+        widths.hidden = reallocate_units(plan, widths.hidden, options.allocation, batches, options.round_to)
         if options.target_params is not None:  # units the rounding left over, one at a time
             widths, _ = fill_hidden(widths, plan.mlps, options.target_params * dense_count, 1,
                                     lambda w: sliced_parameter_count(plan, w))
     return widths
+
+
+def reallocate_units(plan: Plan, uniform: dict[str, int], allocation: str, batches: list[Batch],
+                     round_to: int) -> dict[str, int]:
+    """The units of the uniform widths ``uniform``, as many in all, spread over the MLPs by measured
+    output energy (``"energy"``) or by measured sensitivity (``"measured"``); both measure the dense
+    model in memory and rank the units of dense MLPs."""
+    experts = next((m.writer for m in plan.mlps if m.experts), None)
+    if experts is not None:
+        raise FxSliceError(f"allocation={allocation!r} ranks the units of dense MLPs; a mixture of experts "
+                           f"('{experts}') takes allocation='uniform'")
+    if any(plan.weights.manages(m.writer) for m in plan.mlps):
+        raise FxSliceError(f"allocation={allocation!r} measures the dense model in memory; a streamed or "
+                           "offloaded compression takes allocation='uniform'")
+    total = sum(uniform.values())
+    if allocation == "energy":
+        return allocate_units(plan.mlps, unit_energies(plan, batches), total, round_to)
+    return allocate_by_sensitivity(plan.mlps, mlp_sensitivities(plan, batches, uniform), total, round_to)
 
 
 def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: list[list[int]]) -> Widths:
@@ -378,6 +389,115 @@ def allocate_units(mlps: list[MLP], energies: dict[str, torch.Tensor], total: in
             rounded[i] += round_to
             spare -= round_to
     return {m.writer: c for m, c in zip(mlps, rounded)}
+
+
+# --- allocation by measured sensitivity (allocation="measured") -------------------------------------
+SENSITIVITY_WINDOWS = 4  # calibration windows (the last ones) the sensitivities are measured on
+MAX_MEASURED_CUT = 0.85  # no MLP loses more than this share of its units
+
+
+def hidden_grams(plan: Plan, batches: list[Batch], mlps: list[MLP]) -> dict[str, torch.Tensor]:
+    """``C = Σ hᵀh`` of every MLP's hidden value in the dense (fused, not yet rotated) graph."""
+    grams = {m.writer: torch.zeros(m.width, m.width, dtype=torch.float64, device=plan.weights.device) for m in mlps}
+    current = {}
+    handles = []
+    for mlp in mlps:
+        def hook(_module, args, writer=mlp.writer):
+            rows = token_rows(args[0], current.get("batch")).to(torch.float32)
+            grams[writer] += (rows.T @ rows).to(torch.float64)
+        handles.append(plan.gm.get_submodule(mlp.writer).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["batch"] = batch
+                plan.gm(batch.input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {writer: all_reduce_sum(gram) for writer, gram in grams.items()}
+
+
+def sensitivity_windows(batches: list[Batch]) -> list[Batch]:
+    """The last :data:`SENSITIVITY_WINDOWS` calibration windows, as batches."""
+    chosen, rows = [], 0
+    for batch in reversed(batches):
+        take = min(batch.input_ids.shape[0], SENSITIVITY_WINDOWS - rows)
+        mask = None if batch.attention_mask is None else batch.attention_mask[-take:]
+        chosen.append(Batch(batch.input_ids[-take:], mask))
+        rows += take
+        if rows == SENSITIVITY_WINDOWS:
+            break
+    return chosen
+
+
+def mlp_sensitivities(plan: Plan, batches: list[Batch], keep: dict[str, int]) -> dict[str, float]:
+    """For every MLP cut in ``keep``: ``KL(dense ‖ dense with this MLP alone cut to keep[m] units)`` per
+    token, the MLP selected and refitted as pass 7 does (:mod:`.p7_rotate.hidden`, on the dense
+    model's ``C``), on the last calibration windows; the graph is restored after each."""
+    from .p7_rotate.hidden import keep_rows, select_units
+
+    gm = plan.gm
+    cut = [m for m in plan.mlps if keep[m.writer] < m.width]
+    grams = hidden_grams(plan, batches, cut)
+    windows = sensitivity_windows(batches)
+    with torch.no_grad():
+        references = [gm(b.input_ids).logits.float().log_softmax(-1) for b in windows]
+
+    def divergence() -> list[float]:  # [summed KL, tokens]
+        summed, tokens = 0.0, 0
+        with torch.no_grad():
+            for batch, reference in zip(windows, references):
+                log_q = gm(batch.input_ids).logits.float().log_softmax(-1)
+                per_token = (reference.exp() * (reference - log_q)).sum(-1)
+                real = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(per_token, dtype=torch.bool)
+                summed += float(per_token[real].sum())
+                tokens += int(real.sum())
+        return all_reduce_sum(torch.tensor([summed, tokens], dtype=torch.float64)).tolist()
+
+    sensitivities = {}
+    for mlp in cut:
+        modules = [gm.get_submodule(name) for name in (mlp.writer, *mlp.readers)]
+        saved = [(m.weight, m.bias) for m in modules]
+        kept, x, _ = select_units(grams[mlp.writer], f64(modules[0].weight), keep[mlp.writer])
+        for reader, parts in mlp.readers.items():
+            keep_rows(gm.get_submodule(reader), kept, parts, reader in mlp.interleaved)
+        set_linear(modules[0], x.to(modules[0].weight.device), None)
+        try:
+            summed, tokens = divergence()
+        finally:
+            for module, (weight, bias) in zip(modules, saved):
+                module.weight, module.bias = weight, bias
+                sync_features(module)
+        sensitivities[mlp.writer] = summed / max(tokens, 1.0)
+    return sensitivities
+
+
+def allocate_by_sensitivity(mlps: list[MLP], sensitivities: dict[str, float], total: int,
+                            round_to: int) -> dict[str, int]:
+    """Units kept per MLP, ``total`` in all, the cut share ``h_m`` of each inversely proportional to its
+    measured sensitivity ``s_m`` (the minimiser of ``Σ s_m (h_m / h)²`` — each MLP's divergence growing
+    quadratically in its cut, from ``s_m`` at the uniform cut ``h`` — under the budget), at most
+    :data:`MAX_MEASURED_CUT`; counts rounded down to ``round_to``, the remainder given back by
+    :func:`fill_hidden`. MLPs the uniform widths left whole stay whole."""
+    cut = [m for m in mlps if m.writer in sensitivities]
+    removed = sum(m.width for m in mlps) - total
+    floor = max(max(sensitivities.values(), default=0.0) * 1e-3, 1e-12)  # rounding noise reads as ~0 or below
+    weight = {m.writer: 1.0 / max(sensitivities[m.writer], floor) for m in cut}
+
+    def removed_at(scale: float) -> float:
+        return sum(min(MAX_MEASURED_CUT, scale * weight[m.writer]) * m.width for m in cut)
+
+    low, high = 0.0, 1.0
+    while removed_at(high) < removed and high < 1e12:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if removed_at(middle) < removed else (low, middle)
+    kept = {m.writer: m.width for m in mlps}
+    for m in cut:
+        units = m.width - math.ceil(min(MAX_MEASURED_CUT, high * weight[m.writer]) * m.width)
+        kept[m.writer] = min(max(round_to * (units // round_to), min(round_to, m.width)), m.width)
+    return kept
 
 
 NAME = "widths"
