@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fxslice: the sliced program + weights (fxslice.load); transformers: a stock checkpoint "
                            "that from_pretrained, lm-eval and llama.cpp's converter load without fxslice (implies --stock)")
     comp.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
-                      help="MLP hidden units kept: the same fraction in every block, or by each unit's share of "
-                           "its block's output energy (one extra dense forward; not with --stream)")
+                      help="MLP hidden units kept: the same fraction in every block, by each unit's share of its "
+                           "block's output energy, or each MLP's cut by the divergence it alone causes (measured; "
+                           "energy and measured: dense MLPs, not with --stream)")
     comp.add_argument("--split", choices=SPLITS, default="measured",
                       help="with --target-params: measured (slice a few splits of the budget between the stream width "
                            "and the MLP units on a quarter of the calibration windows, keep the one closest to the model "

@@ -99,8 +99,10 @@ def compress(
             shortcut; needs ``sparsity=0`` or ``target_params``). Default: ``"none"`` under ``stock``,
             else ``"block"``.
         allocation: how the kept MLP hidden units are spread over the blocks: ``"uniform"`` (the
-            same fraction everywhere) or ``"energy"`` (by each unit's share of its block's output
-            energy, measured by one extra forward of the dense model; in-memory models only).
+            same fraction everywhere), ``"energy"`` (by each unit's share of its block's output
+            energy, measured by one extra forward of the dense model) or ``"measured"`` (each MLP's
+            share of the cut inversely proportional to the divergence of the logits its cut alone
+            causes, on the last calibration windows); the last two: dense MLPs of in-memory models.
         split: how ``target_params`` divides the budget between the stream width and the MLP hidden
             units: ``"measured"`` (default: a few candidate splits — the fixed one, the stream narrowed
             less, the stream whole and unrotated when ``basis`` is left to its default — are sliced on a

@@ -339,26 +339,9 @@ def fill_hidden(widths: Widths, mlps: list[MLP], goal: float, round_to: int, cou
 def unit_energies(plan: Plan, batches: list[Batch]) -> dict[str, torch.Tensor]:
     """``E[h_j²] ‖W_j‖²`` for every unit of every MLP: what deleting it alone removes from its block's
     output, measured by one forward of the dense (fused, not yet rotated) graph over the batches."""
-    gm, mlps = plan.gm, plan.mlps
-    squares = {m.writer: torch.zeros(m.width, dtype=torch.float64, device=plan.weights.device) for m in mlps}
-    current = {}
-    handles = []
-    for mlp in mlps:
-        def hook(_module, args, writer=mlp.writer):
-            squares[writer] += token_rows(args[0], current.get("batch")).to(torch.float64).pow(2).sum(0)
-        handles.append(gm.get_submodule(mlp.writer).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                current["batch"] = batch
-                gm(batch.input_ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for value in squares.values():
-        all_reduce_sum(value)
-    return {writer: value * f64(gm.get_submodule(writer).weight).pow(2).sum(0).to(value.device)
-            for writer, value in squares.items()}
+    grams = hidden_grams(plan, batches, plan.mlps)
+    return {writer: gram.diagonal() * f64(plan.gm.get_submodule(writer).weight).pow(2).sum(0).to(gram.device)
+            for writer, gram in grams.items()}
 
 
 def allocate_units(mlps: list[MLP], energies: dict[str, torch.Tensor], total: int, round_to: int,
