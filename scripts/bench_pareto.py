@@ -6,7 +6,9 @@ calibration windows, 40 evaluation windows per text) for
 
 - SliceGPT alone (``sparsity``; ``basis="position"`` = the paper, ``basis="block"``),
 - fxslice's budget mode (``target_params``: stream + MLP hidden units with refit, post-norm branches
-  in their own basis) at 90/85/80/75/70%, with uniform and energy-allocated MLP widths,
+  in their own basis) at 90/85/80/75/70%: ``budget-*`` with the split between stream and MLP units
+  measured on held-out calibration windows (the default; every candidate's score is kept),
+  ``budget-*-fixed`` with the fixed ratio, and energy-allocated MLP widths,
 - the stock budget mode (``target_params`` with ``stock=True``: the stream unrotated and whole, the same
   share of MLP units cut in every block, so that the slice saves as a stock Transformers checkpoint)
   at 90/80/75/70%,
@@ -14,8 +16,10 @@ calibration windows, 40 evaluation windows per text) for
 
 each in its own process (one at a time), and prefill speed of every slice against the dense captured
 graph (batch 1 and 8, 512 tokens, interleaved rounds in the same process). Results accumulate in
-``docs/pareto.jsonl`` (a finished run is not repeated; ``--fresh`` starts over); the table is
-printed and ``docs/pareto.png`` plotted from all of them.
+``docs/pareto.jsonl`` (a finished run is not repeated; ``--fresh`` starts over; rows marked
+``imported`` are earlier sessions' results on the same protocol); the tables (and every measured split's
+candidates) are printed and ``docs/pareto.png`` plotted from all of them. ``kjv_verse_end`` (lm-eval,
+the first ``--task-limit`` questions) is scored for every run.
 
     python scripts/bench_pareto.py                      # everything (~1.5-2 h on 2 cores)
     python scripts/bench_pareto.py --runs budget-0.8 sgpt-block-0.25   # some of it
@@ -174,6 +178,20 @@ def table(records: list[dict]) -> str:
     return tabulate(rows, head, tablefmt="github")
 
 
+def split_table(records: list[dict]) -> str:
+    """Every candidate of every measured split (the held-out KL on a quarter-calibrated slice)."""
+    rows = []
+    for r in records:
+        search = r.get("split_search")
+        for c in (search or {}).get("candidates", []):
+            rows.append([r["run"], c["label"] + (" (chosen)" if c["label"] == search["chosen"] else ""),
+                         c["stream_width"] or "-", "-" if c["hidden_sparsity"] is None else f"{c['hidden_sparsity']:.1%}",
+                         "-" if c["param_fraction"] is None else f"{c['param_fraction']:.1%}",
+                         c["refused"] or f"{c['score']:.4f}"])
+    return tabulate(rows, ["run", "candidate split", "stream width", "MLP units cut", "params", "held-out KL"],
+                    tablefmt="github")
+
+
 def _accuracy(task) -> str:
     """``0.53 (100)``: accuracy and how many questions, or ``-``."""
     return f"{task['acc']:.2f} ({task['limit']})" if task else "-"
@@ -242,6 +260,7 @@ def main() -> None:
                         str(args.task_limit)], check=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     print(table(records))
+    print(split_table(records))
     plot(records, Path(args.plot))
     print(f"plot: {args.plot}")
 
