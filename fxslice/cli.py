@@ -314,12 +314,9 @@ def cmd_finetune(args) -> int:
 def cmd_quantize(args) -> int:
     from .jobs.quantize import quantize_job
 
-    from .runtime.compiled import UNCOMPILABLE_SCHEMES
-
-    devices = None if args.scheme in UNCOMPILABLE_SCHEMES else _compile_devices(args)
     result = quantize_job(args.model, args.scheme, _protocol(args), output=args.output, overwrite=args.overwrite,
                           group_size=args.group_size, evaluate=not args.no_eval, eval_batch_size=args.eval_batch_size,
-                          compile_devices=devices, progress=not args.no_progress)
+                          compile_devices=_compile_devices(args), progress=not args.no_progress)
     if result.perplexities_after:
         print(result.table())
     print(result.summary)
@@ -337,20 +334,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _report_compiled(outcomes) -> bool:
-    """One line per device; True when every package was built."""
+def _report_compiled(outcomes, asked: bool = False) -> bool:
+    """One line per device; True when every package was built, or (unless compiling was all that was
+    ``asked``) skipped on purpose."""
     for outcome in outcomes:
-        if outcome.failure:
-            print(f"fxslice: warning: {outcome.warning}", file=sys.stderr)
+        if outcome.failure or outcome.skipped:
+            print(f"fxslice: {'note' if outcome.skipped and not asked else 'warning'}: {outcome.warning}", file=sys.stderr)
         else:
             print(f"compiled for {outcome.device}: {outcome.package} ({outcome.seconds:.0f} s)")
-    return all(outcome.failure is None for outcome in outcomes)
+    return all(outcome.failure is None and (outcome.skipped is None or not asked) for outcome in outcomes)
 
 
 def cmd_compile(args) -> int:
     from .runtime.compiled import compile_folder
 
-    return 0 if _report_compiled(compile_folder(args.model, args.device, progress=not args.no_progress)) else 1
+    return 0 if _report_compiled(compile_folder(args.model, args.device, progress=not args.no_progress), asked=True) else 1
 
 
 def cmd_inspect(args) -> int:

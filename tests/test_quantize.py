@@ -313,3 +313,18 @@ def test_compiled_quantised_folder_matches_its_exported_programs(float_folder, t
         for ids in (IDS, IDS[:1, :4]):
             assert _rel(compiled(ids).logits, eager(ids).logits) < 1e-2
     assert torch.equal(compiled.generate(IDS[:1, :5], 6), eager.generate(IDS[:1, :5], 6))
+
+
+def test_an_int4_folder_skips_compilation_with_the_reason_and_compile_asked_fails(float_folder, tmp_path):
+    from fxslice.runtime.compiled import compile_folder
+
+    folder, _ = float_folder
+    path, *_ = quantize_folder(folder, "int4", tmp_path / "q4")
+    before = sorted(p.name for p in path.iterdir())
+    [outcome] = compile_folder(path, ["cpu"], progress=False)
+    assert outcome.failure is None and outcome.package is None
+    assert "scheme int4: AOTInductor lowers the int4 kernel" in outcome.skipped
+    assert sorted(p.name for p in path.iterdir()) == before  # nothing written
+    asked = _cli("compile", str(path))
+    assert asked.returncode == 1 and asked.stderr.strip().count("\n") == 0
+    assert "no AOTInductor package for cpu (scheme int4" in asked.stderr

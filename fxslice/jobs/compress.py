@@ -21,7 +21,7 @@ from ..options import Options
 from ..passes.p3_analyse import Structure
 from ..passes.p8_quantize import check_scheme
 from ..result import SliceResult
-from ..runtime.compiled import UNCOMPILABLE_SCHEMES, check_compile_devices, compile_folder
+from ..runtime.compiled import check_compile_devices, compile_folder
 from ..runtime.folder import check_destination
 from ..runtime.save import save
 from .assets import load_model, resolve_model, torch_dtype
@@ -179,8 +179,6 @@ def compress_job(model_name: str, sparsity: Optional[float], protocol: Protocol,
     if output and writer:
         job.saved = save(sliced, output, tokenizer, record, overwrite=overwrite, max_cache_len=max_cache_len,
                          cache_batch_size=cache_batch_size, format=save_format)
-        if quantize in UNCOMPILABLE_SCHEMES:
-            compile_devices = None  # its folder keeps the exported programs (the reason: UNCOMPILABLE_SCHEMES)
         if quantize is not None:
             job.quantized = quantize_job(job.saved, quantize, protocol, output=job.saved, overwrite=True,
                                          group_size=group_size, evaluate=evaluate, eval_batch_size=eval_batch_size,

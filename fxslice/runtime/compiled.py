@@ -51,9 +51,12 @@ class CompileOutcome:
     package: Optional[Path] = None
     seconds: float = 0.0
     failure: Optional[str] = None
+    skipped: Optional[str] = None  # why nothing was compiled on purpose (a scheme AOTInductor cannot package)
 
     @property
     def warning(self) -> str:
+        if self.skipped:
+            return f"no AOTInductor package for {self.device} ({self.skipped}); the folder uses its exported programs"
         return (f"AOTInductor compilation for {self.device} failed ({self.failure}); the folder keeps using its "
                 "exported programs")
 
@@ -80,12 +83,17 @@ def compile_folder(folder: str | os.PathLike, devices: Optional[list[str]] = Non
     returned as a failed :class:`CompileOutcome` — the folder is left as it was — never raised."""
     path = Path(folder)
     record = read_record(path)  # refuse a folder fxslice did not save before compiling anything
-    packed_for = (record.get("quantization") or {}).get("packed_for")
+    quantization = record.get("quantization") or {}
+    packed_for = quantization.get("packed_for")
     device_types = check_compile_devices(devices or ([packed_for] if packed_for else default_devices()))
     for device_type in device_types:  # all checked first
         if packed_for and device_type != packed_for:
             raise FxSliceError(f"compile: {path} holds weights packed for {packed_for} kernels; it cannot be "
                                f"compiled for {device_type}")
+    scheme = quantization.get("scheme")
+    if scheme in UNCOMPILABLE_SCHEMES:
+        return [CompileOutcome(device_type, skipped=f"scheme {scheme}: {UNCOMPILABLE_SCHEMES[scheme]}")
+                for device_type in device_types]
     return [_compile_for(path, device_type, progress) for device_type in device_types]
 
 
@@ -114,10 +122,6 @@ UNCOMPILABLE_SCHEMES = {"int4": "AOTInductor lowers the int4 kernel with a group
 def _compile_for(folder: Path, device_type: str, progress: bool) -> CompileOutcome:
     started = time.perf_counter()
     outcome = CompileOutcome(device_type)
-    scheme = (read_record(folder).get("quantization") or {}).get("scheme")
-    if scheme in UNCOMPILABLE_SCHEMES:
-        outcome.failure = f"scheme {scheme}: {UNCOMPILABLE_SCHEMES[scheme]}"
-        return outcome
     staging = private_folder("fxslice-aoti-")
     try:
         with warnings.catch_warnings():  # torch-internal deprecation noise of export and inductor
