@@ -64,6 +64,7 @@ def compress(
     stock: bool = False,
     split: str = "measured",
     stream_sparsity: Optional[float] = None,
+    value_sparsity: Optional[float] = None,
     device: Optional[str | torch.device] = None,
     dtype: Optional[torch.dtype] = None,
     offload_dir: Optional[str | os.PathLike] = None,
@@ -111,6 +112,11 @@ def compress(
             :mod:`fxslice.split`) or ``"fixed"`` (MLP hidden sparsity 2.3 × the stream's, no search).
         stream_sparsity: with ``target_params``, the fraction of the stream width to delete; the same
             fraction of every MLP's units is cut to meet the rest of the budget (no search).
+        value_sparsity: the fraction of every attention's value dimensions to delete, per key/value
+            group, the output projection refitted (:mod:`fxslice.passes.p7_rotate.values`; attentions
+            pass 4 recognises — ``scaled_dot_product_attention`` with a value Linear of its own —,
+            the others left whole, each named with the reason in ``sliced.fxslice.skipped_attentions``).
+            The KV cache's values shrink with it.
         stock: keep the slice expressible by a stock Transformers config of the model's own type
             (one hidden size, one MLP width, nothing on the residual path), so that
             ``fxslice.save(..., format="transformers")`` writes a checkpoint ``from_pretrained``
@@ -134,7 +140,7 @@ def compress(
     error, options = None, None
     try:
         options = Options(sparsity, target_params, hidden_sparsity, round_to, pca_signal, slice_head, basis,
-                          allocation, stock, split, stream_sparsity).check()
+                          allocation, stock, split, stream_sparsity, value_sparsity).check()
         if device is not None:
             check_device(device)
         if dtype is not None:
@@ -206,6 +212,9 @@ def _compress_once(model, calib_loader, options: Options, device, dtype, offload
         hidden_widths={m.writer: (widths.hidden[m.writer], m.width) for m in plan.mlps
                        if widths.hidden.get(m.writer, m.width) < m.width},
         refit_errors=dict(record.refit_errors),
+        value_widths=record.value_widths(plan),
+        skipped_attentions=dict(run.attentions.skipped) if options.value_sparsity else {},
+        value_errors=dict(record.value_errors),
         norm_eps=record.norm_eps(plan),
         slice=record,
         source=run.source,

@@ -46,6 +46,7 @@ class Options:
     stock: bool = False
     split: str = "measured"
     stream_sparsity: Optional[float] = None  # under target_params: the stream's share, MLP units meet the rest
+    value_sparsity: Optional[float] = None  # the share of every attention's value dimensions cut
 
     def check(self) -> "Options":
         """Refuse a bad option before any work, naming the argument; returns the options with the
@@ -76,6 +77,7 @@ class Options:
         if self.split not in SPLITS:
             raise FxSliceError(f"split must be one of {SPLITS}, got {self.split!r}")
         _fraction("stream_sparsity", self.stream_sparsity, low_open=False)
+        _fraction("value_sparsity", self.value_sparsity, low_open=False)
         if self.stream_sparsity is not None and self.target_params is None:
             raise FxSliceError("stream_sparsity fixes the stream's share of a target_params budget; without "
                                "target_params give sparsity (and hidden_sparsity)")
@@ -94,6 +96,9 @@ class Options:
     def _check_stock(self) -> None:
         """A stock config has one hidden size and nothing on the residual path, one MLP width for all
         layers: the stream stays unrotated and every MLP keeps the same number of units."""
+        if self.value_sparsity:
+            raise FxSliceError(f"stock=True keeps every attention's value heads (a stock config has one head size): "
+                               f"value_sparsity must be 0, got {self.value_sparsity!r}")
         if self.sparsity or self.stream_sparsity:
             raise FxSliceError(f"stock=True keeps the stream width (a stock config has one hidden size): sparsity "
                                f"must be 0, got {self.sparsity or self.stream_sparsity!r}; cut MLP units with hidden_sparsity or target_params")

@@ -61,6 +61,12 @@ class SliceResult:
     """MLP writer -> (hidden units kept, hidden units of the dense MLP), for the MLPs sliced."""
     refit_errors: dict[str, float] = field(default_factory=dict)
     """MLP writer -> ``‖H Wᵀ − H_S Xᵀ‖² / ‖H Wᵀ‖²`` of its refit on the calibration data."""
+    value_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """attention output Linear -> (value dimensions kept per key/value group, dense value dimensions)."""
+    skipped_attentions: dict[str, str] = field(default_factory=dict)
+    """with ``value_sparsity``: the output Linears (not MLPs) whose attention values could not be narrowed, and why."""
+    value_errors: dict[str, float] = field(default_factory=dict)
+    """attention output Linear -> relative calibration error of its narrowed values (:mod:`.passes.p7_rotate.values`)."""
     norm_eps: dict[str, float] = field(default_factory=dict)
     """weightless norm -> its epsilon, where a sliced branch added its removed energy (pass 7)."""
     slice: Optional["Slice"] = None
@@ -104,6 +110,7 @@ class SliceResult:
             "head": self.head,
             "hidden_sparsity": self.hidden_sparsity,
             "hidden_widths": {k: list(v) for k, v in self.hidden_widths.items()},
+            "value_widths": {k: list(v) for k, v in self.value_widths.items()},
             "norm_eps": self.norm_eps,
             "stock_param_count": self.stock_param_count,
             **({"slice": self.slice.to_record()} if self.slice is not None else {}),
@@ -117,6 +124,7 @@ class SliceResult:
             ["sparsity", self.sparsity],
             ["slice widths", _ranges(self.widths)],
             ["MLP hidden units kept", _hidden(self.hidden_widths)],
+            ["attention value dims kept", _hidden(self.value_widths)],
             ["dense parameters", f"{self.dense_param_count:,}"],
             ["sliced parameters (true)", f"{self.param_count:,} ({100 * self.param_fraction:.1f}%)"],
             ["  of which shortcuts/affines", f"{self.added_param_count:,}"],

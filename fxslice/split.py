@@ -12,7 +12,8 @@ slice stays closest to the model on calibration windows none of them was calibra
   rest (:func:`~fxslice.passes.p6_widths.fixed_stream_budget`),
 - the stream whole and unrotated (``basis="none"``: no PCA, no shortcut, MLP units only) when the
   caller left ``basis`` to its default: the same share of every MLP's units, and (``allocation="measured"``)
-  each MLP's share set by the divergence its cut alone causes (:func:`~fxslice.passes.p6_widths.mlp_sensitivities`).
+  each MLP's share set by the divergence its cut alone causes (:func:`~fxslice.passes.p6_widths.mlp_sensitivities`),
+  and a quarter of every attention's value dimensions cut as well (:mod:`fxslice.passes.p7_rotate.values`).
 
 Score, per held-out token (masked tokens left out, summed over ``torch.distributed`` ranks): the
 divergence ``KL(p_dense ‖ p_slice)`` of the next-token distributions when the dense model is in memory;
@@ -40,6 +41,8 @@ from .passes.p6_widths import slice_width
 
 STREAM_SHARES = (2 / 3, 1 / 3)
 """Stream sparsities tried besides the fixed split's ``s_f`` and the whole stream, as fractions of ``s_f``."""
+VALUE_SHARE = 0.25
+"""The share of every attention's value dimensions the value candidate cuts (MLP units meet the rest)."""
 HELD_OUT = 8  # one calibration window (or batch) in this many scores the candidates
 CALIBRATED = 4  # the candidates calibrate on one in this many of the others
 
@@ -146,6 +149,9 @@ def candidates(options: Options, fixed: Candidate, hidden_size: int, free_basis:
         if options.allocation == "uniform":
             found.append(Candidate("stream whole, MLP units by measured sensitivity",
                                    replace(options, basis="none", allocation="measured")))
+        if not options.value_sparsity:
+            found.append(Candidate(f"stream whole, attention values cut {VALUE_SHARE:.0%}",
+                                   replace(options, basis="none", value_sparsity=VALUE_SHARE)))
     return found
 
 
@@ -163,7 +169,7 @@ def measure_split(options: Options, items: list, teacher: Optional[nn.Module], f
     calibration, held_out = windows
     search = SplitSearch("kl" if teacher is not None else "cross-entropy", len(calibration), len(held_out))
     fixed = Candidate("fixed (hidden 2.3x stream)", replace(options, split="fixed"))
-    bar = tqdm(total=len(STREAM_SHARES) + 3, desc="measuring the budget's split", disable=not progress)
+    bar = tqdm(total=len(STREAM_SHARES) + 4, desc="measuring the budget's split", disable=not progress)
     try:
         _score(fixed, run_candidate, calibration, held_out, teacher)  # its refusal is the budget's
         bar.update()
@@ -188,6 +194,9 @@ def _score(candidate: Candidate, run_candidate, calibration: list, held_out: lis
     """Compress ``candidate`` on the calibration items and score its slice on the held-out ones."""
     sliced = run_candidate(candidate.options, calibration)
     result = sliced.fxslice
+    if candidate.options.value_sparsity and not result.value_widths:
+        reasons = sorted(set(result.skipped_attentions.values()))
+        raise FxSliceError("no attention's values can be narrowed" + (f" ({reasons[0]})" if reasons else ""))
     held_out = prepare_batches(held_out, result.vocab_size, next(sliced.parameters()).device)
     candidate.stream_sparsity = result.sparsity
     candidate.hidden_size = result.hidden_size

@@ -23,10 +23,16 @@ def test_measured_split_compresses_the_candidate_closest_to_the_model(family, ma
     search = sliced.fxslice.split_search
     assert search.criterion == "kl" and (search.calibration_windows, search.held_out_windows) == (1, 1)
     labels = [c.label for c in search.candidates]
-    assert labels[0].startswith("fixed") and labels[-2:] == ["stream whole (basis none)",
-                                                             "stream whole, MLP units by measured sensitivity"]
+    assert labels[0].startswith("fixed") and labels[-3:] == ["stream whole (basis none)",
+                                                             "stream whole, MLP units by measured sensitivity",
+                                                             "stream whole, attention values cut 25%"]
     widths = [c.stream_width for c in search.candidates]
-    assert len(set(widths[:-1])) == len(widths) - 1  # no stream width tried twice
+    assert len(set(widths[:-2])) == len(widths) - 2  # no stream width tried twice
+    values = search.candidates[-1]
+    if family == "gemma2":  # eager attention (logit soft-capping): no value path to narrow, named
+        assert "no attention's values can be narrowed" in values.refused and "matmul" in values.refused
+    else:
+        assert values.hidden_sparsity < search.candidates[-3].hidden_sparsity  # the values pay part of the budget
     scored = [c for c in search.candidates if c.score is not None]
     best = min(scored, key=lambda c: c.score)
     assert search.chosen == best.label
@@ -37,6 +43,7 @@ def test_measured_split_compresses_the_candidate_closest_to_the_model(family, ma
     assert min(result.widths) == best.stream_width  # the final slice is the chosen split, on every window
     assert (result.options["basis"] == "none") == best.label.startswith("stream whole")
     assert (result.options["allocation"] == "measured") == best.label.endswith("measured sensitivity")
+    assert bool(result.value_widths) == best.label.startswith("stream whole, attention values")
     assert result.calibration_tokens == sum(int(b["attention_mask"].sum()) if masked else b.numel() for b in batches)
     assert torch.isfinite(sliced(batches[0]["input_ids"] if masked else batches[0]).logits).all()
     assert result.to_record()["split_search"]["chosen"] == best.label
@@ -132,7 +139,7 @@ def test_a_streamed_checkpoint_measures_its_split_by_held_out_cross_entropy(tmp_
     streamed = fxslice.compress(str(folder), batches, target_params=0.8, progress=False)
     search = streamed.fxslice.split_search
     assert search.criterion == "cross-entropy" and search.chosen
-    *scored, sensitivity = search.candidates
+    *scored, sensitivity, _values = search.candidates
     assert all(c.score is not None and c.score > 0 for c in scored)  # nats per held-out token
     assert "measures the dense model in memory" in sensitivity.refused  # never in memory when streamed
     in_memory = fxslice.compress(model, batches, target_params=0.8, split="fixed",

@@ -5,7 +5,8 @@
    (then the graph's weights go behind a weight store, :mod:`fxslice.graph.store`)
 3. :mod:`.p3_analyse` — the residual stream: positions, readers, writers, skips, block groups,
    norm branches → ``Structure`` (a graph analysis: no weight is read)
-4. :mod:`.p4_mlps` — the MLPs whose hidden units can be sliced (a graph analysis too)
+4. :mod:`.p4_mlps` — the MLPs whose hidden units can be sliced, and :mod:`.p4_attention` the attentions
+   whose value/output dimension can be narrowed (graph analyses too)
 5. :mod:`.p5_fuse` — norms folded, shortcuts inserted, LayerNorm streams centred → ``Plan`` (the
    fused graph with everything the analyses found)
 6. :mod:`.p6_widths` — the width policy: stream widths, MLP units kept, basis groups → ``Widths``

@@ -38,6 +38,7 @@ from ..graph import ops
 from ..graph.modules import LINEARS, BatchedExpertLinear, ExpertLinear
 from ..graph.nodes import describe, example_value
 from .p3_analyse import Structure
+from .p4_attention import find_attentions
 
 if TYPE_CHECKING:
     from .run import Run
@@ -197,3 +198,4 @@ NAME = "mlps"
 def step(run: "Run") -> None:
     with run.watch(NAME):
         run.mlps = find_mlps(run.structure)
+        run.attentions = find_attentions(run.structure, frozenset(m.writer for m in run.mlps.mlps))

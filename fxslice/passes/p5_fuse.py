@@ -45,6 +45,7 @@ from ..graph.store import Weights
 from ..graph.weights import f64, set_embedding, set_linear
 from ..registry import NormSpec
 from .p3_analyse import NormSite, Position, Structure
+from .p4_attention import Attention, find_attentions
 from .p4_mlps import MLP, find_mlps
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class Plan:
     tied: Optional[TiedHead] = None
     branches: list[NormBranch] = field(default_factory=list)
     mlps: list[MLP] = field(default_factory=list)  # pass 4: MLPs whose hidden units can be sliced
+    attentions: list[Attention] = field(default_factory=list)  # pass 4: attentions whose values can be narrowed
     folded_biases: set[str] = field(default_factory=set)
     """Readers given a bias by folding a norm's shift ``W β`` into them: a streamed reader gets it only when
     its weights are loaded, so the parameter count (pass 6) must not read it off the module."""
@@ -162,10 +164,12 @@ def center(module: nn.Module) -> None:
 class Fuser:
     """Rewrites a graph described by a :class:`Structure` into the fused graph of a :class:`Plan`."""
 
-    def __init__(self, structure: Structure, weights: Weights, mlps: list[MLP], rotate: bool = True):
+    def __init__(self, structure: Structure, weights: Weights, mlps: list[MLP], rotate: bool = True,
+                 attentions: Optional[list[Attention]] = None):
         self.structure = structure
         self.rotate = rotate
         self.mlps = mlps
+        self.attentions = list(attentions or [])
         self.gm = structure.gm
         self.hidden = structure.hidden_size
         self.weights = weights
@@ -282,7 +286,7 @@ class Fuser:
                                                                                       for r in site.readers]])
                    for p in s.positions]
         return Plan(self.gm, self.hidden, False, planned, s.block_groups(), [str(r.target) for r in s.last.readers],
-                    self.weights, mlps=list(self.mlps))
+                    self.weights, mlps=list(self.mlps), attentions=self.attentions)
 
     def run(self) -> Plan:
         if not self.rotate:
@@ -332,17 +336,19 @@ class Fuser:
         self.gm.recompile()
         return Plan(self.gm, self.hidden, s.centered, planned, s.block_groups(),
                     [str(r.target) for r in s.last.readers], self.weights, self.inserted, tied, self.branches,
-                    list(self.mlps), self.folded_biases)
+                    list(self.mlps), folded_biases=self.folded_biases, attentions=self.attentions)
 
 
 def fuse(structure: Structure, weights: Optional[Weights] = None, mlps: Optional[list[MLP]] = None,
-         rotate: bool = True) -> Plan:
+         rotate: bool = True, attentions: Optional[list[Attention]] = None) -> Plan:
     """Rewrite ``structure.gm`` in place into its fused form (see module docstring); returns the plan.
     Weight edits go through ``weights`` (default: the graph's weights in memory, edited at once);
-    ``mlps``: pass 4's result (found here from ``structure`` when not given); ``rotate=False``: the
-    stream keeps its coordinates, the graph is left unchanged (:meth:`Fuser.unrotated`)."""
+    ``mlps`` and ``attentions``: pass 4's results (found here from ``structure`` when not given);
+    ``rotate=False``: the stream keeps its coordinates, the graph is left unchanged (:meth:`Fuser.unrotated`)."""
     found = find_mlps(structure).mlps if mlps is None else mlps
-    return Fuser(structure, weights or Weights(structure.gm), found, rotate).run()
+    if attentions is None:
+        attentions = find_attentions(structure, frozenset(m.writer for m in found)).attentions
+    return Fuser(structure, weights or Weights(structure.gm), found, rotate, attentions).run()
 
 
 NAME = "fuse"
@@ -350,4 +356,5 @@ NAME = "fuse"
 
 def step(run: "Run") -> None:
     with run.watch(NAME):
-        run.plan = fuse(run.structure, run.weights, run.mlps.mlps, rotate=run.options.basis != "none")
+        run.plan = fuse(run.structure, run.weights, run.mlps.mlps, rotate=run.options.basis != "none",
+                        attentions=run.attentions.attentions)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ class Widths:
     hidden_sparsity: float = 0.0
     groups: list[list[int]] = field(default_factory=list)
     rotate: bool = True  # False: the stream keeps its coordinates (``basis="none"``), no PCA
+    values: dict[str, int] = field(default_factory=dict)  # attention W_o -> value dimensions kept per group
 
 
 def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
@@ -67,16 +68,18 @@ def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: lis
     """The widths ``options`` ask for: a sparsity, or the widths meeting a parameter budget; MLP units
     spread uniformly or by measured energy (the budget's leftover units then refilled one by one)."""
     groups = basis_groups(plan, options.basis)
+    values = value_widths(plan, float(options.value_sparsity or 0.0), options.round_to)
     if options.basis == "none":
-        widths = unrotated_widths(plan, options, dense_count, groups)
+        widths = unrotated_widths(plan, options, dense_count, groups, values)
     elif options.target_params is not None and options.stream_sparsity is not None:
         widths = fixed_stream_budget(plan, options.target_params, dense_count, float(options.stream_sparsity),
-                                     options.round_to, options.slice_head, groups)
+                                     options.round_to, options.slice_head, groups, values=values)
     elif options.target_params is not None:
-        widths = plan_budget(plan, options.target_params, dense_count, options.round_to, options.slice_head, groups)
+        widths = plan_budget(plan, options.target_params, dense_count, options.round_to, options.slice_head, groups,
+                             values)
     else:
         widths = uniform_widths(plan, float(options.sparsity), float(options.hidden_sparsity or 0.0),
-                                options.round_to, options.slice_head, groups)
+                                options.round_to, options.slice_head, groups, values)
     if options.allocation != "uniform" and any(widths.hidden[m.writer] < m.width for m in plan.mlps):
         widths.hidden = reallocate_units(plan, widths.hidden, options.allocation, batches, options.round_to)
         if options.target_params is not None:  # units the rounding left over, one at a time
@@ -103,7 +106,17 @@ def reallocate_units(plan: Plan, uniform: dict[str, int], allocation: str, batch
     return allocate_by_sensitivity(plan.mlps, mlp_sensitivities(plan, batches, uniform), total, round_to)
 
 
-def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: list[list[int]]) -> Widths:
+def value_widths(plan: Plan, value_sparsity: float, round_to: int) -> dict[str, int]:
+    """Value dimensions kept per key/value group of every attention (pass 4 found): the same fraction of
+    each, rounded down to ``round_to`` (at least one step); none for ``value_sparsity`` 0."""
+    if not value_sparsity:
+        return {}
+    return {a.writer: max(slice_width(a.width, value_sparsity, round_to), min(round_to, a.width))
+            for a in plan.attentions}
+
+
+def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: list[list[int]],
+                     values: Optional[dict[str, int]] = None) -> Widths:
     """Widths of an unrotated stream (``basis="none"``): every position whole, MLP units cut by
     ``hidden_sparsity`` or to meet ``target_params`` (:func:`fixed_stream_budget`). The graph then has the
     stock model's parameters exactly; rotation runs without PCA."""
@@ -112,13 +125,14 @@ def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: l
         stream = stream_widths(plan, 0.0, options.round_to, False)
         sparsity = float(options.hidden_sparsity or 0.0)
         return Widths(stream, hidden_widths(plan.mlps, sparsity, options.round_to, expert_step), 0.0, sparsity, groups,
-                      rotate=False)
+                      rotate=False, values=dict(values or {}))
     return fixed_stream_budget(plan, options.target_params, dense_count, 0.0, options.round_to, False, groups,
-                               rotate=False, expert_step=expert_step)
+                               rotate=False, expert_step=expert_step, values=values)
 
 
 def fixed_stream_budget(plan: Plan, target: float, dense_count: int, stream_sparsity: float, round_to: int,
-                        slice_head: bool, groups: list[list[int]], rotate: bool = True, expert_step: int = 1) -> Widths:
+                        slice_head: bool, groups: list[list[int]], rotate: bool = True, expert_step: int = 1,
+                        values: Optional[dict[str, int]] = None) -> Widths:
     """Widths meeting ``target_params`` with the stream cut by ``stream_sparsity`` (0 and ``rotate=False``:
     the stream whole and unrotated) and the same fraction of every MLP's units cut for the rest — the
     rounding's steps, else single units; found by bisection on the hidden sparsity."""
@@ -126,7 +140,7 @@ def fixed_stream_budget(plan: Plan, target: float, dense_count: int, stream_spar
 
     def at(sparsity: float, step: int) -> Widths:
         return Widths(list(stream), hidden_widths(plan.mlps, sparsity, step, expert_step), stream_sparsity, sparsity,
-                      groups, rotate=rotate)
+                      groups, rotate=rotate, values=dict(values or {}))
 
     def count(widths: Widths) -> int:
         return sliced_parameter_count(plan, widths)
@@ -211,10 +225,11 @@ def hidden_widths(mlps: list[MLP], sparsity: float, round_to: int, expert_step: 
 
 
 def uniform_widths(plan: Plan, sparsity: float, hidden_sparsity: float, round_to: int, slice_head: bool,
-                   groups: list[list[int]]) -> Widths:
-    """Widths for a stream sparsity and an MLP hidden sparsity, the same everywhere."""
+                   groups: list[list[int]], values: Optional[dict[str, int]] = None) -> Widths:
+    """Widths for a stream sparsity and an MLP hidden sparsity, the same everywhere (attention values:
+    ``values``, from :func:`value_widths`)."""
     return Widths(stream_widths(plan, sparsity, round_to, slice_head), hidden_widths(plan.mlps, hidden_sparsity, round_to),
-                  sparsity, hidden_sparsity, groups)
+                  sparsity, hidden_sparsity, groups, values=dict(values or {}))
 
 
 def identity_shortcuts(plan: Plan, group: list[int], widths: Widths) -> list[int]:
@@ -239,6 +254,10 @@ def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
     units_in = dict(widths.hidden)  # MLP writer -> kept units (its input features)
     units_out = {reader: parts * widths.hidden[m.writer] for m in plan.mlps if m.writer in widths.hidden
                  for reader, parts in m.readers.items()}
+    for attention in plan.attentions:  # value dimensions kept per key/value group
+        kept = widths.values.get(attention.writer, attention.width)
+        units_out[attention.reader] = attention.groups * kept
+        units_in[attention.writer] = attention.heads * kept
     for branch in plan.branches:  # pass 7: y and the norm's affine at the position's width
         units_in[branch.affine] = widths.stream[branch.position]
         units_out.update({writer: widths.stream[branch.position] for writer in branch.writers})
@@ -268,7 +287,7 @@ def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
 
 
 def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slice_head: bool,
-                groups: list[list[int]]) -> Widths:
+                groups: list[list[int]], values: Optional[dict[str, int]] = None) -> Widths:
     """Widths whose sliced count is at most ``target · dense_count`` and within ``TOLERANCE`` of it.
 
     First the least sparsity ``s`` (hidden ``min(HIDDEN_PER_STREAM · s, MAX_HIDDEN)``) within the
@@ -284,7 +303,7 @@ def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slic
 
     def widths_at(s: float) -> Widths:
         return uniform_widths(plan, s, min(HIDDEN_PER_STREAM * s, MAX_HIDDEN) if mlps else 0.0, round_to,
-                              slice_head, groups)
+                              slice_head, groups, values)
 
     def count(widths: Widths) -> int:
         return sliced_parameter_count(plan, widths)
@@ -300,7 +319,7 @@ def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slic
     chosen, total = fill_hidden(widths_at(high), mlps, goal, round_to, count)
     if total < floor:  # one rounding step wider, the MLPs cut harder
         wider = uniform_widths(plan, max(high - round_to / plan.hidden_size, 0.0), MAX_HIDDEN, round_to,
-                               slice_head, groups)
+                               slice_head, groups, values)
         if count(wider) <= goal:
             candidate, reached = fill_hidden(wider, mlps, goal, round_to, count)
             if reached > total:
@@ -322,7 +341,8 @@ def fill_hidden(widths: Widths, mlps: list[MLP], goal: float, round_to: int, cou
     total = count(widths)
     step_cost, step = {}, {m.writer: unit_step(m, round_to, expert_step) for m in mlps}
     for mlp in mlps:  # parameters of one more step of units of one MLP (linear in the units)
-        wider = Widths(widths.stream, {**widths.hidden, mlp.writer: widths.hidden[mlp.writer] + 1}, groups=widths.groups)
+        wider = Widths(widths.stream, {**widths.hidden, mlp.writer: widths.hidden[mlp.writer] + 1}, groups=widths.groups,
+                       values=widths.values)
         step_cost[mlp.writer] = (count(wider) - total) * step[mlp.writer]
     width_of = {m.writer: m.width for m in mlps}
     while True:

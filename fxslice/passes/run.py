@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..graph.store import Weights
     from ..source import ModelSource
     from .p3_analyse import Structure
+    from .p4_attention import AttentionSearch
     from .p4_mlps import MLPSearch
     from .p5_fuse import Plan
     from .p6_widths import Widths
@@ -51,6 +52,7 @@ class Run:
     weights: Optional["Weights"] = None  # 2
     structure: Optional["Structure"] = None  # 3 analyse
     mlps: Optional["MLPSearch"] = None  # 4 mlps
+    attentions: Optional["AttentionSearch"] = None  # 4 mlps (attention values)
     plan: Optional["Plan"] = None  # 5 fuse
     widths: Optional["Widths"] = None  # 6 widths
     slice: Optional["Slice"] = None  # 7 rotate

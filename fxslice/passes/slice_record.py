@@ -100,7 +100,34 @@ class ResizeBranch(GraphEdit):
         plan.gm.get_submodule(branch.norm).eps = self.eps
 
 
-EDITS = {cls.kind: cls for cls in (Resize, RemoveShortcut, ResizeBranch)}
+@dataclass(frozen=True)
+class ResizeValues(GraphEdit):
+    """Attention ``attention`` (its index in ``plan.attentions``) keeps ``width`` value dimensions per
+    key/value group: the reshapes and expands on its value path take ``width`` (``G·width``,
+    ``H·width`` where they hold whole groups or heads) and a KV cache's value buffers are rebuilt
+    ``width`` wide (:mod:`.p7_rotate.values`)."""
+
+    kind: ClassVar[str] = "resize_values"
+    attention: int
+    width: int
+
+    def apply(self, plan: Plan) -> None:
+        attention = plan.attentions[self.attention]
+        full, new = attention.width, self.width
+        sizes = {full: new, attention.groups * full: attention.groups * new, attention.heads * full: attention.heads * new}
+        for node in attention.shaped:
+            shape = list(node.args[1])
+            if shape and shape[-1] in sizes:
+                shape[-1] = sizes[shape[-1]]
+                node.args = (node.args[0], shape) + tuple(node.args[2:])
+        for target in attention.buffers:
+            owner, _, name = target.rpartition(".")
+            module = plan.gm.get_submodule(owner) if owner else plan.gm
+            old = getattr(module, name)
+            setattr(module, name, old.new_zeros(*old.shape[:-1], new))
+
+
+EDITS = {cls.kind: cls for cls in (Resize, RemoveShortcut, ResizeBranch, ResizeValues)}
 
 
 @dataclass
@@ -113,6 +140,7 @@ class Slice:
     edits: list[GraphEdit] = field(default_factory=list)
     hidden_units: dict[str, list[int]] = field(default_factory=dict)  # MLP writer -> kept unit indices
     refit_errors: dict[str, float] = field(default_factory=dict)  # MLP writer -> relative refit error
+    value_errors: dict[str, float] = field(default_factory=dict)  # attention W_o -> relative error of its values
 
     def apply(self, plan: Plan, edit: GraphEdit) -> None:
         """Make ``edit`` on ``plan`` and record it."""
@@ -136,13 +164,18 @@ class Slice:
                 widths[edit.position] = edit.width
         return widths
 
+    def value_widths(self, plan: Plan) -> dict[str, tuple[int, int]]:
+        """Attention ``W_o`` -> (value dimensions kept per group, dense value dimensions), for those narrowed."""
+        return {plan.attentions[e.attention].writer: (e.width, plan.attentions[e.attention].width)
+                for e in self.edits if isinstance(e, ResizeValues)}
+
     def norm_eps(self, plan: Plan) -> dict[str, float]:
         """Weightless norm -> the epsilon a sliced branch gave it."""
         return {plan.branches[e.branch].norm: e.eps for e in self.edits if isinstance(e, ResizeBranch)}
 
     def to_record(self) -> dict:
         return {"positions": self.positions, "rotate": self.rotate, "edits": [edit.to_record() for edit in self.edits], "hidden_units": self.hidden_units,
-                "refit_errors": self.refit_errors}
+                "refit_errors": self.refit_errors, "value_errors": self.value_errors}
 
     @classmethod
     def from_record(cls, record: dict) -> "Slice":
@@ -156,4 +189,5 @@ class Slice:
                 raise TypeError(f"'rotate' is {rotate!r}, not true or false")
         except (KeyError, TypeError, ValueError) as exc:
             raise FxSliceError(f"a slice record is malformed: {exc!r}") from exc
-        return cls(positions, rotate, edits, dict(record.get("hidden_units", {})), dict(record.get("refit_errors", {})))
+        return cls(positions, rotate, edits, dict(record.get("hidden_units", {})), dict(record.get("refit_errors", {})),
+                   dict(record.get("value_errors", {})))

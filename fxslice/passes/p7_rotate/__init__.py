@@ -14,7 +14,8 @@ The widths and basis groups come from pass 6. Modules, in the order a group goes
 - :mod:`.pca` — :func:`covariance`, :func:`pca_basis`;
 - :mod:`.positions` — :class:`Rotator`: the weights of each position rotated and sliced;
 - :mod:`.branches` — post-norm branches sliced in their own basis (after the positions);
-- :mod:`.hidden` — MLP hidden units selected and the down projection refitted (last).
+- :mod:`.hidden` — MLP hidden units selected and the down projection refitted;
+- :mod:`.values` — attention value dimensions narrowed per key/value group, the output refitted (last).
 
 Every change of the graph's shape is recorded in a :class:`~fxslice.passes.slice_record.Slice`,
 the value the loop returns.

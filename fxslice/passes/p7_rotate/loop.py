@@ -21,6 +21,7 @@ from ..slice_record import RemoveShortcut, Resize, Slice
 from .activations import ActivationCache
 from .branches import BranchRotator
 from .hidden import HiddenSlicer
+from .values import ValueSlicer
 from .pca import covariance, pca_basis
 from .positions import Rotator
 from .runner import SegmentRunner, Tap, finishing_schedule
@@ -95,7 +96,8 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: Widths, *, pca_si
     weights.check_room(segment_modules, 2 * tokens * hidden * weights.like.element_size())
     record = Slice(len(plan.positions), rotate=widths.rotate)
     rotator = Rotator(plan, record)
-    rewrites: list[BlockRewrite] = [BranchRotator(plan, widths.stream), HiddenSlicer(plan, widths.hidden)]
+    rewrites: list[BlockRewrite] = [BranchRotator(plan, widths.stream), HiddenSlicer(plan, widths.hidden),
+                                    ValueSlicer(plan, widths.values)]
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
     cache = ActivationCache(input_node, batches, [] if probe is None else [probe.ids, probe.changed],
                             weights.device, activation_dir)

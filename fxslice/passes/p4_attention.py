@@ -1,0 +1,201 @@
+"""Pass 4, attention values: find, from the graph, the attentions whose value/output dimension can be narrowed.
+
+A graph analysis like :mod:`.p4_mlps` (no weight is read); the attentions travel in the plan
+(``Plan.attentions``) and are narrowed inside pass 7 (:mod:`.p7_rotate.values`) to the width pass 6
+chose (``Widths.values``).
+
+An *attention* is a writer Linear ``W_o`` of a rotated position whose input is the output of
+``scaled_dot_product_attention`` through reshapes and transposes only, and whose value argument comes
+from a reader Linear ``W_v`` (used by nothing else) through reshapes, transposes, size-1 dimensions,
+``expand`` (the key/value groups repeated for grouped-query attention) and, in a KV-cache capture,
+``index_copy_`` into a cache buffer. With ``H`` query heads and ``G`` key/value groups of ``d_v``
+value dimensions, head ``h`` reads group ``h // (H/G)``; value dimension ``j`` of group ``g`` is row
+``g·d_v + j`` of ``W_v`` and, for each head ``h`` of the group, column ``h·d_v + j`` of ``W_o``. That
+layout is not assumed: it is *verified* by running the path's own ops on index tensors (the graph's
+example shapes, no weights). Any other structure — eager attention written with ``matmul``/``softmax``,
+a fused query/key/value Linear whose value shares a reshape with the queries, a value dimension that is
+not the last one — is refused by :func:`trace_attention` with the node named and skipped by
+:func:`find_attentions`, which leaves that attention whole.
+
+Narrowing group ``g`` to ``m`` dimensions rewrites ``W_v``'s rows of the group as ``Tᵀ W_v`` and each
+head's ``W_o`` columns as ``W_o B`` (``T``: ``d_v × m``, ``B``: ``m × d_v``); attention mixes tokens,
+never value dimensions, so the head's output becomes ``(A v T) B = (A v)(T B)``: exact when ``m = d_v``.
+The graph's reshapes carrying ``d_v`` (and a KV cache's value buffers) take ``m``
+(:class:`~fxslice.passes.slice_record.ResizeValues`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+from ..errors import GraphStructureError
+from ..graph import ops
+from ..graph.nodes import describe, example_value, fetch_attr
+from .p3_analyse import Structure
+
+SDPA = ops.aten.scaled_dot_product_attention.default
+EXPAND = ops.aten.expand.default
+INDEX_COPY = frozenset({ops.aten.index_copy_.default, ops.aten.index_copy.default})
+PATH_OPS = ops.RESHAPES | ops.TRANSPOSES | ops.UNIT_DIMS | ops.IDENTITIES | ops.CASTS | {EXPAND}
+"""What may stand between the value Linear and the attention, and between the attention and ``W_o``."""
+SHAPED = ops.RESHAPES | {EXPAND}
+"""Path ops whose shape argument carries the value width."""
+
+
+@dataclass
+class Attention:
+    """One attention of the graph whose value/output dimension can be narrowed."""
+
+    writer: str  # W_o
+    reader: str  # W_v
+    heads: int  # H
+    groups: int  # G (key/value heads)
+    width: int  # d_v
+    position: int  # the stream position W_o writes
+    output: Node  # W_o's input: the heads' outputs side by side, [..., H·d_v]
+    shaped: list[Node] = field(default_factory=list)  # reshapes / expands whose last size is d_v, G·d_v or H·d_v
+    buffers: list[str] = field(default_factory=list)  # KV-cache value buffers [..., d_v] (get_attr targets)
+
+
+@dataclass
+class AttentionSearch:
+    attentions: list[Attention] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # writer -> reason
+
+
+def _concrete(value):
+    """A shape argument with every symbolic size replaced by the size it had when captured."""
+    if isinstance(value, Node):
+        return _concrete(value.meta.get("val"))
+    if isinstance(value, torch.SymInt):
+        return int(optimization_hint(value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_concrete(v) for v in value)
+    return value
+
+
+def _shape(node: Node) -> Optional[tuple[int, ...]]:
+    value = example_value(node)
+    return None if value is None else tuple(_concrete(list(value.shape)))
+
+
+def trace_attention(gm: GraphModule, writer: str, position: int) -> Attention:
+    """The attention whose output Linear is ``writer``; ``GraphStructureError`` naming the node where
+    its structure is not the one described in the module docstring."""
+    modules = dict(gm.named_modules())
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == writer), None)
+    if node is None or type(modules.get(writer)) is not nn.Linear:
+        raise GraphStructureError(f"'{writer}' is not a plain Linear of the graph")
+
+    def refuse(at: Node, why: str) -> GraphStructureError:
+        return GraphStructureError(f"the attention values of '{writer}' cannot be narrowed: {describe(at)} {why}")
+
+    after: list[Node] = []  # attention output -> W_o input
+    current = node.args[0]
+    while not ops.calls(current, SDPA):
+        if not ops.calls(current, PATH_OPS) or len(current.users) != 1:
+            raise refuse(current, "is not a reshape of an attention's output (scaled_dot_product_attention)")
+        after.append(current)
+        current = current.args[0]
+    attention = current
+    if len(attention.users) != 1:
+        raise refuse(attention, "is read elsewhere too")
+    before: list[Node] = []  # attention's value argument -> W_v output
+    buffers: list[Node] = []
+    current = attention.args[2]
+    while not (current.op == "call_module" and type(modules.get(str(current.target))) is nn.Linear):
+        if ops.calls(current, INDEX_COPY):
+            buffer = current.args[0]
+            if not isinstance(buffer, Node) or buffer.op != "get_attr" or len(buffer.users) != 1:
+                raise refuse(current, "writes the values into a cache that is not a buffer of its own")
+            buffers.append(buffer)
+            before.append(current)
+            current = current.args[3]
+            continue
+        if not ops.calls(current, PATH_OPS) or len(current.users) != 1:
+            raise refuse(current, "is not a reshape of the values between their Linear and the attention")
+        before.append(current)
+        current = current.args[0]
+    reader = current
+    if len(reader.users) != 1:
+        raise refuse(reader, "is read elsewhere too (a fused projection)")
+    out, value, projected = _shape(attention), _shape(attention.args[2]), _shape(reader)
+    if out is None or value is None or projected is None or len(out) != 4:
+        raise refuse(attention, "has no example shapes")
+    heads, width = out[1], out[-1]
+    reader_module, writer_module = modules[str(reader.target)], modules[writer]
+    if reader_module.out_features % width or writer_module.in_features != heads * width:
+        raise refuse(reader, f"does not hold whole value heads of {width} dimensions")
+    groups = reader_module.out_features // width
+    if heads % groups:
+        raise refuse(attention, f"has {heads} heads for {groups} key/value groups")
+    lasts = {width, groups * width, heads * width}
+    for member in before + after:
+        shape = _shape(member)
+        if shape is None or shape[-1] not in lasts:
+            raise refuse(member, "moves the value dimension away from the last one")
+    _verify_layout(gm, reader, before, attention, after, heads, groups, width, refuse)
+    return Attention(writer, str(reader.target), heads, groups, width, position, node.args[0],
+                     [n for n in before + after if ops.calls(n, SHAPED)], [str(b.target) for b in buffers])
+
+
+def _run(path: list[Node], start: Node, value: torch.Tensor, gm: GraphModule) -> torch.Tensor:
+    """The path's ops (in data-flow order from ``start``) applied to ``value`` with the captured sizes;
+    a cache write passes its new values through, repeated along the cache's length."""
+    env = {start: value}
+    for member in path:
+        if ops.calls(member, INDEX_COPY):
+            buffer = fetch_attr(gm, member.args[0].target)
+            dim, source = member.args[1], env[member.args[3]]
+            env[member] = source.narrow(dim, 0, 1).expand(*buffer.shape[:-1], source.shape[-1]).clone()
+            continue
+        args = [env[a] if isinstance(a, Node) and a in env else _concrete(a) for a in member.args]
+        kwargs = {k: _concrete(v) for k, v in member.kwargs.items() if k not in ("device", "dtype", "layout",
+                                                                                   "memory_format")}
+        env[member] = member.target(*args, **kwargs)
+    return env[path[-1]] if path else value
+
+
+def _verify_layout(gm, reader, before, attention, after, heads, groups, width, refuse) -> None:
+    """Run the value path on row indices and the output path on (head, dimension) indices: head ``h``
+    must read value dimension ``j`` of group ``h // (H/G)`` and ``W_o`` column ``h·d_v + j``."""
+    repeats = heads // groups
+    try:
+        rows = torch.arange(groups * width, dtype=torch.float64).expand(*_shape(reader)).clone()
+        reached = _run(list(reversed(before)), reader, rows, gm)  # [B, H, L, d_v]
+        head, dim = torch.arange(heads)[:, None], torch.arange(width)[None, :]
+        expected = ((head // repeats) * width + dim).to(torch.float64)
+        values_ok = tuple(reached.shape[-3:-2]) == (heads,) and bool((reached == expected[:, None, :]).all())
+        outputs = (head * width + dim).to(torch.float64)[None, :, None, :].expand(*_shape(attention)).clone()
+        columns = _run(list(reversed(after)), attention, outputs, gm)
+        outputs_ok = bool((columns == torch.arange(heads * width, dtype=torch.float64)).all())
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise refuse(attention, f"has a head layout its reshapes could not be replayed for ({exc})") from exc
+    if not values_ok:
+        raise refuse(attention, "does not read value heads in the layout W_v writes them (group h // (H/G))")
+    if not outputs_ok:
+        raise refuse(attention, "does not hand its heads to the output Linear side by side (column h·d_v + j)")
+
+
+def find_attentions(structure: Structure, mlps: frozenset[str] = frozenset()) -> AttentionSearch:
+    """Every attention writing a rotated position, directly or through a writer-side norm branch (see
+    the module docstring); the other linear writers but the MLP writers ``mlps`` are listed in
+    ``skipped`` with the reason."""
+    modules = dict(structure.gm.named_modules())
+    writers = [(str(w.target), p.index) for p in structure.positions if p.rotated for w in p.writers]
+    writers += [(str(w.target), index) for index, site in structure.branch_sites() for w in site.inner_writers]
+    search = AttentionSearch()
+    for writer, position in writers:
+        if type(modules.get(writer)) is not nn.Linear or writer in mlps:
+            continue
+        try:
+            search.attentions.append(trace_attention(structure.gm, writer, position))
+        except GraphStructureError as exc:
+            search.skipped[writer] = str(exc)
+    return search
