@@ -99,6 +99,9 @@ def child(name: str, out: Path, task_limit: int) -> None:
             from fxslice.jobs.assets import load_model
 
             record["dense_kjv_verse_end"] = kjv_accuracy(load_model(model_name)[0], model_name, task_limit)
+    from fxslice.runtime.generate import kv_cache_bytes_per_token, with_cache
+
+    record["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(with_cache(job.sliced, 1, 8, share_weights=True))
     record.update(prefill_speedups(model_name, job.sliced))
     with out.open("a") as handle:
         handle.write(json.dumps(record) + "\n")

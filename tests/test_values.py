@@ -2,6 +2,8 @@
 output Linear): found from the graph with the layout verified, refused with the node named, exact when
 nothing is cut, better than deleting dimensions, replayed onto the KV-cache program, saved and streamed."""
 
+import json
+
 import pytest
 import torch
 
@@ -118,7 +120,12 @@ def test_the_kv_cache_program_takes_narrow_value_buffers_and_saves(family, tmp_p
     with torch.no_grad():
         expected = [int(sliced(tokens[:, :PROMPT.shape[1] + i]).logits[0, -1].argmax()) for i in range(6)]
     assert tokens[0, PROMPT.shape[1]:].tolist() == expected
-    loaded, _ = fxslice.load(fxslice.save(sliced, tmp_path / "values", tiny_tokenizer(), generator=program))
+    folder = fxslice.save(sliced, tmp_path / "values", tiny_tokenizer(), generator=program)
+    config = model.config
+    keys = config.num_hidden_layers * config.num_key_value_heads * 16 * 4  # float32 keys, 16 dims per head
+    record = json.loads((folder / "fxslice.json").read_text())
+    assert record["generator"]["kv_cache_bytes_per_token"] == keys + keys // 2  # values at 8 of 16 dims
+    loaded, _ = fxslice.load(folder)
     with torch.no_grad():
         assert (loaded(IDS).logits - sliced(IDS).logits).abs().max() < 1e-4
     assert torch.equal(loaded.generate(PROMPT, 6), tokens)

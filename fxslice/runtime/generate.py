@@ -73,6 +73,14 @@ def with_cache(sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 10
     return gm
 
 
+def kv_cache_bytes_per_token(program: nn.Module) -> int:
+    """Bytes of keys and values one token adds to a KV-cache program's cache: its ``[B, heads, length, d]``
+    buffers per sequence and position (what narrowing attention values shrinks)."""
+    batch = program.cache_batch_size
+    return sum(b.shape[1] * b.shape[3] * b.element_size() for b in program.buffers()
+               if b.dim() == 4 and b.shape[0] == batch and b.shape[2] <= program.max_cache_len)
+
+
 def retarget(generator: nn.Module, weights: nn.Module) -> GraphModule:
     """A copy of a loaded KV-cache program carrying the weights of ``weights`` (e.g. after fine-tuning)."""
     target = canonicalise(copy.deepcopy(generator))

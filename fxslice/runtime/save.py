@@ -19,7 +19,7 @@ from ..options import SAVE_FORMATS
 from ..version import __version__
 from .folder import (FORMAT, FORMAT_VERSION, GENERATOR, PROGRAM, check_destination, move_into_place,
                      share_files, staging_folder, write_record)
-from .generate import with_cache
+from .generate import kv_cache_bytes_per_token, with_cache
 from ..graph.quantized import model_dtype
 from .programs import export_generator, export_program
 from .stock import save_transformers
@@ -78,6 +78,7 @@ def _full_record(record: dict, model: nn.Module, vocab: int, staging: Path, weig
     full.pop("compiled", None)  # packages belong to the programs they were compiled from
     if generator is not None:
         full["generator"] = {"max_cache_len": generator.max_cache_len, "batch_size": generator.cache_batch_size,
+                             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(generator),
                              "program_sha256": sha256(staging / GENERATOR)}
     return full
 
