@@ -14,7 +14,8 @@ from fxslice.split import hold_out, held_out_score
 from tiny_models import VOCAB, calibration, masked_calibration, tiny_model
 
 
-@pytest.mark.parametrize("family,masked,dtype", [("llama", True, torch.float32), ("gemma2", False, torch.float32),
+@pytest.mark.parametrize("family,masked,dtype", [("llama", True, torch.float32),
+                                                  pytest.param("gemma2", False, torch.float32, marks=pytest.mark.slow),
                                                   ("qwen2", True, torch.bfloat16)])
 def test_measured_split_compresses_the_candidate_closest_to_the_model(family, masked, dtype):
     model = tiny_model(family, dtype)
@@ -128,6 +129,7 @@ def test_cli_refuses_a_bad_split_in_one_line(capsys):
     assert len(err) == 1 and "stream_sparsity must be a number" in err[0]
 
 
+@pytest.mark.slow  # six streamed compressions
 def test_a_streamed_checkpoint_measures_its_split_by_held_out_cross_entropy(tmp_path):
     from tiny_models import folder_digest
 

@@ -71,8 +71,9 @@ def test_reduced_rank_is_exact_at_full_width_and_beats_deleting_dimensions():
     assert loss(t @ b) < 0.8 * loss(deleted)
 
 
-@pytest.mark.parametrize("family,masked,dtype", [("llama", True, torch.float32), ("opt", False, torch.float32),
-                                                  ("qwen2", True, torch.bfloat16), ("gptj", False, torch.float32),
+@pytest.mark.parametrize("family,masked,dtype", [("llama", True, torch.float32), ("qwen2", True, torch.bfloat16),
+                                                  pytest.param("opt", False, torch.float32, marks=pytest.mark.slow),
+                                                  pytest.param("gptj", False, torch.float32, marks=pytest.mark.slow),
                                                   pytest.param("qwen3", True, torch.float32, marks=pytest.mark.slow),
                                                   pytest.param("olmo2", False, torch.float32, marks=pytest.mark.slow)])
 def test_narrowed_values_cut_parameters_and_stay_near_the_model(family, masked, dtype):
@@ -106,7 +107,7 @@ def test_narrowed_values_beat_deleting_the_same_dimensions():
         assert (cut(IDS).logits - reference).norm() < (deleted(IDS).logits - reference).norm()
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_the_kv_cache_program_takes_narrow_value_buffers_and_saves(family, tmp_path):
     model = tiny_model(family)
     sliced = fxslice.compress(model, masked_calibration(), 0.25, value_sparsity=0.5, round_to=4, progress=False)
