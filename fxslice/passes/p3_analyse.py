@@ -120,6 +120,12 @@ class Structure:
         return [(p.index, site) for p in self.positions for site in p.writer_norms
                 if site.inner_writers and not site.spec.centered]
 
+    def block_writers(self) -> list[tuple[str, int]]:
+        """``(module, position)`` of every module writing a rotated position, directly or inside a
+        post-norm branch: where pass 4 looks for MLPs and attentions."""
+        writers = [(str(w.target), p.index) for p in self.positions if p.rotated for w in p.writers]
+        return writers + [(str(w.target), index) for index, site in self.branch_sites() for w in site.inner_writers]
+
     def has_position_table(self) -> bool:
         """Whether an embedding besides the token embedding writes the first position (learned
         positions: inputs longer than the table cannot run)."""

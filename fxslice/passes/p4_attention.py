@@ -188,10 +188,8 @@ def find_attentions(structure: Structure, mlps: frozenset[str] = frozenset()) ->
     the module docstring); the other linear writers but the MLP writers ``mlps`` are listed in
     ``skipped`` with the reason."""
     modules = dict(structure.gm.named_modules())
-    writers = [(str(w.target), p.index) for p in structure.positions if p.rotated for w in p.writers]
-    writers += [(str(w.target), index) for index, site in structure.branch_sites() for w in site.inner_writers]
     search = AttentionSearch()
-    for writer, position in writers:
+    for writer, position in structure.block_writers():
         if type(modules.get(writer)) is not nn.Linear or writer in mlps:
             continue
         try:

@@ -179,10 +179,8 @@ def find_mlps(structure: Structure) -> MLPSearch:
     """Every MLP writing a rotated position, directly or through a writer-side norm branch (see the
     module docstring); other linear writers are listed in ``skipped`` with the reason."""
     modules = dict(structure.gm.named_modules())
-    writers = [(str(w.target), p.index) for p in structure.positions if p.rotated for w in p.writers]
-    writers += [(str(w.target), index) for index, site in structure.branch_sites() for w in site.inner_writers]
     search = MLPSearch()
-    for writer, position in writers:
+    for writer, position in structure.block_writers():
         if not isinstance(modules.get(writer), LINEARS):
             continue
         try:
