@@ -16,7 +16,7 @@ from tiny_models import VOCAB, calibration, masked_calibration, tiny_model
 
 @pytest.mark.parametrize("family,masked,dtype", [("llama", True, torch.float32),
                                                   pytest.param("gemma2", False, torch.float32, marks=pytest.mark.slow),
-                                                  ("qwen2", True, torch.bfloat16)])
+                                                  pytest.param("qwen2", True, torch.bfloat16, marks=pytest.mark.slow)])
 def test_measured_split_compresses_the_candidate_closest_to_the_model(family, masked, dtype):
     model = tiny_model(family, dtype)
     batches = (masked_calibration if masked else calibration)(batches=8)

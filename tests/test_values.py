@@ -22,9 +22,12 @@ IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8
 PROMPT = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(9))
 # GQA, MHA with biases (opt), qk-norm (qwen3), value bias (qwen2), parallel block (gptj), post-norms (olmo2),
 # sandwich norms (gemma3_text), experts beside it (mixtral)
-FOUND = ["llama", "opt", "qwen3", "qwen2", "gptj", "olmo2", "gemma3_text", "mixtral"]
-REFUSED = {"falcon_new": "aten.select.int", "gpt2": "getitem", "bloom": "aten.bmm", "gemma2": "aten.matmul",
-           "phi3": "aten.slice"}
+SLOW = pytest.mark.slow
+FOUND = ["llama", "opt", "olmo2", *[pytest.param(f, marks=SLOW) for f in ("qwen3", "qwen2", "gptj", "gemma3_text",
+                                                                          "mixtral")]]
+REFUSED = [("falcon_new", "aten.select.int"), ("gemma2", "aten.matmul"),
+           *[pytest.param(f, op, marks=SLOW) for f, op in (("gpt2", "getitem"), ("bloom", "aten.bmm"),
+                                                            ("phi3", "aten.slice"))]]
 
 
 def _attentions(family):
@@ -45,7 +48,7 @@ def test_attentions_are_found_from_the_graph_with_their_heads(family):
         assert not attention.buffers  # no cache in the prefill capture
 
 
-@pytest.mark.parametrize("family,op", sorted(REFUSED.items()))
+@pytest.mark.parametrize("family,op", REFUSED)
 def test_attentions_of_another_structure_are_refused_with_the_node(family, op):
     _, search = _attentions(family)
     assert not search.attentions
