@@ -96,33 +96,14 @@ def trace_attention(gm: GraphModule, writer: str, position: int) -> Attention:
     def refuse(at: Node, why: str) -> GraphStructureError:
         return GraphStructureError(f"the attention values of '{writer}' cannot be narrowed: {describe(at)} {why}")
 
-    after: list[Node] = []  # attention output -> W_o input
-    current = node.args[0]
-    while not ops.calls(current, SDPA):
-        if not ops.calls(current, PATH_OPS) or len(current.users) != 1:
-            raise refuse(current, "is not a reshape of an attention's output (scaled_dot_product_attention)")
-        after.append(current)
-        current = current.args[0]
-    attention = current
+    after, attention = _walk_back(node.args[0], lambda n: ops.calls(n, SDPA), refuse,
+                                  "is not a reshape of an attention's output (scaled_dot_product_attention)")
     if len(attention.users) != 1:
         raise refuse(attention, "is read elsewhere too")
-    before: list[Node] = []  # attention's value argument -> W_v output
     buffers: list[Node] = []
-    current = attention.args[2]
-    while not (current.op == "call_module" and type(modules.get(str(current.target))) is nn.Linear):
-        if ops.calls(current, INDEX_COPY):
-            buffer = current.args[0]
-            if not isinstance(buffer, Node) or buffer.op != "get_attr" or len(buffer.users) != 1:
-                raise refuse(current, "writes the values into a cache that is not a buffer of its own")
-            buffers.append(buffer)
-            before.append(current)
-            current = current.args[3]
-            continue
-        if not ops.calls(current, PATH_OPS) or len(current.users) != 1:
-            raise refuse(current, "is not a reshape of the values between their Linear and the attention")
-        before.append(current)
-        current = current.args[0]
-    reader = current
+    before, reader = _walk_back(attention.args[2], lambda n: n.op == "call_module" and
+                                type(modules.get(str(n.target))) is nn.Linear, refuse,
+                                "is not a reshape of the values between their Linear and the attention", buffers)
     if len(reader.users) != 1:
         raise refuse(reader, "is read elsewhere too (a fused projection)")
     out, value, projected = _shape(attention), _shape(attention.args[2]), _shape(reader)
@@ -143,6 +124,27 @@ def trace_attention(gm: GraphModule, writer: str, position: int) -> Attention:
     _verify_layout(gm, reader, before, attention, after, heads, groups, width, refuse)
     return Attention(writer, str(reader.target), heads, groups, width, position, node.args[0],
                      [n for n in before + after if ops.calls(n, SHAPED)], [str(b.target) for b in buffers])
+
+
+def _walk_back(current: Node, arrived, refuse, why: str, buffers: Optional[list[Node]] = None) -> tuple[list[Node], Node]:
+    """``(path, end)``: the single-use path ops from ``current`` back to the first node ``arrived`` accepts;
+    with ``buffers``, a cache write (``index_copy_`` into a buffer of its own) is walked through to its new
+    values and its buffer collected."""
+    path = []
+    while not arrived(current):
+        if buffers is not None and ops.calls(current, INDEX_COPY):
+            buffer = current.args[0]
+            if not isinstance(buffer, Node) or buffer.op != "get_attr" or len(buffer.users) != 1:
+                raise refuse(current, "writes the values into a cache that is not a buffer of its own")
+            buffers.append(buffer)
+            path.append(current)
+            current = current.args[3]
+            continue
+        if not ops.calls(current, PATH_OPS) or len(current.users) != 1:
+            raise refuse(current, why)
+        path.append(current)
+        current = current.args[0]
+    return path, current
 
 
 def _run(path: list[Node], start: Node, value: torch.Tensor, gm: GraphModule) -> torch.Tensor:
