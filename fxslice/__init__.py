@@ -29,7 +29,8 @@ from .compress import compress, inspect  # noqa: E402
 from .errors import CalibrationError, FxSliceError, GraphStructureError
 from .graph.inserted import InsertedModule
 from .passes.p3_analyse import Structure
-from .registry import LinearMatch, NormSpec, Region, register_linear_pattern, register_norm_pattern, unregister_pattern
+from .registry import (LinearMatch, NormSpec, Region, Substitution, register_capture_pattern, register_linear_pattern,
+                       register_norm_pattern, unregister_pattern)
 from .result import SliceResult
 from .passes.p8_quantize import quantize
 from .jobs.finetune import finetune
@@ -42,6 +43,7 @@ from . import patterns  # noqa: E402,F401  (registers the built-in patterns from
 
 __all__ = [
     "compress", "inspect", "save", "load", "quantize", "quantize_folder", "finetune", "SliceResult", "Structure", "InsertedModule", "NormSpec", "Region",
-    "LinearMatch", "register_norm_pattern", "register_linear_pattern", "unregister_pattern",
+    "LinearMatch", "Substitution", "register_norm_pattern", "register_linear_pattern", "register_capture_pattern",
+    "unregister_pattern",
     "FxSliceError", "GraphStructureError", "CalibrationError", "__version__",
 ]

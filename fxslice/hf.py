@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .errors import FxSliceError, GraphStructureError
 from .graph.weights import count_parameters
+from .registry import capture_substitutions
 
 STATIC_CACHE_PREFIX = "model."
 """transformers' exportable static-cache wrapper keeps the model as its ``model`` attribute."""
@@ -141,19 +142,30 @@ EXPERTS_IMPLEMENTATION = "batched_mm"
 @contextmanager
 def exportable(model: nn.Module, use_cache_via: Optional[str] = "use_cache"):
     """``model`` set up for ``torch.export``, restored afterwards: ``config.use_cache`` off where the
-    model takes ``use_cache`` only through ``**kwargs``, and experts in their gathered-matmul form
-    where the model lets its experts implementation be chosen."""
-    config = getattr(model, "config", None)
-    cache_default = getattr(config, "use_cache", None)
-    cache_off = use_cache_via != "use_cache" and bool(cache_default)
-    if cache_off:
+    model takes ``use_cache`` only through ``**kwargs`` (on a composite model's text config too), experts
+    in their gathered-matmul form where the model lets its experts implementation be chosen, and the
+    registered capture patterns' verified substitutes in place (:func:`~fxslice.registry.capture_substitutions`)."""
+    switched = [c for c in _configs(model) if use_cache_via != "use_cache" and getattr(c, "use_cache", False)]
+    for config in switched:
         config.use_cache = False
     try:
-        with experts_implementation(model, EXPERTS_IMPLEMENTATION):
+        with experts_implementation(model, EXPERTS_IMPLEMENTATION), capture_substitutions(model):
             yield model
     finally:
-        if cache_off:
-            config.use_cache = cache_default
+        for config in switched:
+            config.use_cache = True
+
+
+def _configs(model: nn.Module) -> list:
+    """``model.config`` and, for a composite model, its text config (which decides ``use_cache`` there)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    try:
+        text = config.get_text_config()
+    except Exception:  # noqa: BLE001 - not a transformers config, or one with several text configs
+        text = None
+    return [config] + ([text] if text is not None and text is not config else [])
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""Pattern registry: how fxslice recognises norms and linear layers in a captured graph.
+"""Pattern registry: how fxslice recognises norms and linear layers in a captured graph, and how it
+captures modules whose own forward ``torch.export`` cannot trace.
 
 Architecture knowledge lives in the top-level ``patterns/`` package (installed as
 ``fxslice.patterns``), which registers the built-in patterns through the functions below. A user
@@ -19,10 +20,13 @@ that ``y = normalise(x) * scale + shift`` reproduces the region's output on rand
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import MethodType
 from typing import Callable, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
@@ -196,9 +200,30 @@ LinearMatcher = Callable[[GraphModule, Node], Optional[LinearMatch]]
 
 
 @dataclass
+class Substitution:
+    """A capture pattern's proposal: export-friendly versions of some methods of one module (a loop over
+    the experts a batch happens to reach, ``.tolist()`` of routing counts: data-dependent control flow
+    ``torch.export`` cannot trace), used while the model is captured and removed afterwards.
+
+    ``methods`` maps a method name to ``fn(module, *args)``; ``example(call, generator)`` computes
+    something from the module through ``call(name, *args)`` on random inputs drawn from ``generator``
+    and returns the tensors to compare. It runs once with the module's own methods and once with the
+    substitutes; the substitution is used only where they agree (:func:`capture_tolerance`; integer
+    and boolean outputs equal).
+    """
+
+    methods: dict[str, Callable]
+    example: Callable[[Callable, torch.Generator], object]
+
+
+CaptureMatcher = Callable[[torch.nn.Module], Optional[Substitution]]
+
+
+@dataclass
 class _Registry:
     norms: list[tuple[str, NormMatcher]] = field(default_factory=list)
     linears: list[tuple[str, LinearMatcher]] = field(default_factory=list)
+    captures: list[tuple[str, CaptureMatcher]] = field(default_factory=list)
     width_attributes: list[str] = field(default_factory=list)  # config attributes that may hold an unset MLP width
 
 
@@ -229,6 +254,14 @@ def register_linear_pattern(name: str, fn: LinearMatcher | None = None, *, first
     return _register(REGISTRY.linears, name, fn, first)
 
 
+def register_capture_pattern(name: str, fn: CaptureMatcher | None = None, *, first: bool = False):
+    """Register ``fn(module) -> Substitution | None``: export-friendly methods for a module whose own
+    forward ``torch.export`` cannot capture (see :class:`Substitution`)."""
+    if fn is None:
+        return lambda f: _register(REGISTRY.captures, name, f, first)
+    return _register(REGISTRY.captures, name, fn, first)
+
+
 def register_width_attribute(name: str) -> None:
     """Name a config attribute that holds an MLP width even where a config leaves it unset (``None``:
     derived from the hidden size), so that a stock config can set it (:mod:`fxslice.runtime.stock`)."""
@@ -237,9 +270,10 @@ def register_width_attribute(name: str) -> None:
 
 
 def unregister_pattern(name: str) -> None:
-    """Remove a norm or linear pattern by name (no error when absent)."""
+    """Remove a norm, linear or capture pattern by name (no error when absent)."""
     REGISTRY.norms[:] = [(n, f) for n, f in REGISTRY.norms if n != name]
     REGISTRY.linears[:] = [(n, f) for n, f in REGISTRY.linears if n != name]
+    REGISTRY.captures[:] = [(n, f) for n, f in REGISTRY.captures if n != name]
 
 
 def verify_norm(region: Region, spec: NormSpec, seed: int = 0) -> float:
@@ -294,3 +328,84 @@ def match_norm(region: Region) -> tuple[Optional[str], Optional[NormSpec], list[
     if damaged is not None:
         _check_finite(region, damaged)
     return None, None, notes
+
+
+CAPTURE_SEEDS = 3
+
+
+def capture_tolerance(module: torch.nn.Module) -> float:
+    """What a substitute may differ by: summation order only (1e-4 in float32/64, 3e-2 in half types)."""
+    dtype = next((t.dtype for t in module.parameters() if t.is_floating_point()), torch.float32)
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def relative_difference(got: object, want: object) -> float:
+    """``max |got - want| / (1 + max |want|)`` over the tensors of two outputs (inf where their structure,
+    shapes or integer values differ)."""
+    got_leaves, want_leaves = pytree.tree_leaves(got), pytree.tree_leaves(want)
+    if len(got_leaves) != len(want_leaves):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got_leaves, want_leaves):
+        if not isinstance(b, torch.Tensor):
+            if a != b:
+                return float("inf")
+        elif not isinstance(a, torch.Tensor) or a.shape != b.shape:
+            return float("inf")
+        elif not b.is_floating_point():
+            if not torch.equal(a, b):
+                return float("inf")
+        else:
+            a, b = a.double(), b.double()
+            worst = max(worst, float((a - b).abs().max() / (1.0 + b.abs().max())) if b.numel() else 0.0)
+    return worst
+
+
+def verify_substitution(module: torch.nn.Module, substitution: Substitution) -> float:
+    """Largest relative difference between ``substitution``'s example computed with the module's own
+    methods and with the substitutes, over a few random draws."""
+    own = {name: getattr(module, name) for name in substitution.methods}
+    new = {name: MethodType(fn, module) for name, fn in substitution.methods.items()}
+    worst = 0.0
+    for seed in range(CAPTURE_SEEDS):
+        with torch.no_grad():
+            want = substitution.example(lambda name, *args: own[name](*args), torch.Generator().manual_seed(seed))
+            got = substitution.example(lambda name, *args: new[name](*args), torch.Generator().manual_seed(seed))
+        worst = max(worst, relative_difference(got, want))
+    return worst
+
+
+@contextmanager
+def capture_substitutions(model: torch.nn.Module):
+    """Inside: every module for which a registered capture pattern's :class:`Substitution` verifies runs
+    the substitutes (instance attributes, deleted afterwards). A module whose weights are not loaded
+    (a streamed checkpoint's skeleton) cannot be verified and is refused naming it and the pattern."""
+    installed: list[tuple[torch.nn.Module, list[str]]] = []
+    try:
+        for path, module in model.named_modules():
+            for name, propose in REGISTRY.captures:
+                try:
+                    substitution = propose(module)
+                except Exception:  # noqa: BLE001 - a pattern that crashes on a foreign module does not match
+                    continue
+                if substitution is None:
+                    continue
+                if any(t.device.type == "meta" for t in module.parameters()):
+                    raise FxSliceError(
+                        f"module '{path}' ({type(module).__name__}) is captured through capture pattern '{name}', "
+                        "which is checked on the module's weights; they are not loaded (a streamed checkpoint): "
+                        "load the model in memory to compress it")
+                try:
+                    error = verify_substitution(module, substitution)
+                except Exception:  # noqa: BLE001 - a proposal that cannot run on this module does not match
+                    continue
+                if error <= capture_tolerance(module):
+                    for method, fn in substitution.methods.items():
+                        setattr(module, method, MethodType(fn, module))
+                    installed.append((module, list(substitution.methods)))
+                    break
+        yield model
+    finally:
+        for module, methods in installed:
+            for method in methods:
+                delattr(module, method)
