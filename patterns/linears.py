@@ -42,7 +42,11 @@ def aten_linear(gm: GraphModule, node: Node) -> LinearMatch | None:
         dtype = None
     casts = [n for n in (node.args[1], bias_node) if n is not None and n is not weight_node and n is not bias_source
              and len(n.users) == 1]
-    return LinearMatch(casts + [node], node.args[0], node, weight, bias, _name(node, weight_node), compute_dtype=dtype)
+    added = []
+    if bias_node is None and dtype is None:
+        bias, added = _added_bias(gm, node)
+    nodes = casts + [node] + added
+    return LinearMatch(nodes, node.args[0], nodes[-1], weight, bias, _name(node, weight_node), compute_dtype=dtype)
 
 
 @register_linear_pattern("conv1d_addmm")
@@ -80,13 +84,29 @@ def transposed_matmul(gm: GraphModule, node: Node) -> LinearMatch | None:
     weight = _param(gm, transposed.args[0])
     if weight is None or weight.dim() != 2:
         return None
-    nodes, out, bias = ([transposed] if len(transposed.users) == 1 else []) + [node], node, None
-    if len(node.users) == 1:
-        user = next(iter(node.users))
-        if ops.calls(user, ops.ADD) and user.args[0] is node:
-            bias = _param(gm, user.args[1])
-            if bias is not None and bias.dim() == 1:
-                nodes, out = nodes + [user], user
-            else:
-                bias = None
-    return LinearMatch(nodes, x, out, weight, bias, _name(node, transposed.args[0]))
+    bias, added = _added_bias(gm, node)
+    nodes = ([transposed] if len(transposed.users) == 1 else []) + [node] + added
+    return LinearMatch(nodes, x, nodes[-1], weight, bias, _name(node, transposed.args[0]))
+
+
+BROADCASTS = frozenset({aten.expand.default, aten.expand_as.default})
+
+
+def _added_bias(gm: GraphModule, node: Node) -> tuple[object, list[Node]]:
+    """``(b, [nodes])`` where ``node``'s only use is ``node + b`` with ``b`` a 1-D parameter of its output
+    width, or that parameter broadcast by ``expand``/``expand_as`` (``expand_as(b, node)`` may read
+    ``node`` for its shape: GPT-NeoX-Japanese adds its last attention's bias apart from the Linear);
+    ``(None, [])`` otherwise."""
+    adds = [u for u in node.users if ops.calls(u, ops.ADD) and len(u.args) == 2 and u.kwargs.get("alpha", 1) == 1]
+    if len(adds) != 1 or adds[0].args[0] is adds[0].args[1]:
+        return None, []
+    user = adds[0]
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    broadcast = [other] if ops.calls(other, BROADCASTS) and len(other.users) == 1 else []
+    if not set(node.users) <= {user, *broadcast} or (broadcast and node is broadcast[0].args[0]):
+        return None, []
+    bias = _param(gm, other.args[0] if broadcast else other)
+    width = node.meta["val"].shape[-1] if "val" in node.meta else None
+    if bias is None or bias.dim() != 1 or bias.shape[0] != width or user.meta["val"].shape != node.meta["val"].shape:
+        return None, []
+    return bias, broadcast + [user]

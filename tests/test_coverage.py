@@ -9,6 +9,7 @@ from torch import nn
 
 import fxslice
 from fxslice.errors import GraphStructureError
+from tiny_models import VOCAB, calibration, masked_calibration
 from toy_models import TOY_VOCAB, toy_calibration
 
 IDS = torch.randint(0, TOY_VOCAB, (3, 9), generator=torch.Generator().manual_seed(7))
@@ -50,15 +51,17 @@ class Decoder(nn.Module):
     both before the first block and after the last (NanoChat), ``scale_in_place`` scales the embedding
     with ``mul_`` and adds ``0`` (CTRL), ``positions`` adds a sinusoidal table gathered by position
     (XGLM), ``clamp_ids`` edits the ids before the embedding (Gemma 3), ``view_update`` scales the first
-    token through an in-place update of a view (linear-attention layers write state that way)."""
+    token through an in-place update of a view (linear-attention layers write state that way), ``bias_apart``
+    adds the down projections' bias after the Linear, broadcast with ``expand_as`` (GPT-NeoX-Japanese)."""
 
     def __init__(self, norm=lambda: nn.RMSNorm(WIDTH, eps=1e-6), shared_final=False, scale_in_place=False,
-                 positions=False, clamp_ids=False, view_update=False):
+                 positions=False, clamp_ids=False, view_update=False, bias_apart=False):
         super().__init__()
         self.embed = nn.Embedding(TOY_VOCAB, WIDTH)
         self.norms = nn.ModuleList(norm() for _ in range(2))
         self.up = nn.ModuleList(nn.Linear(WIDTH, 64) for _ in range(2))
-        self.down = nn.ModuleList(nn.Linear(64, WIDTH) for _ in range(2))
+        self.down = nn.ModuleList(nn.Linear(64, WIDTH, bias=not bias_apart) for _ in range(2))
+        self.down_bias = nn.ParameterList(torch.randn(WIDTH) for _ in range(2)) if bias_apart else None
         self.shared = L2Norm() if shared_final else None
         self.final = norm()
         self.head = nn.Linear(WIDTH, TOY_VOCAB, bias=False)
@@ -89,8 +92,11 @@ class Decoder(nn.Module):
             x = x + self.table.index_select(0, positions).unsqueeze(0)
         if self.shared is not None:
             x = self.shared(x)
-        for norm, up, down in zip(self.norms, self.up, self.down):
-            x = x + down(torch.relu(up(norm(x))))
+        for k, (norm, up, down) in enumerate(zip(self.norms, self.up, self.down)):
+            written = down(torch.relu(up(norm(x))))
+            if self.down_bias is not None:
+                written = written + self.down_bias[k].expand_as(written)
+            x = x + written
         x = self.shared(x) if self.shared is not None else x
         return self.head(self.final(x))
 
@@ -104,6 +110,7 @@ CASES = {
     "sinusoidal_positions": dict(positions=True),
     "ids_edited_before_embedding": dict(clamp_ids=True),
     "in_place_update_of_a_view": dict(view_update=True),
+    "bias_added_after_the_linear": dict(bias_apart=True),
 }
 
 
@@ -140,3 +147,68 @@ class Scan(nn.Module):
 def test_a_graph_fixed_to_the_example_length_is_refused():
     with pytest.raises(GraphStructureError, match=r"torch.export fixed the sequence length to 16 when capturing Scan"):
         fxslice.compress(Scan().eval(), toy_calibration(), 0.25, progress=False)
+
+
+def _neox_japanese(dtype=torch.float32):
+    """GPT-NeoX-Japanese: its last attention's bias is added after the Linear (``bias.expand_as(x)``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt_neox_japanese", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_multiple_size=2, max_position_embeddings=64,
+                                  bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:  # the separate bias (zero at init) and the norms away from their initial values
+                param.normal_(0.3, 0.5)
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no-mask", "right-padded-mask"])
+def test_a_bias_added_after_the_linear_joins_it_and_rotates_with_it(masked):
+    model = _neox_japanese()
+    exact = fxslice.compress(model, masked_calibration() if masked else calibration(), 0.0, progress=False)
+    with torch.no_grad():
+        assert (exact(IDS).logits - model(IDS).logits).abs().max() < 1e-4
+    dense = exact.get_submodule("gpt_neox_japanese.layers.1.attention.dense")
+    assert dense.bias is not None and dense.bias.shape == (dense.out_features,)  # the bias joined the Linear
+    sliced = fxslice.compress(model, masked_calibration() if masked else calibration(), 0.25, progress=False)
+    assert sliced.get_submodule("gpt_neox_japanese.layers.1.attention.dense").bias.shape == (48,)
+    with torch.no_grad():
+        assert torch.isfinite(sliced(IDS).logits).all()
+
+
+def test_a_bias_added_after_the_linear_in_bfloat16_is_exact_to_its_own_rounding():
+    model, reference = _neox_japanese(torch.bfloat16), _neox_japanese()
+    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
+    with torch.no_grad():
+        noise = (model(IDS).logits.float() - reference(IDS).logits).abs().max()
+        error = (exact(IDS).logits.float() - model(IDS).logits.float()).abs().max()
+    assert error <= 4 * noise + 1e-3
+
+
+class Chunked(nn.Module):
+    """Mixes tokens within chunks of 4, padding the sequence up to a multiple of 4 only when it is not one
+    (Mamba-2's chunked scan): at the example length 16 the padding branch is skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Embedding(TOY_VOCAB, WIDTH), nn.RMSNorm(WIDTH)
+        self.up, self.head = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, TOY_VOCAB)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = self.up(self.norm(x))
+        length = h.shape[1]
+        pad = (4 - length % 4) % 4
+        if pad > 0:
+            h = nn.functional.pad(h, (0, 0, 0, pad))
+        h = h.unflatten(1, (-1, 4)).cumsum(2).flatten(1, 2)[:, :length]
+        return self.head(x + h)
+
+
+def test_a_graph_whose_shape_guards_hold_only_for_some_lengths_is_refused():
+    with pytest.raises(GraphStructureError, match=r"specialised Chunked to the example's sequence length 16: its shape "
+                                                  r"guards fail at length\(s\) 2, 3, 5, 7, 11"):
+        fxslice.compress(Chunked().eval(), toy_calibration(), 0.25, progress=False)

@@ -8,10 +8,15 @@ from torch.fx import CodeGen, Graph, GraphModule, Node
 from .nodes import copy_meta
 
 
+def is_guard(node: Node) -> bool:
+    """Whether ``node`` calls the shape-guard submodule ``torch.export``'s ``.module()`` adds."""
+    return node.op == "call_module" and str(node.target).startswith("_guards")
+
+
 def strip_guards(graph: Graph) -> None:
     """Drop the shape-guard submodule calls ``torch.export``'s ``.module()`` adds."""
     for node in list(graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith("_guards"):
+        if is_guard(node):
             graph.erase_node(node)
 
 

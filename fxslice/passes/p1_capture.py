@@ -1,7 +1,8 @@
 """Pass 1 — capture: a causal LM becomes one flat ``torch.fx.GraphModule``.
 
 ``torch.export`` (non-strict, dynamic batch and sequence length) traces the model; the resulting
-graph is cleaned into ``forward(input_ids) -> CausalLMOutput`` (no guards, no ``use_cache``
+graph is cleaned into ``forward(input_ids) -> CausalLMOutput`` (no guards — checked first at a range of
+sequence lengths, so that a graph valid only for the example's length is refused —, no ``use_cache``
 placeholder, only the logits as output). Tracing needs no weight values (a checkpoint's model is
 captured with unallocated parameters); a model in memory is also run once to check that it is
 causal (in eval mode, restored afterwards). It is never modified; the graph's parameters still
@@ -19,7 +20,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..errors import FxSliceError, GraphStructureError
-from ..graph.edit import plain_graph_module, strip_guards
+from ..graph.edit import is_guard, plain_graph_module, strip_guards
 from ..hf import ModelSpec, causal_lm_output, check_causal, exportable, logits_leaf
 
 if TYPE_CHECKING:
@@ -52,9 +53,11 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
         model.train(was_training)
     gm = program.module()
     graph = gm.graph
+    _keep_only_input_ids(graph, keep_guards_inputs=True)
+    _check_dynamic(graph, spec)
+    _check_guards(gm, spec, kwargs)
     strip_guards(graph)
     _keep_only_input_ids(graph)
-    _check_dynamic(graph, spec)
     output = next(n for n in graph.nodes if n.op == "output")
     logits = pytree.tree_leaves(output.args[0])[leaf]
     with graph.inserting_before(output):
@@ -77,14 +80,46 @@ def _check_dynamic(graph, spec: ModelSpec) -> None:
                                   "inputs of that shape")
 
 
-def _keep_only_input_ids(graph) -> None:
-    """Drop unused placeholders (``use_cache``); refuse a graph that reads any input but ``input_ids``."""
+CHECKED_LENGTHS = (2, 3, 5, 7, 11, 13, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 100, 127, 128, 129, 255, 256, 257)
+"""Sequence lengths at which the captured graph's shape guards are evaluated (up to the model's limit)."""
+
+
+def _check_guards(gm: GraphModule, spec: ModelSpec, kwargs: dict) -> None:
+    """Refuse a graph whose shape guards (what ``torch.export`` assumed about the input while tracing, and
+    later passes drop) fail at some length in :data:`CHECKED_LENGTHS`: a branch taken for the example's
+    length only (a computation in chunks whose padding step the example length skipped) would give wrong
+    values there."""
+    guard = next((n for n in gm.graph.nodes if is_guard(n)), None)
+    if guard is None:
+        return
+    check = gm.get_submodule(str(guard.target))
+    limit = spec.max_positions or max(CHECKED_LENGTHS)
+    failed = []
+    for length in (n for n in CHECKED_LENGTHS if n <= limit):
+        values = {**kwargs, "input_ids": spec.example_input_ids(2, length)}
+        try:
+            check(*[values.get(str(arg.target)) if isinstance(arg, torch.fx.Node) else arg for arg in guard.args])
+        except Exception:  # noqa: BLE001 - a failed guard raises; which exception type is torch's business
+            failed.append(length)
+    if failed:
+        raise GraphStructureError(
+            f"torch.export specialised {spec.class_name} to the example's sequence length "
+            f"{spec.example_input_ids().shape[1]}: its shape guards fail at length(s) {', '.join(map(str, failed))} "
+            "(a computation in chunks whose padding step that length skipped?), where the graph would compute "
+            "wrong values; a model config whose chunk size does not divide the example length captures the general case")
+
+
+def _keep_only_input_ids(graph, keep_guards_inputs: bool = False) -> None:
+    """Drop unused placeholders (``use_cache``); refuse a graph that reads any input but ``input_ids``
+    (``keep_guards_inputs``: inputs only the shape guards read stay, for :func:`_check_guards`)."""
     found = False
     for node in list(graph.nodes):
         if node.op != "placeholder":
             continue
         if node.target == "input_ids":
             found = True
+        elif keep_guards_inputs and all(is_guard(user) for user in node.users):
+            continue
         elif node.users:
             raise GraphStructureError(f"the captured graph reads input '{node.target}', expected input_ids only")
         else:
