@@ -24,6 +24,7 @@ recorded as failed (the worker is restarted for the rest). Results go to ``runs/
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -51,6 +52,10 @@ SHRINK = {  # attribute -> tiny value, applied where the config has the attribut
 FILL = {"head_dim": 16, "num_key_value_heads": 2}  # sizes some default configs leave None (derived nowhere)
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 FILL_MOE = {"num_experts_per_tok": 2}  # left None by mixture-of-experts configs that do have experts (DeepSeek-V2)
+GEMMA4_TEXT = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32,
+               "max_position_embeddings": 64, "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"],
+               "num_kv_shared_layers": 2}  # the text part of Gemma 4's speculative-decoding assistants
 EXPLICIT = {  # model type -> constructor arguments where the default config builds no model (a real checkpoint's
     # config names these; the defaults leave them unset or inconsistent: experts, layer kinds, rope per layer
     # kind, shared key/value layers, indexer sizes)
@@ -60,6 +65,58 @@ EXPLICIT = {  # model type -> constructor arguments where the default config bui
     "gemma3n_text": {"num_kv_shared_layers": 0},
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
                        "indexer_compress_ratio": 4},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1, "state_size": 16},  # heads x head size = 2 x width
+    "bamba": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 16,
+              "attn_layer_indices": [1]},
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid"], "mamba_d_state": 16},
+    "zamba": {"layer_types": ["hybrid", "hybrid"], "layers_block_type": ["hybrid", "hybrid"]},  # one shared
+    # transformer tied across hybrid layers needs two of them
+    "xlstm": {"num_heads": 4},
+    "musicgen_decoder": {"num_codebooks": 1},  # the decoder of musicgen reads batch x codebooks rows
+    "musicgen_melody_decoder": {"num_codebooks": 1},
+    "dots3_note": {"text_config": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64,
+                                   "shared_experts_intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                                   "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                                   "v_head_dim": 16, "head_dim": 16, "max_position_embeddings": 64, "sliding_window": 32,
+                                   "index_topk": 8, "index_head_dim": 16, "index_n_heads": 2, "pad_token_id": 1,
+                                   "bos_token_id": 1, "eos_token_id": 1,
+                                   "layer_types": ["indexed_attention", "sliding_attention"], "swa_num_attention_heads": 4,
+                                   "swa_num_key_value_heads": 4, "swa_q_lora_rank": 32, "swa_kv_lora_rank": 32,
+                                   "swa_head_dim": 16, "swa_qk_nope_head_dim": 8, "swa_v_head_dim": 16},
+                   "vision_config": {"hidden_size": 64, "adapter_in_dim": 64, "adapter_out_dim": 64, "num_hidden_layers": 1,
+                                     "num_attention_heads": 4, "intermediate_size": 128, "mlp_layer_types": ["dense"]},
+                   "audio_config": {"hidden_size": 64, "adapter_input_size": 64, "adapter_out_dim": 64,
+                                    "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 128}},
+    "prophetnet": {"num_encoder_layers": 2, "num_decoder_layers": 2, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+                   "num_decoder_attention_heads": 4},
+    "reformer": {"attn_layers": ["local", "lsh"], "axial_pos_shape": [8, 8], "axial_pos_embds_dim": [32, 32],
+                 "attention_head_size": 16, "feed_forward_size": 128, "local_attn_chunk_length": 8,
+                 "lsh_attn_chunk_length": 8, "num_buckets": 4, "hash_seed": 0},
+    "xlnet": {"d_inner": 128, "attn_type": "uni"},  # "bi" attends to later tokens
+    "qwen4_exp": {"text_config": {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 64,
+                                  "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "num_experts": 4,
+                                  "num_experts_per_tok": 2, "layer_types": ["linear_attention", "indexed_attention"],
+                                  "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                                  "indexer_budget": 16, "indexer_compress_ratio": 4}},
+    "blt": {"encoder_hash_byte_group_vocab": 64, "encoder_hash_byte_group_size": [3, 4], "local_attention_window_len": 32,
+            "patcher_config": {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                               "intermediate_size": 128, "max_position_embeddings": 64, "sliding_window": 32},
+            "encoder_config": {"vocab_size": 128, "hidden_size": 64, "hidden_size_global": 128, "num_hidden_layers": 1,
+                               "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64},
+            "decoder_config": {"vocab_size": 128, "hidden_size": 64, "hidden_size_global": 128, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64},
+            "global_config": {"hidden_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+                              "intermediate_size": 256, "max_position_embeddings": 64}},
+    "gemma4_assistant": {"backbone_hidden_size": 64, "num_centroids": 16, "centroid_intermediate_top_k": 4,
+                         "text_config": {**GEMMA4_TEXT, "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
+    "gemma4_unified_assistant": {"backbone_hidden_size": 64, "num_centroids": 16, "centroid_intermediate_top_k": 4,
+                                 "text_config": GEMMA4_TEXT},
+    "moss_transcribe_diarize": {"audio_config": {"num_mel_bins": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                                 "intermediate_size": 128, "hidden_size": 64, "max_source_positions": 64}},
+    "xmod": {"default_language": "en_XX"},
+    "kolibri1_1": {"index_num_heads": 2},  # at most the query heads per key/value head
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
 }
@@ -72,7 +129,10 @@ def tiny_config(model_type: str):
     constructor derives from them follow), then shrunk attribute by attribute where needed."""
     from transformers import AutoConfig
 
-    default = AutoConfig.for_model(model_type)
+    try:
+        default = AutoConfig.for_model(model_type)
+    except Exception:  # noqa: BLE001 - a default that does not validate (Gemma 4's assistants): the explicit sizes
+        default = AutoConfig.for_model(model_type, **EXPLICIT.get(model_type, {}))
     sizes = {key: _tiny(default, key) for key in SHRINK if _int_attribute(default, key)}
     sizes.update({key: value for key, value in FILL.items() if key in vars(default) and vars(default)[key] is None})
     if any(_int_attribute(default, key) for key in EXPERT_COUNTS):
@@ -89,6 +149,7 @@ def tiny_config(model_type: str):
     sizes.update(EXPLICIT.get(model_type, {}))
     if isinstance(sizes.get("layer_types"), list):
         sizes.update({key: len(sizes["layer_types"]) for key in LAYER_COUNTS if _int_attribute(default, key)})
+    sizes = {key: value for key, value in sizes.items() if _settable(default, key)}
     try:
         config = AutoConfig.for_model(model_type, **sizes)
     except Exception:  # noqa: BLE001 - a constructor that refuses some size: shrink the default instead
@@ -98,7 +159,8 @@ def tiny_config(model_type: str):
         built = target is config and config is not default  # what the constructor took stays as it made it
         for key in SHRINK:
             value = _tiny(target, key)
-            if not (built and key in sizes) and _int_attribute(target, key) and getattr(target, key) != value:
+            if not (built and key in sizes) and _int_attribute(target, key) and getattr(target, key) != value \
+                    and _settable(target, key):
                 _set(target, key, value)
         for key in TOKEN_IDS:
             current = getattr(target, key, None)
@@ -149,10 +211,27 @@ def _layer_kinds(config):
     return distinct if len(distinct) > 1 else [kinds[0]] * 2
 
 
+def _settable(config, key: str) -> bool:
+    """Whether the constructor takes ``key``: not a property without a setter (also where ``attribute_map``
+    leads: Bamba's ``layer_types``, xLSTM's ``v_head_dim``), nor one whose setter refuses every value
+    (ProphetNet's ``num_hidden_layers``, XLNet's ``max_position_embeddings``)."""
+    target = getattr(type(config), "attribute_map", {}).get(key, key)
+    found = getattr(type(config), target, None)
+    if isinstance(found, property) and found.fset is None:
+        return False
+    try:
+        setattr(copy.deepcopy(config), key, getattr(config, key))
+    except NotImplementedError:
+        return False
+    except Exception:  # noqa: BLE001 - refusing another way is the constructor's business
+        pass
+    return True
+
+
 def _set(config, key: str, value) -> None:
     try:
         setattr(config, key, value)
-    except AttributeError:  # a derived property: it follows the attributes it is derived from
+    except (AttributeError, NotImplementedError):  # a derived property: it follows what it is derived from
         pass
 
 
@@ -161,13 +240,17 @@ def try_family(model_type: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     import fxslice
+    from fxslice.hf import vocab_size_of
 
     record = {"model_type": model_type}
     try:
-        config = tiny_config(model_type)
+        model_class = causal_lm_class(model_type)
+        config_type = getattr(model_class, "config_class", None) and model_class.config_class.model_type
+        config = tiny_config(config_type or model_type)  # MusicGen's causal LM takes its decoder's config
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).eval()
-        vocab = model.get_input_embeddings().num_embeddings
+        model = (model_class._from_config(config) if config_type not in (None, model_type)
+                 else AutoModelForCausalLM.from_config(config)).eval()
+        vocab = vocab_size_of(model)
     except Exception as exc:  # noqa: BLE001 - transformers' own limits are recorded, not fixed
         return {**record, "status": "no config", "error": f"{type(exc).__name__}: {_first_line(exc)}"}
     generator = torch.Generator().manual_seed(1)
@@ -188,6 +271,14 @@ def try_family(model_type: str) -> dict:
         return {**record, "status": "refused", "error": f"{type(exc).__name__}: {_first_line(exc)}"}
     except Exception as exc:  # noqa: BLE001
         return {**record, "status": "failed", "error": f"{type(exc).__name__}: {_first_line(exc)}"}
+
+
+def causal_lm_class(model_type: str):
+    """The class transformers' causal-LM mapping names for ``model_type``."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
 
 
 def _logits(model, ids):
