@@ -35,29 +35,34 @@ def _probe() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
 
 
-def _worker(rank: int, init_file: str, source: str, basis: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, source: str, basis: str, out_dir: str, extra: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         shard = _batches()[rank::WORLD]
         model = source if os.path.isdir(source) else tiny_model(source)
-        sliced = fxslice.compress(model, shard, 0.25, basis=basis, progress=False)
+        sliced = fxslice.compress(model, shard, 0.25, basis=basis, progress=False, **extra)
         torch.save({"logits": logits_of(sliced, _probe()), "tokens": sliced.fxslice.calibration_tokens,
                     "params": sliced.fxslice.param_count}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         shutdown()  # barrier, then leave: a rank that leaves while another is mid-collective aborts it
 
 
-@pytest.mark.parametrize("family, streamed, basis", [("llama", False, "position"), ("gpt2", True, "block"),
-                                                     ("opt", False, "block")])
-def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path, family, streamed, basis):
+NARROWED = {"hidden_sparsity": 0.25, "value_sparsity": 0.25}  # MLP units and attention values cut too
+
+
+@pytest.mark.parametrize("family, streamed, basis, extra", [("llama", False, "position", {}), ("gpt2", True, "block", {}),
+                                                            ("opt", False, "block", {}), ("qwen2", True, "block", NARROWED)])
+def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path, family, streamed, basis, extra):
     source = family
     if streamed:
         source = str(tmp_path / "checkpoint")
         tiny_model(family).save_pretrained(source)
-    mp.spawn(_worker, args=(str(tmp_path / "init"), source, basis, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), source, basis, str(tmp_path), extra), nprocs=WORLD, join=True)
     single = fxslice.compress(source if streamed else tiny_model(family), _batches(), 0.25, basis=basis,
-                              progress=False)
+                              progress=False, **extra)
+    if extra:
+        assert single.fxslice.value_widths and single.fxslice.hidden_widths
     expected = logits_of(single, _probe())
     tokens = sum(int(b["attention_mask"].sum()) for b in _batches())
     for rank in range(WORLD):
