@@ -189,26 +189,37 @@ def test_a_bias_added_after_the_linear_in_bfloat16_is_exact_to_its_own_rounding(
 
 
 class Chunked(nn.Module):
-    """Mixes tokens within chunks of 4, padding the sequence up to a multiple of 4 only when it is not one
-    (Mamba-2's chunked scan): at the example length 16 the padding branch is skipped."""
+    """Scales each token by its position within its chunk, padding the sequence up to a multiple of the chunk
+    only when it is not one (Mamba-2's chunked scan): with chunks of 4 the example length 16 skips the
+    padding branch, with chunks of 32 it takes it (the general branch: padding by nothing is a no-op)."""
 
-    def __init__(self):
+    def __init__(self, chunk: int = 4):
         super().__init__()
+        self.chunk = chunk
         self.embed, self.norm = nn.Embedding(TOY_VOCAB, WIDTH), nn.RMSNorm(WIDTH)
         self.up, self.head = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, TOY_VOCAB)
 
     def forward(self, input_ids):
         x = self.embed(input_ids)
-        h = self.up(self.norm(x))
-        length = h.shape[1]
-        pad = (4 - length % 4) % 4
+        length = x.shape[1]
+        weight = torch.ones(length, device=x.device)  # each token's position within its chunk, from 1
+        pad = (self.chunk - length % self.chunk) % self.chunk
         if pad > 0:
-            h = nn.functional.pad(h, (0, 0, 0, pad))
-        h = h.unflatten(1, (-1, 4)).cumsum(2).flatten(1, 2)[:, :length]
-        return self.head(x + h)
+            weight = nn.functional.pad(weight, (0, pad))
+        weight = weight.unflatten(0, (-1, self.chunk)).cumsum(1).flatten()[:length] / self.chunk
+        return self.head(x + self.up(self.norm(x)) * weight[:, None])
 
 
 def test_a_graph_whose_shape_guards_hold_only_for_some_lengths_is_refused():
     with pytest.raises(GraphStructureError, match=r"specialised Chunked to the example's sequence length 16: its shape "
-                                                  r"guards fail at length\(s\) 2, 3, 5, 7, 11"):
+                                                  r"guards fail at length\(s\) 2, 3, 5, 7, 11.*differ from the model's"):
         fxslice.compress(Chunked().eval(), toy_calibration(), 0.25, progress=False)
+
+
+def test_a_graph_whose_guards_exclude_lengths_it_still_computes_right_is_kept():
+    torch.manual_seed(0)
+    model = Chunked(chunk=32).eval()
+    exact = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
+    ids = torch.randint(0, TOY_VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))  # guards: not 32, 64
+    with torch.no_grad():
+        assert (exact(ids).logits - model(ids)).abs().max() < 1e-4

@@ -11,7 +11,7 @@ share its storage.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -55,7 +55,7 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
     graph = gm.graph
     _keep_only_input_ids(graph, keep_guards_inputs=True)
     _check_dynamic(graph, spec)
-    _check_guards(gm, spec, kwargs)
+    unguarded = failing_guards(gm, spec, kwargs)
     strip_guards(graph)
     _keep_only_input_ids(graph)
     output = next(n for n in graph.nodes if n.op == "output")
@@ -64,7 +64,10 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
         wrapped = graph.call_function(causal_lm_output, (logits,))
     output.args = (wrapped,)
     graph.eliminate_dead_code()
-    return plain_graph_module(gm, graph, GRAPH_CLASS)
+    captured = plain_graph_module(gm, graph, GRAPH_CLASS)
+    if unguarded:
+        _check_unguarded_lengths(captured, model, spec, leaf, unguarded)
+    return captured
 
 
 def _check_dynamic(graph, spec: ModelSpec) -> None:
@@ -84,14 +87,13 @@ CHECKED_LENGTHS = (2, 3, 5, 7, 11, 13, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 1
 """Sequence lengths at which the captured graph's shape guards are evaluated (up to the model's limit)."""
 
 
-def _check_guards(gm: GraphModule, spec: ModelSpec, kwargs: dict) -> None:
-    """Refuse a graph whose shape guards (what ``torch.export`` assumed about the input while tracing, and
-    later passes drop) fail at some length in :data:`CHECKED_LENGTHS`: a branch taken for the example's
-    length only (a computation in chunks whose padding step the example length skipped) would give wrong
-    values there."""
+def failing_guards(gm: GraphModule, spec: ModelSpec, kwargs: dict) -> list[int]:
+    """The lengths of :data:`CHECKED_LENGTHS` (up to the model's limit) at which the graph's shape guards —
+    what ``torch.export`` assumed about the input while tracing, and later passes drop — fail: a branch
+    taken for the example's length (a chunked computation that needed padding, or did not)."""
     guard = next((n for n in gm.graph.nodes if is_guard(n)), None)
     if guard is None:
-        return
+        return []
     check = gm.get_submodule(str(guard.target))
     limit = spec.max_positions or max(CHECKED_LENGTHS)
     failed = []
@@ -101,12 +103,46 @@ def _check_guards(gm: GraphModule, spec: ModelSpec, kwargs: dict) -> None:
             check(*[values.get(str(arg.target)) if isinstance(arg, torch.fx.Node) else arg for arg in guard.args])
         except Exception:  # noqa: BLE001 - a failed guard raises; which exception type is torch's business
             failed.append(length)
-    if failed:
-        raise GraphStructureError(
-            f"torch.export specialised {spec.class_name} to the example's sequence length "
-            f"{spec.example_input_ids().shape[1]}: its shape guards fail at length(s) {', '.join(map(str, failed))} "
-            "(a computation in chunks whose padding step that length skipped?), where the graph would compute "
-            "wrong values; a model config whose chunk size does not divide the example length captures the general case")
+    return failed
+
+
+def _check_unguarded_lengths(captured: GraphModule, model: nn.Module, spec: ModelSpec, leaf: int,
+                             failed: list[int]) -> None:
+    """Refuse a graph that computes wrong values at a length its guards exclude. A model in memory is run
+    at the shortest such length and compared with the graph (a branch taken for the example's length is
+    often the general one — padding up to a chunk, a no-op where none is needed); without weights, a graph
+    whose guards fail at most lengths is refused (the example's length took the special branch)."""
+    checked = [n for n in CHECKED_LENGTHS if n <= (spec.max_positions or max(CHECKED_LENGTHS))]
+    if spec.weights_loaded:
+        verdict = next((v for v in (_agrees(captured, model, spec, leaf, n) for n in failed) if v is not None), True)
+        if verdict:  # compared at the shortest such length the model itself runs
+            return
+    elif 2 * len(failed) <= len(checked):
+        return
+    raise GraphStructureError(
+        f"torch.export specialised {spec.class_name} to the example's sequence length "
+        f"{spec.example_input_ids().shape[1]}: its shape guards fail at length(s) {', '.join(map(str, failed))}"
+        + (f", where the graph's logits differ from the model's" if spec.weights_loaded else "")
+        + " (a computation in chunks whose padding step that length skipped?); a config whose chunk size does not "
+        "divide the example length captures the general case")
+
+
+def _agrees(captured: GraphModule, model: nn.Module, spec: ModelSpec, leaf: int, length: int) -> Optional[bool]:
+    """Whether the captured graph gives the model's logits (to rounding) on a batch of ``length`` tokens; None
+    where the model itself cannot run that length (a limit of the model, not of the capture)."""
+    ids = spec.example_input_ids(2, length)
+    kwargs = {"use_cache": False} if spec.accepts_use_cache else {}
+    with torch.no_grad():
+        try:
+            want = pytree.tree_leaves(model(input_ids=ids, **kwargs))[leaf].float()
+        except Exception:  # noqa: BLE001 - past the model's own positions
+            return None
+        try:
+            got = captured(ids).logits.float()
+        except Exception:  # noqa: BLE001 - the graph cannot even run there: as wrong as wrong values
+            return False
+    rounding = 1e-4 if spec.dtype in (torch.float32, torch.float64) else 10 * float(torch.finfo(spec.dtype).eps)
+    return got.shape == want.shape and float((got - want).abs().max()) <= rounding * (1.0 + float(want.abs().max()))
 
 
 def _keep_only_input_ids(graph, keep_guards_inputs: bool = False) -> None:
