@@ -114,15 +114,20 @@ def _check_unguarded_lengths(captured: GraphModule, model: nn.Module, spec: Mode
     whose guards fail at most lengths is refused (the example's length took the special branch)."""
     checked = [n for n in CHECKED_LENGTHS if n <= (spec.max_positions or max(CHECKED_LENGTHS))]
     if spec.weights_loaded:
-        verdict = next((v for v in (_agrees(captured, model, spec, leaf, n) for n in failed) if v is not None), True)
-        if verdict:  # compared at the shortest such length the model itself runs
+        was_training = model.training
+        model.eval()
+        try:  # compared at the shortest such length the model itself runs
+            verdict = next((v for v in (_agrees(captured, model, spec, leaf, n) for n in failed) if v is not None), True)
+        finally:
+            model.train(was_training)
+        if verdict:
             return
     elif 2 * len(failed) <= len(checked):
         return
     raise GraphStructureError(
         f"torch.export specialised {spec.class_name} to the example's sequence length "
         f"{spec.example_input_ids().shape[1]}: its shape guards fail at length(s) {', '.join(map(str, failed))}"
-        + (f", where the graph's logits differ from the model's" if spec.weights_loaded else "")
+        + (", where the graph's logits differ from the model's" if spec.weights_loaded else "")
         + " (a computation in chunks whose padding step that length skipped?); a config whose chunk size does not "
         "divide the example length captures the general case")
 
@@ -147,7 +152,7 @@ def _agrees(captured: GraphModule, model: nn.Module, spec: ModelSpec, leaf: int,
 
 def _keep_only_input_ids(graph, keep_guards_inputs: bool = False) -> None:
     """Drop unused placeholders (``use_cache``); refuse a graph that reads any input but ``input_ids``
-    (``keep_guards_inputs``: inputs only the shape guards read stay, for :func:`_check_guards`)."""
+    (``keep_guards_inputs``: inputs only the shape guards read stay, for :func:`failing_guards`)."""
     found = False
     for node in list(graph.nodes):
         if node.op != "placeholder":
