@@ -410,6 +410,7 @@ def test_an_out_of_vocabulary_eos_never_reaches_the_padded_cache_rows(sliced):
     assert generate(program, torch.tensor([[1, 2, 3]]), 4, eos_token_id=1).shape[0] == 1
 
 
+@pytest.mark.slow  # a CLI subprocess (~5 s)
 def test_cli_generate_refuses_a_seed_out_of_range(saved):
     _one_line(_cli("generate", str(saved), "--sample", "--seed", str(2**70), "--max-new-tokens", "2"),
               "seed must be an integer or None, got 1180591620717411303424")

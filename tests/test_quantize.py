@@ -251,6 +251,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "fxslice.cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # subprocess CLI runs (~11 s); the refusals themselves are tested in-process above
 def test_cli_quantize_refuses_in_one_line(float_folder, tmp_path):
     folder, _ = float_folder
     bad = _cli("quantize", str(folder), "--scheme", "int2")

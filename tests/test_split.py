@@ -85,6 +85,7 @@ def test_held_out_scores_are_the_kl_and_the_cross_entropy_they_claim():
     assert held_out_score(sliced, model, batches) > 1e-4
 
 
+@pytest.mark.slow  # a whole measured search (~8 s)
 def test_a_candidate_out_of_reach_is_recorded_and_skipped():
     model = tiny_model("llama")
     # MLP units are 54% of the tiny model: cutting all but one of them still keeps 46%

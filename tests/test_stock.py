@@ -101,6 +101,7 @@ def test_a_streamed_checkpoint_saves_as_a_stock_checkpoint(tmp_path):
     assert torch.allclose(_logits(stock, IDS), want, atol=1e-4 * max(1.0, float(want.abs().max())))
 
 
+@pytest.mark.slow  # ~10 s; the float32 stock checkpoints stay quick
 def test_a_bfloat16_stock_checkpoint_keeps_its_dtype(tmp_path):
     sliced = _stock_slice("qwen3", dtype=torch.bfloat16)
     folder = fxslice.save(sliced, tmp_path / "stock", format="transformers")
