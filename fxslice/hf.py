@@ -216,11 +216,16 @@ class CausalProbe:
 def check_causal(model: nn.Module, spec: ModelSpec, logits_index: int) -> None:
     """Refuse a model whose outputs at a position depend on later tokens (an encoder such as BERT)."""
     probe = CausalProbe(spec)
-    kwargs = {"use_cache": False} if spec.accepts_use_cache else {}
     with torch.no_grad():
-        first = pytree.tree_leaves(model(input_ids=probe.ids, **kwargs))[logits_index]
-        second = pytree.tree_leaves(model(input_ids=probe.changed, **kwargs))[logits_index]
+        first = model_logits(model, spec, probe.ids, logits_index)
+        second = model_logits(model, spec, probe.changed, logits_index)
     probe.check(first, second)
+
+
+def model_logits(model: nn.Module, spec: ModelSpec, input_ids: torch.Tensor, logits_index: int) -> torch.Tensor:
+    """The model's own logits for ``input_ids`` (no KV cache where it takes ``use_cache``)."""
+    kwargs = {"use_cache": False} if spec.accepts_use_cache else {}
+    return pytree.tree_leaves(model(input_ids=input_ids, **kwargs))[logits_index]
 
 
 def logits_leaf(output) -> int:

@@ -276,6 +276,12 @@ def unregister_pattern(name: str) -> None:
     REGISTRY.captures[:] = [(n, f) for n, f in REGISTRY.captures if n != name]
 
 
+def verification_tolerance(dtype: torch.dtype) -> float:
+    """The relative deviation a pattern's proposal may show against what it replaces: summation order
+    only (1e-4 in float32/64, 3e-2 in half types)."""
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
 def verify_norm(region: Region, spec: NormSpec, seed: int = 0) -> float:
     """Largest relative deviation between the region and ``spec`` on random inputs (0 is perfect)."""
     gen = torch.Generator().manual_seed(seed)
@@ -304,7 +310,7 @@ def _check_finite(region: Region, spec: NormSpec) -> None:
 
 def match_norm(region: Region) -> tuple[Optional[str], Optional[NormSpec], list[str]]:
     """Try every registered norm pattern; returns (name, spec, notes on the ones that were rejected)."""
-    tolerance = 1e-4 if region.dtype in (torch.float32, torch.float64) else 3e-2
+    tolerance = verification_tolerance(region.dtype)
     notes = []
     damaged: Optional[NormSpec] = None  # a proposal with non-finite weights: refused if no other pattern verifies
     for name, fn in REGISTRY.norms:
@@ -334,9 +340,8 @@ CAPTURE_SEEDS = 3
 
 
 def capture_tolerance(module: torch.nn.Module) -> float:
-    """What a substitute may differ by: summation order only (1e-4 in float32/64, 3e-2 in half types)."""
-    dtype = next((t.dtype for t in module.parameters() if t.is_floating_point()), torch.float32)
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    """What a substitute may differ by: :func:`verification_tolerance` of the module's dtype."""
+    return verification_tolerance(next((t.dtype for t in module.parameters() if t.is_floating_point()), torch.float32))
 
 
 def relative_difference(got: object, want: object) -> float:

@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import is_guard, plain_graph_module, strip_guards
-from ..hf import ModelSpec, causal_lm_output, check_causal, exportable, logits_leaf
+from ..hf import ModelSpec, causal_lm_output, check_causal, exportable, logits_leaf, model_logits
 
 if TYPE_CHECKING:
     from .run import Run
@@ -53,7 +53,6 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
         model.train(was_training)
     gm = program.module()
     graph = gm.graph
-    _keep_only_input_ids(graph, keep_guards_inputs=True)
     _check_dynamic(graph, spec)
     unguarded = failing_guards(gm, spec, kwargs)
     strip_guards(graph)
@@ -87,17 +86,21 @@ CHECKED_LENGTHS = (2, 3, 5, 7, 11, 13, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 1
 """Sequence lengths at which the captured graph's shape guards are evaluated (up to the model's limit)."""
 
 
+def checked_lengths(spec: ModelSpec) -> list[int]:
+    """:data:`CHECKED_LENGTHS` up to the model's limit."""
+    return [n for n in CHECKED_LENGTHS if n <= (spec.max_positions or max(CHECKED_LENGTHS))]
+
+
 def failing_guards(gm: GraphModule, spec: ModelSpec, kwargs: dict) -> list[int]:
-    """The lengths of :data:`CHECKED_LENGTHS` (up to the model's limit) at which the graph's shape guards —
-    what ``torch.export`` assumed about the input while tracing, and later passes drop — fail: a branch
-    taken for the example's length (a chunked computation that needed padding, or did not)."""
+    """The lengths of :func:`checked_lengths` at which the graph's shape guards — what ``torch.export``
+    assumed about the input while tracing, and later passes drop — fail: a branch taken for the example's
+    length (a chunked computation that needed padding, or did not)."""
     guard = next((n for n in gm.graph.nodes if is_guard(n)), None)
     if guard is None:
         return []
     check = gm.get_submodule(str(guard.target))
-    limit = spec.max_positions or max(CHECKED_LENGTHS)
     failed = []
-    for length in (n for n in CHECKED_LENGTHS if n <= limit):
+    for length in checked_lengths(spec):
         values = {**kwargs, "input_ids": spec.example_input_ids(2, length)}
         try:
             check(*[values.get(str(arg.target)) if isinstance(arg, torch.fx.Node) else arg for arg in guard.args])
@@ -112,7 +115,6 @@ def _check_unguarded_lengths(captured: GraphModule, model: nn.Module, spec: Mode
     at the shortest such length and compared with the graph (a branch taken for the example's length is
     often the general one — padding up to a chunk, a no-op where none is needed); without weights, a graph
     whose guards fail at most lengths is refused (the example's length took the special branch)."""
-    checked = [n for n in CHECKED_LENGTHS if n <= (spec.max_positions or max(CHECKED_LENGTHS))]
     if spec.weights_loaded:
         was_training = model.training
         model.eval()
@@ -122,7 +124,7 @@ def _check_unguarded_lengths(captured: GraphModule, model: nn.Module, spec: Mode
             model.train(was_training)
         if verdict:
             return
-    elif 2 * len(failed) <= len(checked):
+    elif 2 * len(failed) <= len(checked_lengths(spec)):
         return
     raise GraphStructureError(
         f"torch.export specialised {spec.class_name} to the example's sequence length "
@@ -136,10 +138,9 @@ def _agrees(captured: GraphModule, model: nn.Module, spec: ModelSpec, leaf: int,
     """Whether the captured graph gives the model's logits (to rounding) on a batch of ``length`` tokens; None
     where the model itself cannot run that length (a limit of the model, not of the capture)."""
     ids = spec.example_input_ids(2, length)
-    kwargs = {"use_cache": False} if spec.accepts_use_cache else {}
     with torch.no_grad():
         try:
-            want = pytree.tree_leaves(model(input_ids=ids, **kwargs))[leaf].float()
+            want = model_logits(model, spec, ids, leaf).float()
         except Exception:  # noqa: BLE001 - past the model's own positions
             return None
         try:
@@ -150,17 +151,14 @@ def _agrees(captured: GraphModule, model: nn.Module, spec: ModelSpec, leaf: int,
     return got.shape == want.shape and float((got - want).abs().max()) <= rounding * (1.0 + float(want.abs().max()))
 
 
-def _keep_only_input_ids(graph, keep_guards_inputs: bool = False) -> None:
-    """Drop unused placeholders (``use_cache``); refuse a graph that reads any input but ``input_ids``
-    (``keep_guards_inputs``: inputs only the shape guards read stay, for :func:`failing_guards`)."""
+def _keep_only_input_ids(graph) -> None:
+    """Drop unused placeholders (``use_cache``); refuse a graph that reads any input but ``input_ids``."""
     found = False
     for node in list(graph.nodes):
         if node.op != "placeholder":
             continue
         if node.target == "input_ids":
             found = True
-        elif keep_guards_inputs and all(is_guard(user) for user in node.users):
-            continue
         elif node.users:
             raise GraphStructureError(f"the captured graph reads input '{node.target}', expected input_ids only")
         else:
