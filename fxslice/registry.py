@@ -31,7 +31,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .errors import FxSliceError
-from .graph.nodes import call_number, fetch_attr, module_call, module_path
+from .graph.nodes import call_number, evaluate_constant, module_call, module_path
 
 
 @dataclass(frozen=True)
@@ -102,16 +102,7 @@ class Region:
     def tensor(self, node_or_none) -> Optional[torch.Tensor]:
         """The value of a parameter node, or of a node computed from parameters and constants only
         (``weight + 1`` of a LayerNorm1P); None for None."""
-        if node_or_none is None:
-            return None
-        if node_or_none.op == "get_attr":
-            return fetch_attr(self.gm, str(node_or_none.target)).detach()
-        if node_or_none.op != "call_function":
-            raise ValueError(f"node '{node_or_none.name}' is not computed from parameters only")
-        args = map_arg(node_or_none.args, self.tensor)
-        kwargs = map_arg(node_or_none.kwargs, self.tensor)
-        with torch.no_grad():
-            return node_or_none.target(*args, **kwargs)
+        return None if node_or_none is None else evaluate_constant(self.gm, node_or_none)
 
     def param(self, name: str) -> Optional[torch.Tensor]:
         """A parameter read by the region, by its last name; None when absent."""

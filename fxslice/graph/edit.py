@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable, Optional
+
 from torch import nn
 from torch.fx import CodeGen, Graph, GraphModule, Node
 
@@ -53,16 +55,37 @@ def call_module_after(gm: GraphModule, name: str, module: nn.Module, arg: Node, 
     return node
 
 
-def call_module_on_edge(gm: GraphModule, name: str, module: nn.Module, source: Node, user: Node) -> Node:
+def call_module_on_edge(gm: GraphModule, name: str, module: nn.Module, source: Node, user: Node,
+                        replaced: Optional[Node] = None) -> Node:
     """Insert a call of ``module`` (submodule ``name``) on the edge ``source -> user`` only (other
-    users keep ``source``)."""
+    users keep ``source``); with ``replaced``, the call on ``source`` takes that input's place in ``user``."""
+    replaced = source if replaced is None else replaced
     with gm.graph.inserting_before(user):
         node = gm.graph.create_node("call_module", name, (source,))
-    copy_meta(node, source, ("val",))
+    copy_meta(node, replaced, ("val",))
     copy_meta(node, user, ("nn_module_stack",))
     mark_module_call(node, name, module)
-    user.replace_input_with(source, node)
+    user.replace_input_with(replaced, node)
     return node
+
+
+def erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
+    """Erase those of ``nodes`` nothing uses any more and, in turn, their inputs that nothing else
+    uses (a parameter's attribute goes with its ``get_attr``); placeholders stay."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    pending = set(nodes)
+    while pending:
+        node = max(pending, key=lambda n: order.get(n, -1))  # users before their inputs
+        pending.discard(node)
+        if node.users or node.op not in ("call_function", "get_attr") or node not in order:
+            continue
+        inputs = node.all_input_nodes
+        if node.op == "get_attr":
+            drop_attribute(gm, node)
+        else:
+            gm.graph.erase_node(node)
+        del order[node]
+        pending.update(inputs)
 
 
 def remove_module_call(gm: GraphModule, name: str) -> None:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.fx import Node
+from torch.fx.node import map_arg
 
 
 def example_value(node: object) -> Optional[torch.Tensor]:
@@ -28,6 +29,19 @@ def parameter_of(root: nn.Module, node: object) -> Optional[torch.Tensor]:
     if not isinstance(node, Node) or node.op != "get_attr":
         return None
     return fetch_attr(root, str(node.target)).detach()
+
+
+def evaluate_constant(root: nn.Module, node: Node) -> torch.Tensor:
+    """The value of a ``get_attr`` node, or of a node computed from parameters and constants only
+    (``weight + 1``, ``sigmoid(gate)``), evaluated on ``root``'s tensors."""
+    if node.op == "get_attr":
+        return fetch_attr(root, str(node.target)).detach()
+    if node.op != "call_function":
+        raise ValueError(f"node '{node.name}' is not computed from parameters only")
+    args = map_arg(node.args, lambda a: evaluate_constant(root, a))
+    kwargs = map_arg(node.kwargs, lambda a: evaluate_constant(root, a))
+    with torch.no_grad():
+        return node.target(*args, **kwargs)
 
 
 def module_path(node: Node) -> tuple[str, str]:

@@ -21,6 +21,9 @@ ROW_GATHERS = frozenset({aten.repeat_interleave.self_int, aten.index_select.defa
 ROW_SUMS = frozenset({aten.sum.dim_IntList, aten.mean.dim})
 """``op(x, dims, keepdim)``: sums over leading dims (the top-k experts of a token) keep the hidden dimension."""
 SCALINGS = frozenset({aten.mul.Tensor, aten.div.Tensor})
+AFFINE_STEPS = frozenset({aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor})
+"""``x * k``, ``x / k``, ``x + k``, ``x - k`` (``k - x``, ``k * x``, ``k + x``): with a constant ``k`` per hidden
+coordinate, a per-dimension affine map of ``x``."""
 TRANSPOSES = frozenset({aten.numpy_T.default, aten.t.default, aten.permute.default, aten.transpose.int})
 LAYER_NORMS = frozenset({aten.layer_norm.default, aten.native_layer_norm.default})
 ADD = aten.add.Tensor

@@ -59,10 +59,41 @@ class NormSite:
 
 
 @dataclass
+class StreamAffine:
+    """A per-dimension affine map ``y = s ⊙ x + c`` of a stream value (or of a branch): a chain of
+    elementwise ops whose other operand is computed from parameters only (Doge's and Ergo's residual
+    gates, Zaya's residual scale and bias), with casts between them. It commutes with no rotation,
+    so fuse moves it into a Linear: the shortcut's ``diag(s)`` and bias, or a branch's writers."""
+
+    start: Node  # the value the chain maps
+    steps: list[Node]  # the chain, in order (casts included)
+
+    @property
+    def end(self) -> Node:
+        return self.steps[-1]
+
+    @property
+    def has_constant(self) -> bool:
+        """Whether ``c`` can be non-zero (an add or subtract in the chain): the Linear needs a bias."""
+        return any(ops.calls(step, {ops.aten.add.Tensor, ops.aten.sub.Tensor}) for step in self.steps)
+
+
+@dataclass
 class Skip:
-    add: Node  # the residual add
-    operand: Node  # the stream-side argument of the add
+    add: Optional[Node]  # the residual add (None: the stream goes on through ``affine`` alone, no branch added)
+    operand: Node  # the stream-side argument of the add (``affine``'s end when there is one)
     source: int  # index of the position it comes from
+    affine: Optional[StreamAffine] = None  # a per-dimension affine map on the skip edge
+
+    @property
+    def stream_value(self) -> Node:
+        """The value of the source position the skip edge starts from."""
+        return self.affine.start if self.affine is not None else self.operand
+
+    @property
+    def joint(self) -> Node:
+        """Where the skip edge ends: the residual add, or the affine map's last step."""
+        return self.add if self.add is not None else self.operand
 
 
 @dataclass
@@ -74,6 +105,7 @@ class Position:
     writers: list[Node] = field(default_factory=list)  # Linear / Embedding call_module nodes
     writer_norms: list[NormSite] = field(default_factory=list)
     skip: Optional[Skip] = None
+    branch_affine: Optional[StreamAffine] = None  # a per-dimension affine map of the whole branch added here
     norms: list[NormSite] = field(default_factory=list)  # reader-side norms
     direct_readers: list[Node] = field(default_factory=list)
     reshapes: list[Node] = field(default_factory=list)  # reshapes that carry the width (last dim)
@@ -139,7 +171,7 @@ class Structure:
         attention input and the MLP input of one pre-norm decoder layer, form one group; the last
         position and positions whose add has no module path stand alone.
         """
-        consumer = {p.skip.source: module_path(p.skip.add)[0] for p in self.positions if p.skip is not None}
+        consumer = {p.skip.source: module_path(p.skip.joint)[0] for p in self.positions if p.skip is not None}
         groups: list[list[int]] = []
         for p in self.positions:
             if not p.rotated:
@@ -205,19 +237,75 @@ class NodeKinds:
     def is_embedding(self, node: Node) -> bool:
         return isinstance(self.module_of(node), nn.Embedding)
 
-    def constant_scalar(self, value) -> bool:
-        """A number, or a one-element tensor computed from parameters/constants only (not from the input)."""
+    def constant(self, value) -> bool:
+        """A number, or a tensor computed from parameters and constants only (never from the input)."""
         if isinstance(value, (int, float)):
             return True
         if not isinstance(value, Node):
             return False
         if value not in self._constant:
-            example = example_value(value)
-            ok = example is not None and example.numel() == 1 and value.op != "placeholder"
-            if ok and value.op != "get_attr":
-                ok = all(self.constant_scalar(a) or a.op == "get_attr" for a in value.all_input_nodes)
+            ok = value.op == "get_attr" or (value.op == "call_function" and example_value(value) is not None
+                                            and all(self.constant(a) for a in value.all_input_nodes))
             self._constant[value] = ok
         return self._constant[value]
+
+    def constant_scalar(self, value) -> bool:
+        """A number, or a one-element tensor computed from parameters/constants only (not from the input)."""
+        example = example_value(value)
+        return isinstance(value, (int, float)) or (example is not None and example.numel() == 1 and self.constant(value))
+
+    def affine_step(self, node: Node, src: Node) -> bool:
+        """Whether ``node`` maps ``src`` by ``s ⊙ src + c`` with constants per hidden coordinate (the
+        same for every token): ``src * k``, ``src / k``, ``src ± k``, ``k - src`` (a scaling by a
+        number is a walk-through, not this)."""
+        if not ops.calls(node, ops.AFFINE_STEPS) or len(node.args) != 2 or node.kwargs:
+            return False
+        first, second = node.args
+        if (first is src) == (second is src) or (node.target is ops.aten.div.Tensor and second is src):
+            return False
+        other = second if first is src else first
+        vin, vout = example_value(src), example_value(node)
+        if vin is None or vout is None or vin.dim() == 0 or vout.shape != vin.shape or not self.constant(other):
+            return False
+        if ops.calls(node, ops.SCALINGS) and self.row_scalar(other, vin):
+            return False
+        if isinstance(other, (int, float)):
+            return True
+        k = example_value(other)
+        return k is not None and k.dim() <= vin.dim() and all(size == 1 for size in k.shape[:-1]) \
+            and (k.dim() == 0 or k.shape[-1] in (1, vin.shape[-1]))
+
+    def affine_chain(self, first: Node, src: Node) -> StreamAffine:
+        """The affine map starting with step ``first`` on ``src``: followed through further steps and
+        casts while each value has one user."""
+        steps, current = [first], first
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            if not (self.affine_step(user, current) or self.cast_of(user, current)):
+                break
+            steps.append(user)
+            current = user
+        return StreamAffine(src, steps)
+
+    def branch_affine(self, branch: Node) -> Optional[StreamAffine]:
+        """The affine map at the top of a branch (``g ⊙ o_proj(…)``, ``(mlp(…) + b) ⊙ s``), if any:
+        steps and casts followed down from the value added to the stream."""
+        chain: list[tuple[Node, Node]] = []  # (step, the value it maps), from the top down
+        current = branch
+        while isinstance(current, Node) and current.op == "call_function" and len(current.users) == 1 \
+                and self.norm_site(current) is None:  # a norm's own scale (Gemma's ``1 + w``) stays the norm's
+            inner = next((a for a in current.args[:2] if isinstance(a, Node) and not self.constant(a)), None)
+            if inner is None or not (self.affine_step(current, inner) or self.cast_of(current, inner)):
+                break
+            chain.append((current, inner))
+            current = inner
+        while chain and not self.affine_step(*chain[-1]):  # casts below the lowest step stay in the branch
+            chain.pop()
+        return StreamAffine(chain[-1][1], [step for step, _ in reversed(chain)]) if chain else None
+
+    @staticmethod
+    def cast_of(node: Node, src: Node) -> bool:
+        return ops.calls(node, ops.CASTS | ops.IDENTITIES) and node.args[0] is src
 
     def walks_through(self, node: Node, src: Node) -> bool:
         """Whether ``node`` passes ``src`` on without mixing the hidden (last) dimension."""
@@ -338,6 +426,7 @@ class Use(enum.Enum):
     LINEAR = "reads it directly"
     RESIDUAL_ADD = "adds a branch to it"
     ALIAS = "passes it on unchanged in the hidden dimension"
+    AFFINE = "maps it by a per-dimension affine map (a residual gate or scale)"
     SHAPE_QUERY = "asks for its shape (a leading dimension's size, or a new tensor like it)"
 
 
@@ -347,6 +436,7 @@ class StreamWalk:
     def __init__(self, gm: GraphModule):
         self.gm = gm
         self.kinds = NodeKinds(gm)
+        self.skip_affines: dict[Node, StreamAffine] = {}  # residual add -> the affine map on its skip edge
 
     def run(self) -> Structure:
         start = self.projected(self.kinds.token_embedding())
@@ -354,19 +444,22 @@ class StreamWalk:
         positions: list[Position] = []
         current = Position(0, start, writers=[start])
         while True:
-            add, writer_norm = self.collect_consumers(current)
+            add, writer_norm, affine = self.collect_consumers(current)
             has_readers = bool(current.norms or current.direct_readers)
             if writer_norm is not None:
                 # the whole position feeds one norm whose output continues the stream: a raw position
                 current.rotated = False
                 positions.append(current)
                 current = Position(len(positions), writer_norm.region.output, writer_norms=[writer_norm])
+            elif affine is not None:  # the stream goes on through a per-dimension affine map, nothing added
+                positions.append(current)
+                current = Position(len(positions), affine.end, skip=Skip(None, affine.end, current.index, affine))
             elif add is None:
                 if not has_readers:
                     raise GraphStructureError(f"the residual stream ends at {describe(current.root)} with no reader")
                 positions.append(current)
                 break
-            elif has_readers:
+            elif has_readers or add in self.skip_affines:
                 positions.append(current)
                 current = self.next_position(add, current, len(positions))
             else:  # nothing reads this value: one sum with the next (token + position embeddings, x + a + b)
@@ -375,7 +468,7 @@ class StreamWalk:
             p.index = i
         for p in positions:
             if p.skip is not None:
-                p.skip.source = next(i for i, q in enumerate(positions) if p.skip.operand in q.aliases)
+                p.skip.source = next(i for i, q in enumerate(positions) if p.skip.stream_value in q.aliases)
         return Structure(self.gm, hidden, positions)
 
     def projected(self, embedding: Node) -> Node:
@@ -397,18 +490,25 @@ class StreamWalk:
 
     def _branch(self, add: Node, current: Position) -> tuple[Node, Node]:
         """(branch, stream operand) of a residual add."""
-        if add.args[0] in current.aliases:
+        stream_side = current.aliases + ([self.skip_affines[add].end] if add in self.skip_affines else [])
+        if add.args[0] in stream_side:
             return add.args[1], add.args[0]
         return add.args[0], add.args[1]
 
     def next_position(self, add: Node, current: Position, index: int) -> Position:
         branch, operand = self._branch(add, current)
-        writers, writer_norms, reshapes = self.trace_writers(branch, current)
+        branch_affine = self.kinds.branch_affine(branch)
+        writers, writer_norms, reshapes = self.trace_writers(branch if branch_affine is None else branch_affine.start,
+                                                             current)
         return Position(index, add, writers=writers, writer_norms=writer_norms, reshapes=reshapes,
-                        skip=Skip(add, operand, current.index))
+                        skip=Skip(add, operand, current.index, self.skip_affines.get(add)),
+                        branch_affine=branch_affine)
 
     def merged_position(self, add: Node, current: Position) -> Position:
         branch, _ = self._branch(add, current)
+        if self.kinds.branch_affine(branch) is not None:
+            raise GraphStructureError(f"{describe(add)} adds a value mapped by a per-dimension affine map to a stream "
+                                      "value nothing reads: only a whole branch's map can move into its writers")
         writers, writer_norms, reshapes = self.trace_writers(branch, current)
         return Position(current.index, add, writers=current.writers + writers,
                         writer_norms=current.writer_norms + writer_norms, skip=current.skip,
@@ -423,6 +523,8 @@ class StreamWalk:
             return Use.NORM, site
         if kinds.is_linear(user):
             return Use.LINEAR, None
+        if kinds.affine_step(user, src):
+            return Use.AFFINE, None
         if ops.is_tensor_add(user):
             if user.args[0] in aliases and user.args[1] in aliases:
                 raise GraphStructureError(f"{describe(user)} adds the residual stream to itself")
@@ -437,12 +539,15 @@ class StreamWalk:
             + kinds.why_not_norm(user)
         )
 
-    def collect_consumers(self, position: Position) -> tuple[Optional[Node], Optional[NormSite]]:
-        """Fill aliases, readers, reshapes of ``position``; return its residual add (at most one) and
-        the norm whose output continues the stream (a writer-side norm), if any."""
+    def collect_consumers(self, position: Position) -> tuple[Optional[Node], Optional[NormSite], Optional[StreamAffine]]:
+        """Fill aliases, readers, reshapes of ``position``; return its residual add (at most one), the
+        norm whose output continues the stream (a writer-side norm) and the per-dimension affine map
+        whose output continues it with nothing added, if any. An affine map on the stream side of a
+        residual add is recorded in ``skip_affines``."""
         aliases, frontier = [position.root], [position.root]
         adds: list[Node] = []
         sites: list[NormSite] = []
+        continuations: list[StreamAffine] = []
         while frontier:
             src = frontier.pop()
             for user in list(src.users):
@@ -455,22 +560,31 @@ class StreamWalk:
                     position.direct_readers.append(user)
                 elif use is Use.RESIDUAL_ADD:
                     adds.append(user)
+                elif use is Use.AFFINE:
+                    affine = self.kinds.affine_chain(user, src)
+                    joint = next(iter(affine.end.users)) if len(affine.end.users) == 1 else None
+                    if joint is not None and ops.is_tensor_add(joint) and joint not in adds:
+                        self.skip_affines[joint] = affine
+                        adds.append(joint)
+                    else:
+                        continuations.append(affine)
                 elif use is Use.ALIAS:
                     aliases.append(user)
                     frontier.append(user)
                     if ops.calls(user, ops.RESHAPES):
                         position.reshapes.append(user)
         position.aliases = aliases
-        if len(adds) > 1:
+        if len(adds) + len(continuations) > 1:
             raise GraphStructureError(
-                f"position {position.index} ('{position.root.name}') feeds {len(adds)} residual adds: "
-                + "; ".join(describe(a) for a in adds)
+                f"position {position.index} ('{position.root.name}') feeds {len(adds)} residual adds and "
+                f"{len(continuations)} per-dimension maps continuing the stream: "
+                + "; ".join(describe(n) for n in adds + [a.steps[0] for a in continuations])
             )
         stream_norm = None
         for site in sites:
             readers = self.norm_readers(site)
             if readers is None:  # the norm's output continues the stream
-                if len(sites) > 1 or adds or position.direct_readers:
+                if len(sites) > 1 or adds or continuations or position.direct_readers:
                     raise GraphStructureError(
                         f"the output of norm '{site.path}' is used as the residual stream while position "
                         f"{position.index} is read elsewhere too (post-norm residual): {describe(site.region.output)}"
@@ -480,7 +594,10 @@ class StreamWalk:
                 site.readers = readers
                 position.norms.append(site)
                 position.reshapes.extend(site.reshapes)
-        return (adds[0] if adds else None), stream_norm
+        if stream_norm is not None and continuations:
+            raise GraphStructureError(f"the stream at position {position.index} goes on through both norm "
+                                      f"'{stream_norm.path}' and {describe(continuations[0].steps[0])}")
+        return (adds[0] if adds else None), stream_norm, (continuations[0] if continuations else None)
 
     def norm_readers(self, site: NormSite) -> Optional[list[Node]]:
         """Linears reading a norm's output (through walk-through ops); None when the output is used
@@ -583,6 +700,11 @@ def check_structure(structure: Structure) -> None:
                     "post-LayerNorm blocks are not computationally invariant (the LayerNorm sits on the stream "
                     "after the residual add, so no rotation passes through it); SliceGPT needs pre-norm blocks"
                 )
+            mapped = (p.skip.affine if p.skip is not None else None) or p.branch_affine
+            if mapped is not None:
+                raise GraphStructureError(
+                    f"{describe(mapped.steps[0])} maps the stream of a LayerNorm model per dimension: centring the "
+                    "stream (what makes its LayerNorms RMSNorms) does not commute with such a map")
             plain = [s.path for s in p.norms if not s.spec.centered]
             if plain:
                 raise GraphStructureError(f"LayerNorm and RMSNorm readers mixed on the stream ({', '.join(plain)})")

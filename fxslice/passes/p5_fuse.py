@@ -9,6 +9,11 @@
   the new Linear ends ``d × k`` instead of ``d × D``.
 - Every residual add gets a shortcut Linear on its skip edge, the identity for now and
   ``Q_aᵀ Q_b`` once both sides are rotated.
+- A per-dimension affine map on the stream (a :class:`~.p3_analyse.StreamAffine`: Doge's and Ergo's
+  residual gates, Zaya's residual scale and bias) commutes with no rotation, so it leaves the graph:
+  on the skip edge, ``x_b = s ⊙ x_a + c + y`` becomes the shortcut ``diag(s)`` with bias ``c`` (later
+  ``Q_aᵀ diag(s) Q_b``, never removed); on the branch, ``x_b = x_a + s ⊙ y + c`` scales the rows of
+  ``y``'s writers, ``W ← diag(s) W``, and ``c`` joins the shortcut's bias.
 - LayerNorm models: every writer is centred, ``W_out ← M W_out`` with ``M = I - 11ᵀ/D``, and so is
   every embedding, so that the stream is mean-free and each LayerNorm is an RMSNorm.
 
@@ -36,15 +41,16 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from ..errors import GraphStructureError
-from ..graph.edit import call_module_after, call_module_on_edge, drop_attribute, submodule_exists
+from ..graph import ops
+from ..graph.edit import call_module_after, call_module_on_edge, drop_attribute, erase_unused, submodule_exists
 from ..graph.inserted import (HEAD_AFFINE, NORM_AFFINE, SHORTCUT, InsertedModule, affine_name, shortcut_name,
                               stream_norm_name)
 from ..graph.modules import StreamNorm
-from ..graph.nodes import copy_meta, describe, module_path
+from ..graph.nodes import copy_meta, describe, evaluate_constant, module_path
 from ..graph.store import Weights
 from ..graph.weights import f64, set_embedding, set_linear
 from ..registry import NormSpec
-from .p3_analyse import NormSite, Position, Structure
+from .p3_analyse import NormSite, Position, StreamAffine, Structure
 from .p4_attention import Attention, find_attentions
 from .p4_mlps import MLP, find_mlps
 
@@ -87,6 +93,7 @@ class PlannedPosition:
     readers: list[str] = field(default_factory=list)  # input side rotated by Q_p (the shortcut out included)
     shortcut: Optional[str] = None  # the skip Linear producing this position
     skip_source: Optional[int] = None
+    mapped_shortcut: bool = False  # the shortcut holds a per-dimension affine map: never the identity
     reshapes: list[Node] = field(default_factory=list)  # reshapes carrying the width (last dim)
     norm_eps: float = 0.0  # epsilon of the norms reading it (for the ``norm_output`` PCA signal)
 
@@ -139,6 +146,66 @@ def fold_norm(linear: nn.Linear, spec: NormSpec) -> None:
     set_linear(linear, weight * f64(spec.scale).to(weight.device)[None, :], bias)
 
 
+def scale_outputs(module: nn.Module, scale: torch.Tensor) -> None:
+    """``W ← diag(s) W``, ``b ← s ⊙ b`` (``E ← E diag(s)`` for an embedding): ``s ⊙`` the module's output."""
+    if isinstance(module, nn.Embedding):
+        set_embedding(module, f64(module.weight) * scale.to(module.weight.device))
+        return
+    weight, bias, s = f64(module.weight), f64(module.bias), scale.to(module.weight.device)
+    set_linear(module, weight * s[:, None], None if bias is None else bias * s)
+
+
+def affine_coefficients(gm: GraphModule, affine: StreamAffine, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, c)`` in float64 with ``affine(x) = s ⊙ x + c``, composed step by step from its constants."""
+    scale = torch.ones(width, dtype=torch.float64)
+    constant = torch.zeros(width, dtype=torch.float64)
+    value = affine.start
+    for step in affine.steps:
+        if step.target in ops.AFFINE_STEPS:  # else a cast
+            first, second = step.args
+            other = second if first is value else first
+            k = (torch.tensor(float(other)) if isinstance(other, (int, float))
+                 else evaluate_constant(gm, other)).detach().to("cpu", torch.float64).reshape(-1).expand(width)
+            if step.target is torch.ops.aten.mul.Tensor:
+                scale, constant = scale * k, constant * k
+            elif step.target is torch.ops.aten.div.Tensor:
+                scale, constant = scale / k, constant / k
+            elif step.target is torch.ops.aten.add.Tensor:
+                constant = constant + k
+            elif first is value:
+                constant = constant - k
+            else:
+                scale, constant = -scale, k - constant
+        value = step
+    _verify_affine(gm, affine, scale, constant)
+    return scale, constant
+
+
+def _verify_affine(gm: GraphModule, affine: StreamAffine, scale: torch.Tensor, constant: torch.Tensor) -> None:
+    """The chain itself, run on random rows, equals ``s ⊙ x + c`` (skipped for weights not loaded yet)."""
+    x = torch.randn(3, scale.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    env: dict = {affine.start: x}
+
+    def value(arg):
+        if arg in env:
+            return env[arg]
+        return evaluate_constant(gm, arg).detach().to("cpu", torch.float64)
+
+    try:
+        for step in affine.steps:
+            args = [value(a) if isinstance(a, Node) else a for a in step.args]
+            if step.target in ops.AFFINE_STEPS:
+                env[step] = step.target(*args)
+            else:  # a cast: the check stays in float64
+                env[step] = args[0]
+    except NotImplementedError:  # meta parameters (a skeleton capture): nothing to check
+        return
+    want = scale * x + constant
+    if not torch.allclose(env[affine.end], want, rtol=1e-6, atol=1e-6 * float(want.abs().max())):
+        raise GraphStructureError(f"{describe(affine.end)}: the elementwise map of the stream read as "
+                                  "s ⊙ x + c does not reproduce it")
+
+
 def affine_weights(spec: NormSpec) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(diag(γ), β)``: a norm's affine as the weights of a Linear that rotation can act on."""
     return torch.diag(f64(spec.scale)), f64(spec.shift)
@@ -177,6 +244,7 @@ class Fuser:
         self.inserted: list[InsertedModule] = []
         self.branches: list[NormBranch] = []
         self.folded_biases: set[str] = set()
+        self.coefficients: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(StreamAffine) -> (s, c)
 
     def resolve(self, node: Node) -> Node:
         while node in self.replaced:
@@ -243,16 +311,39 @@ class Fuser:
         return name
 
     def shortcut(self, position: Position) -> str:
-        """An identity Linear on the skip edge of the residual add producing ``position``."""
-        add = position.skip.add
-        name = shortcut_name(module_path(add)[0], position.index)
-        hidden = self.hidden
-        shortcut = self.weights.add_linear(name, hidden, hidden, False,
-                                           lambda: (torch.eye(hidden, dtype=torch.float64), None))
+        """The Linear on the skip edge of the residual add producing ``position``: the identity, or
+        ``diag(s)`` with bias ``c`` for the affine maps of the edge and of the branch (see the module
+        docstring); the maps' nodes leave the graph."""
+        skip, branch, hidden = position.skip, position.branch_affine, self.hidden
+        name = shortcut_name(module_path(skip.joint)[0], position.index)
+        scale, constant = (self.coefficients[id(skip.affine)] if skip.affine is not None
+                           else (torch.ones(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64)))
+        if branch is not None:
+            constant = constant + self.coefficients[id(branch)][1]
+        biased = any(a is not None and a.has_constant for a in (skip.affine, branch))
+        shortcut = self.weights.add_linear(name, hidden, hidden, biased,
+                                           lambda: (torch.diag(scale), constant if biased else None))
         self.add_module(name, shortcut)
-        call_module_on_edge(self.gm, name, shortcut, self.resolve(position.skip.operand), add)
-        self.inserted.append(InsertedModule(name, SHORTCUT, position.skip.source, position.index))
+        source = self.resolve(skip.stream_value)
+        if skip.add is None:  # nothing is added: the stream goes on from the shortcut
+            node = call_module_after(self.gm, name, shortcut, source, skip.operand, skip.operand)
+            skip.operand.replace_all_uses_with(node)
+            self.replaced[skip.operand] = node
+        else:
+            call_module_on_edge(self.gm, name, shortcut, source, skip.add, replaced=self.resolve(skip.operand))
+        if skip.affine is not None:
+            erase_unused(self.gm, skip.affine.steps)
+        self.inserted.append(InsertedModule(name, SHORTCUT, skip.source, position.index))
         return name
+
+    def scaled_branch(self, position: Position, writers: list[str]) -> None:
+        """The branch's per-dimension scale moves into the rows of its writers; its map leaves the graph."""
+        branch = position.branch_affine
+        scale, _ = self.coefficients[id(branch)]
+        for name in writers:
+            self.weights.edit(name, scale_outputs, scale)
+        branch.end.replace_all_uses_with(self.resolve(branch.start))
+        erase_unused(self.gm, branch.steps)
 
     def width_slice(self, embedding: Node) -> Node:
         """``emb[..., :D]`` after a tied embedding; rotation narrows it to the position's width."""
@@ -292,6 +383,8 @@ class Fuser:
         if not self.rotate:
             return self.unrotated()
         s = self.structure
+        maps = [a for p in s.positions for a in (p.skip.affine if p.skip is not None else None, p.branch_affine) if a]
+        self.coefficients = {id(a): affine_coefficients(self.gm, a, self.hidden) for a in maps}  # before any edit
         tie = self.untie()
         tied: Optional[TiedHead] = None
         branch_sites = {id(site) for _, site in s.branch_sites()}
@@ -325,7 +418,11 @@ class Fuser:
             if p.skip is not None:
                 plan_p.shortcut = self.shortcut(p)
                 plan_p.skip_source = p.skip.source
+                plan_p.mapped_shortcut = p.skip.affine is not None or (p.branch_affine is not None
+                                                                        and p.branch_affine.has_constant)
                 planned[p.skip.source].readers.append(plan_p.shortcut)
+            if p.branch_affine is not None:
+                self.scaled_branch(p, plan_p.writers)
         if s.centered:
             for plan_p in planned:
                 if plan_p.rotated:

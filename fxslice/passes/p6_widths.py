@@ -235,10 +235,11 @@ def uniform_widths(plan: Plan, sparsity: float, hidden_sparsity: float, round_to
 def identity_shortcuts(plan: Plan, group: list[int], widths: Widths) -> list[int]:
     """The positions of a basis group whose incoming shortcut is the identity once the group is
     rotated: each member is fed by the one before it (``block_groups``), so equal widths suffice
-    (``Q_dᵀ Q_d = I``). An unrotated plan has no shortcut at all."""
+    (``Q_dᵀ Q_d = I``), unless the shortcut holds a per-dimension map. An unrotated plan has no shortcut at all."""
     stream = widths.stream
     return [index for previous, index in zip(group, group[1:])
-            if stream[index] == stream[previous] and plan.positions[index].shortcut is not None]
+            if stream[index] == stream[previous] and plan.positions[index].shortcut is not None
+            and not plan.positions[index].mapped_shortcut]
 
 
 def removed_shortcuts(plan: Plan, widths: Widths) -> set[str]:

@@ -1,0 +1,166 @@
+"""Per-dimension affine maps of the stream: residual gates on the skip edge (Doge ``g ⊙ x + y``, Ergo
+``r(w) ⊙ x + b(w) ⊙ y``), a scale and bias on both sides of the add (Zaya ``(x + c) ⊙ s + (y + c') ⊙ s'``)
+and on the embedding before the first block (Zaya). They commute with no rotation: fuse moves them into
+the shortcut (``diag(s)`` and a bias, never removed) and the branch's writers."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import fxslice
+from fxslice.errors import GraphStructureError
+from fxslice.runtime.load import load
+from fxslice.runtime.save import save
+from tiny_models import VOCAB, calibration, masked_calibration
+
+IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    "doge": dict(SMALL, intermediate_size=96, num_key_value_heads=4),  # g ⊙ x + attn(x)
+    "ergo": dict(SMALL, first_dense_intermediate_size=96, moe_intermediate_size=32, shared_intermediate_size=48,
+                 num_experts=4, num_experts_per_tok=2, sliding_window=8),  # gates on both sides, post-norms
+    "zaya": dict(SMALL, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1,
+                 router_hidden_size=32),  # (x + c) ⊙ s on both sides, and on the embedding; tied head
+}
+
+
+def tiny(family: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **CONFIGS[family]))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:  # gates, scales and biases away from their initial ones and zeros
+                param.normal_(0.3, 0.5)
+    return model.to(dtype).eval()
+
+
+def shortcuts(sliced) -> dict[str, nn.Module]:
+    return {name: module for name, module in sliced.named_modules() if name.rsplit(".", 1)[-1].startswith("shortcut_")}
+
+
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no-mask", "right-padded-mask"])
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_stream_maps_are_exact_and_leave_the_model_as_it_was(family, masked):
+    model = tiny(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exact = fxslice.compress(model, masked_calibration() if masked else calibration(), 0.0, progress=False)
+    with torch.no_grad():
+        for ids in (IDS, IDS[:1, :5]):
+            assert (exact(ids).logits - model(ids).logits).abs().max().item() < 1e-4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    names = {n for n, _ in exact.named_parameters()}
+    gates = [n for n in before if n.endswith(("input_residual", "residual_gate.weight", "residual_scale",
+                                               "residual_bias", "input_hidden_states_scale"))]
+    assert gates and not any(g in names for g in gates), "the per-dimension maps left the graph"
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_stream_maps_slice_and_keep_their_shortcuts(family):
+    model = tiny(family)
+    sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
+    result = sliced.fxslice
+    kept = shortcuts(sliced)
+    # the block basis makes a plain shortcut inside a block the identity (removed); a mapped one stays:
+    # every residual add here is mapped (and Zaya's embedding), the head's position keeps its width
+    assert len(kept) == (5 if family == "zaya" else 4)
+    assert all(m.in_features == 48 and m.out_features in (48, 64) for m in kept.values())
+    assert result.param_count == sum(p.numel() for p in sliced.parameters())
+    with torch.no_grad():
+        logits, dense = sliced(IDS).logits, model(IDS).logits
+    assert logits.shape == (3, 11, VOCAB) and torch.isfinite(logits).all()
+    agreement = (logits.argmax(-1) == dense.argmax(-1)).float().mean()
+    assert agreement > 0.3, agreement
+
+
+def test_gated_skip_shortcut_holds_the_rotated_gate():
+    """Doge's ``g ⊙ x`` inside one block basis: the shortcut between the block's attention input and
+    MLP input is ``Qᵀ diag(g) Q`` (kept, not the identity): its eigenvalues are the gate's values."""
+    model = tiny("doge")
+    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
+    gate = model.model.layers[0].input_residual.detach().double()
+    inner = exact.get_submodule("model.layers.0.shortcut_1").weight.detach().double()
+    torch.testing.assert_close(inner, inner.T, atol=1e-5, rtol=1e-5)  # one basis on both sides
+    torch.testing.assert_close(torch.linalg.eigvalsh(inner), gate.sort().values, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_stream_maps_are_exact_to_their_own_rounding():
+    model, reference = tiny("doge", torch.bfloat16), tiny("doge")
+    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
+    with torch.no_grad():
+        noise = (model(IDS).logits.float() - reference(IDS).logits).abs().max()
+        error = (exact(IDS).logits.float() - model(IDS).logits.float()).abs().max()
+    assert error <= 4 * noise + 1e-3, (error, noise)
+
+
+@pytest.mark.parametrize("family", ["doge", pytest.param("ergo", marks=pytest.mark.slow)])
+def test_kv_cache_program_save_and_reload(family, tmp_path):
+    sliced = fxslice.compress(tiny(family), masked_calibration(), 0.25, progress=False)
+    loaded, _ = load(save(sliced, tmp_path / "sliced", max_cache_len=32))
+    prompt = IDS[:1, :6]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(prompt).logits, sliced(prompt).logits, atol=1e-5, rtol=1e-5)
+        tokens = loaded.generate(prompt, 5)
+        greedy = [int(sliced(tokens[:, : 6 + i]).logits[0, -1].argmax()) for i in range(5)]
+    assert tokens[0, 6:].tolist() == greedy
+
+
+class Norm(nn.Module):
+    def __init__(self, width: int, centred: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(width) if centred else nn.RMSNorm(width)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class MappedBlocks(nn.Module):
+    """Pre-norm blocks whose skip edge and branch go through every kind of elementwise step with a
+    constant per hidden coordinate: ``k - x``, ``x / k``, ``x * k``, ``x + k`` and casts between them."""
+
+    def __init__(self, vocab: int = VOCAB, width: int = 32, blocks: int = 2, centred: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.norms = nn.ModuleList(Norm(width, centred) for _ in range(blocks))
+        self.ups = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(blocks))
+        self.downs = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(blocks))
+        self.gates = nn.Parameter(torch.rand(blocks, width) + 0.5)
+        self.shift = nn.Parameter(torch.randn(width))
+        self.final = Norm(width, centred)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, input_ids):
+        x = (self.shift - self.embed(input_ids)) / 2.0  # nothing added: the stream goes on mapped
+        for i in range(len(self.ups)):
+            y = self.downs[i](torch.relu(self.ups[i](self.norms[i](x))))
+            x = (x.float() / self.gates[i]).to(x.dtype) + (y * self.gates[i] + self.shift)
+        return self.head(self.final(x))
+
+
+def test_every_elementwise_step_composes_exactly():
+    torch.manual_seed(0)
+    model = MappedBlocks().eval()
+    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
+    sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
+    with torch.no_grad():
+        assert (exact(IDS).logits - model(IDS)).abs().max().item() < 1e-4
+        assert torch.isfinite(sliced(IDS).logits).all()
+    assert "gates" not in dict(exact.named_parameters()) and "shift" not in dict(exact.named_parameters())
+
+
+def test_a_stream_map_in_a_layernorm_model_is_refused_naming_the_node():
+    torch.manual_seed(0)
+    model = MappedBlocks(centred=True).eval()
+    with pytest.raises(GraphStructureError, match=r"node '.*'.*per dimension.*LayerNorm"):
+        fxslice.compress(model, calibration(), 0.25, progress=False)
+
+
+def test_streamed_checkpoint_slices_like_the_model_in_memory(tmp_path):
+    """The gates are read with the checkpoint's small tensors before fuse moves them into the shortcuts."""
+    model = tiny("ergo")
+    model.save_pretrained(tmp_path / "ergo")
+    streamed = fxslice.compress(tmp_path / "ergo", calibration(), 0.25, progress=False)
+    in_memory = fxslice.compress(model, calibration(), 0.25, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(IDS).logits, in_memory(IDS).logits, atol=1e-4, rtol=1e-4)
