@@ -10,7 +10,7 @@ import fxslice
 from fxslice.errors import FxSliceError, GraphStructureError
 from fxslice.graph.modules import ExpertLinear
 from fxslice.registry import Substitution, capture_substitutions, verify_substitution
-from tiny_models import VOCAB, calibration, masked_calibration
+from tiny_models import VOCAB, calibration, masked_calibration, random_model
 
 INPUTS = [torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5)),
           torch.randint(0, VOCAB, (1, 23), generator=torch.Generator().manual_seed(6))]
@@ -28,13 +28,8 @@ CONFIGS = {
 
 
 def tiny(family: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **CONFIGS[family]))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:  # norm scales and the blocks' biases away from their initial values
-                param.normal_(0.3, 0.5)
-    return model.to(dtype).eval()
+    """Norm scales and the blocks' biases away from their initial values."""
+    return random_model(AutoConfig.for_model(family, **CONFIGS[family]), dtype)
 
 
 @pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no-mask", "right-padded-mask"])

@@ -4,12 +4,9 @@ path (``q_a_layernorm``, ``kv_a_layernorm``) normalise a latent, not the stream,
 
 import pytest
 import torch
-from torch import nn
 
 import fxslice
-from fxslice.runtime.load import load
-from fxslice.runtime.save import save
-from tiny_models import LATENT, LATENT_FAMILIES, VOCAB, calibration, masked_calibration, tiny_model
+from tiny_models import LATENT, LATENT_FAMILIES, VOCAB, calibration, check_saved_generation, masked_calibration, tiny_model
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
 QUICK = ["deepseek_v3", "deepseek_v2_lite"]  # latent queries + MoE after a dense layer; direct queries
@@ -63,10 +60,4 @@ def test_bfloat16_latent_attention_is_exact_to_its_own_rounding():
 
 def test_kv_cache_program_save_and_reload(tmp_path):
     sliced = fxslice.compress(tiny_model("deepseek_v3"), masked_calibration(), 0.25, progress=False)
-    loaded, _ = load(save(sliced, tmp_path / "sliced", max_cache_len=32))
-    prompt = IDS[:1, :6]
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(prompt).logits, sliced(prompt).logits, atol=1e-5, rtol=1e-5)
-        tokens = loaded.generate(prompt, 5)
-        greedy = [int(sliced(tokens[:, : 6 + i]).logits[0, -1].argmax()) for i in range(5)]
-    assert tokens[0, 6:].tolist() == greedy
+    check_saved_generation(sliced, tmp_path / "sliced", IDS[:1, :6])

@@ -6,13 +6,11 @@ the shortcut (``diag(s)`` and a bias, never removed) and the branch's writers.""
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 import fxslice
 from fxslice.errors import GraphStructureError
-from fxslice.runtime.load import load
-from fxslice.runtime.save import save
-from tiny_models import VOCAB, calibration, masked_calibration
+from tiny_models import VOCAB, calibration, check_saved_generation, masked_calibration, random_model
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -27,13 +25,8 @@ CONFIGS = {
 
 
 def tiny(family: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **CONFIGS[family]))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:  # gates, scales and biases away from their initial ones and zeros
-                param.normal_(0.3, 0.5)
-    return model.to(dtype).eval()
+    """Gates, scales and biases away from their initial ones and zeros."""
+    return random_model(AutoConfig.for_model(family, **CONFIGS[family]), dtype)
 
 
 def shortcuts(sliced) -> dict[str, nn.Module]:
@@ -97,13 +90,7 @@ def test_bfloat16_stream_maps_are_exact_to_their_own_rounding():
 @pytest.mark.parametrize("family", ["doge", pytest.param("ergo", marks=pytest.mark.slow)])
 def test_kv_cache_program_save_and_reload(family, tmp_path):
     sliced = fxslice.compress(tiny(family), masked_calibration(), 0.25, progress=False)
-    loaded, _ = load(save(sliced, tmp_path / "sliced", max_cache_len=32))
-    prompt = IDS[:1, :6]
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(prompt).logits, sliced(prompt).logits, atol=1e-5, rtol=1e-5)
-        tokens = loaded.generate(prompt, 5)
-        greedy = [int(sliced(tokens[:, : 6 + i]).logits[0, -1].argmax()) for i in range(5)]
-    assert tokens[0, 6:].tolist() == greedy
+    check_saved_generation(sliced, tmp_path / "sliced", IDS[:1, :6])
 
 
 class Norm(nn.Module):

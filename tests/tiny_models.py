@@ -90,13 +90,34 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
         value = getattr(config, key, None)
         if isinstance(value, int) and value >= VOCAB:
             setattr(config, key, None)
+    return random_model(config, dtype, seed)
+
+
+def random_model(config, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """The causal LM of ``config`` with random weights, its one-dimensional parameters (norm scales,
+    biases, gates) randomised too: non-trivial values make folding mistakes visible."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for param in model.parameters():
-            if param.dim() == 1:  # non-trivial norm scales and biases make folding mistakes visible
+            if param.dim() == 1:
                 param.normal_(0.3, 0.5)
     return model.to(dtype).eval()
+
+
+def check_saved_generation(sliced, folder: Path, prompt: torch.Tensor, new_tokens: int = 5) -> None:
+    """Saved with a KV-cache program and loaded back: the same logits as ``sliced``, and greedy
+    generation equal to ``sliced``'s own argmax, token by token."""
+    from fxslice.runtime.load import load
+    from fxslice.runtime.save import save
+
+    loaded, _ = load(save(sliced, folder, max_cache_len=32))
+    start = prompt.shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(prompt).logits, sliced(prompt).logits, atol=1e-5, rtol=1e-5)
+        tokens = loaded.generate(prompt, new_tokens)
+        greedy = [int(sliced(tokens[:, : start + i]).logits[0, -1].argmax()) for i in range(new_tokens)]
+    assert tokens[0, start:].tolist() == greedy
 
 
 def calibration(batches: int = 3, batch_size: int = 4, length: int = 16, seed: int = 1) -> list[torch.Tensor]:
