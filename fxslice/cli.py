@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--basis", choices=BASES, default=None,
                       help="one PCA basis per block (default): the block's inner shortcut becomes the identity and is "
                            "removed (smaller, faster, lower perplexity); one per stream position (the SliceGPT paper); "
+                           "one for the whole stream (no shortcut left at all; every block in memory at once); "
                            "or none: the stream unrotated and whole, only MLP units cut (the default with --stock)")
     comp.add_argument("--stock", action="store_true",
                       help="only cut what a stock Transformers config can express (unrotated stream, the same MLP "

@@ -95,7 +95,10 @@ def compress(
         basis: ``"block"`` (default: one basis for the positions a block reads, from their summed
             covariances: the block's inner shortcut ``Q_aᵀ Q_b`` is then the identity and is removed —
             fewer parameters and FLOPs, and lower perplexity on the shipped protocol) or
-            ``"position"`` (a PCA basis per stream position, the SliceGPT paper's mode) or ``"none"``
+            ``"position"`` (a PCA basis per stream position, the SliceGPT paper's mode), ``"model"`` (one
+            basis for the whole stream, from every position's covariance: no shortcut is left, the fewest
+            parameters, and every block is calibrated before any is sliced — a streamed checkpoint is
+            then read whole) or ``"none"``
             (the stream keeps its coordinates and width, only MLP hidden units are cut: no PCA, no
             shortcut; needs ``sparsity=0`` or ``target_params``). Default: ``"none"`` under ``stock``,
             else ``"block"``.

@@ -13,9 +13,10 @@ from .errors import FxSliceError, whole
 
 PCA_SIGNALS = ("stream", "norm_output")
 """PCA of the stream value itself (the reference code) or of the norm's output (the paper's Eq. 8)."""
-BASES = ("position", "block", "none")
-"""One PCA basis per stream position, or per group of positions a block reads; or none: the stream keeps
-its coordinates and its width (only MLP hidden units are cut), so no shortcut and no norm change."""
+BASES = ("position", "block", "model", "none")
+"""One PCA basis per stream position, per group of positions a block reads, or one for the whole stream;
+or none: the stream keeps its coordinates and its width (only MLP hidden units are cut), so no shortcut
+and no norm change."""
 SAVE_FORMATS = ("fxslice", "transformers")
 """What ``fxslice.save`` writes: the sliced program and its weights, or a stock Transformers checkpoint."""
 FINETUNE_METHODS = ("lora", "full")

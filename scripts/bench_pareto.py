@@ -4,7 +4,8 @@
 Runs the shipped protocol (Shakespeare calibration, held-out Shakespeare and KJV, 128 × 512-token
 calibration windows, 40 evaluation windows per text) for
 
-- SliceGPT alone (``sparsity``; ``basis="position"`` = the paper, ``basis="block"``),
+- SliceGPT alone (``sparsity``; ``basis="position"`` = the paper, ``basis="block"``, ``basis="model"``: one
+  basis for the whole stream, no shortcut left),
 - fxslice's budget mode (``target_params``: stream + MLP hidden units with refit, post-norm branches
   in their own basis) at 90/85/80/75/70%: ``budget-*`` with the split between stream and MLP units
   measured on held-out calibration windows (the default; every candidate's score is kept),
@@ -12,7 +13,7 @@ calibration windows, 40 evaluation windows per text) for
 - the stock budget mode (``target_params`` with ``stock=True``: the stream unrotated and whole, the same
   share of MLP units cut in every block, so that the slice saves as a stock Transformers checkpoint)
   at 90/80/75/70%,
-- Gemma-3-270M (post-norm sandwich blocks) at 25% and at budgets 90/80%,
+- Gemma-3-270M (post-norm sandwich blocks) at 25% (block and model basis) and at budgets 90/80%,
 
 each in its own process (one at a time), and prefill speed of every slice against the dense captured
 graph (batch 1 and 8, 512 tokens, interleaved rounds in the same process). Results accumulate in
@@ -49,6 +50,8 @@ RUNS: dict[str, tuple[str, dict]] = {
     "gemma-budget-0.8": (GEMMA, {"target_params": 0.8}),
     "gemma-budget-0.8-fixed": (GEMMA, {"target_params": 0.8, "split": "fixed"}),
     "gemma-sgpt-block-0.25": (GEMMA, {"sparsity": 0.25}),
+    "gemma-sgpt-model-0.25": (GEMMA, {"sparsity": 0.25, "basis": "model"}),
+    "sgpt-model-0.25": (SMOL, {"sparsity": 0.25, "basis": "model"}),
     "gemma-budget-0.9": (GEMMA, {"target_params": 0.9, "split": "fixed"}),
     **{f"sgpt-block-{s:g}": (SMOL, {"sparsity": s}) for s in (0.2, 0.3)},
     **{f"stock-{t:g}": (SMOL, {"target_params": t, "stock": True}) for t in (0.8, 0.7, 0.75, 0.9)},

@@ -92,6 +92,29 @@ def test_block_basis_shares_one_basis_per_layer(llama):
         fxslice.compress(llama, calibration(), 0.25, basis="layer", progress=False)
 
 
+def test_model_basis_leaves_only_the_shortcut_into_the_head(llama):
+    """One basis for the whole stream: every shortcut between sliced positions is ``Q_dᵀ Q_d = I`` and goes;
+    the head's position keeps its width, so the shortcut into it stays (``d × D``)."""
+    per_block = fxslice.compress(llama, calibration(), 0.25, basis="block", progress=False)
+    whole = fxslice.compress(llama, calibration(), 0.25, basis="model", progress=False)
+    result = whole.fxslice
+    shortcuts = [m.name for m in result.inserted if m.kind == "shortcut"]
+    assert shortcuts == ["model.layers.1.shortcut_4"]
+    assert whole.get_submodule(shortcuts[0]).weight.shape == (64, 48)
+    assert per_block.fxslice.param_count - result.param_count == 48 * 48  # the block-to-block shortcut
+    assert all(torch.equal(result.eigenvalues[0], e) for e in result.eigenvalues if e is not None)
+    assert torch.isfinite(whole(IDS).logits).all()
+
+
+@pytest.mark.parametrize("family", ["llama_tied", "gemma3_text", "bloom", "phi", "falcon_old", "opt", "gpt2"])
+def test_model_basis_is_exact_when_nothing_is_removed(family):
+    model = tiny_model(family)
+    exact = fxslice.compress(model, calibration(), 0.0, basis="model", progress=False)
+    with torch.no_grad():
+        assert (exact(IDS).logits - model(IDS).logits).abs().max().item() < 1e-4
+    assert not [m for m in exact.fxslice.inserted if m.kind == "shortcut"]
+
+
 @pytest.mark.slow
 def test_pca_signal_norm_output_is_an_alternative(llama):
     stream = fxslice.compress(llama, calibration(), 0.25, progress=False)

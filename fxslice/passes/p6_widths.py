@@ -59,9 +59,11 @@ class Widths:
 
 
 def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
-    """Positions sharing one PCA basis: each rotated position alone, or the plan's block groups (also
-    the calibration order of an unrotated stream, ``basis="none"``)."""
-    return [[p.index] for p in plan.rotated] if basis == "position" else plan.block_groups
+    """Positions sharing one PCA basis: each rotated position alone, the plan's block groups (also the
+    calibration order of an unrotated stream, ``basis="none"``), or every rotated position at once."""
+    if basis == "position":
+        return [[p.index] for p in plan.rotated]
+    return [[p.index for p in plan.rotated]] if basis == "model" else plan.block_groups
 
 
 def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: list[Batch]) -> Widths:
@@ -234,12 +236,13 @@ def uniform_widths(plan: Plan, sparsity: float, hidden_sparsity: float, round_to
 
 def identity_shortcuts(plan: Plan, group: list[int], widths: Widths) -> list[int]:
     """The positions of a basis group whose incoming shortcut is the identity once the group is
-    rotated: each member is fed by the one before it (``block_groups``), so equal widths suffice
-    (``Q_dᵀ Q_d = I``), unless the shortcut holds a per-dimension map. An unrotated plan has no shortcut at all."""
-    stream = widths.stream
-    return [index for previous, index in zip(group, group[1:])
-            if stream[index] == stream[previous] and plan.positions[index].shortcut is not None
-            and not plan.positions[index].mapped_shortcut]
+    rotated: fed by another member of the group at the same width (``Q_dᵀ Q_d = I``), unless the
+    shortcut holds a per-dimension map. An unrotated plan has no shortcut at all."""
+    stream, members = widths.stream, set(group)
+    return [index for index in group
+            if plan.positions[index].shortcut is not None and not plan.positions[index].mapped_shortcut
+            and plan.positions[index].skip_source in members
+            and stream[index] == stream[plan.positions[index].skip_source]]
 
 
 def removed_shortcuts(plan: Plan, widths: Widths) -> set[str]:
