@@ -96,7 +96,7 @@ class Weights:
                     if copy is not kept and copy.shape == kept.shape and torch.equal(copy, kept):
                         setattr(self.module(name), pname, kept)
 
-    def check_room(self, segment_modules: list[list[str]], activation_bytes: int) -> None:
+    def check_room(self, group_modules: list[list[str]], activation_bytes: int) -> None:
         """Refuse a device too small for calibration (weights in memory where they compute: nothing to check)."""
 
     def fetch(self, names: list[str]) -> None:
@@ -337,14 +337,15 @@ class StreamedWeights(Weights):
         self.written = []
         self.gm.fxslice_offload_files = self.offload_files
 
-    def check_room(self, segment_modules: list[list[str]], activation_bytes: int) -> None:
-        """Refuse a CUDA device whose free memory cannot hold the largest segment's weights, one module
-        copied to float64 twice while it is rotated, and the cached activations (a group of
-        positions fetches a few segments: the estimate is a floor), naming what is needed."""
+    def check_room(self, group_modules: list[list[str]], activation_bytes: int) -> None:
+        """Refuse a CUDA device whose free memory cannot hold the largest basis group's weights (fetched
+        together: a block, or every block under ``basis="model"``), one module copied to float64 twice
+        while it is rotated, and the cached activations (a floor: the statistics of the block rewrites
+        come on top), naming what is needed."""
         if self.like.device.type != "cuda":
             return
         free, _ = torch.cuda.mem_get_info(self.like.device)
-        sizes = [[s.nbytes for n in names for s in self.sources.get(n, {}).values()] for names in segment_modules]
+        sizes = [[s.nbytes for n in names for s in self.sources.get(n, {}).values()] for names in group_modules]
         largest_segment = max((sum(s) for s in sizes), default=0)
         largest_module = max((max(s, default=0) for s in sizes), default=0)
         rotation = 2 * largest_module * 8 // self.like.element_size()

@@ -23,6 +23,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional, TYPE_CHECKING
 
+import torch
 from tabulate import tabulate
 from torch import nn
 from torch.fx import GraphModule, Node
@@ -245,6 +246,7 @@ class NodeKinds:
             return False
         if value not in self._constant:
             ok = value.op == "get_attr" or (value.op == "call_function" and example_value(value) is not None
+                                            and torch.Tag.nondeterministic_seeded not in getattr(value.target, "tags", ())
                                             and all(self.constant(a) for a in value.all_input_nodes))
             self._constant[value] = ok
         return self._constant[value]
@@ -281,8 +283,8 @@ class NodeKinds:
         steps, current = [first], first
         while len(current.users) == 1:
             user = next(iter(current.users))
-            if not (self.affine_step(user, current) or self.cast_of(user, current)):
-                break
+            if self.norm_site(user) is not None or not (self.affine_step(user, current) or self.cast_of(user, current)):
+                break  # a norm's own leading cast stays the norm's
             steps.append(user)
             current = user
         return StreamAffine(src, steps)
@@ -459,7 +461,7 @@ class StreamWalk:
                     raise GraphStructureError(f"the residual stream ends at {describe(current.root)} with no reader")
                 positions.append(current)
                 break
-            elif has_readers or add in self.skip_affines:
+            elif has_readers or add in self.skip_affines or current.branch_affine is not None:
                 positions.append(current)
                 current = self.next_position(add, current, len(positions))
             else:  # nothing reads this value: one sum with the next (token + position embeddings, x + a + b)

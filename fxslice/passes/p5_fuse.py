@@ -46,7 +46,7 @@ from ..graph.edit import call_module_after, call_module_on_edge, drop_attribute,
 from ..graph.inserted import (HEAD_AFFINE, NORM_AFFINE, SHORTCUT, InsertedModule, affine_name, shortcut_name,
                               stream_norm_name)
 from ..graph.modules import StreamNorm
-from ..graph.nodes import copy_meta, describe, evaluate_constant, module_path
+from ..graph.nodes import copy_meta, describe, evaluate_constant, example_value, module_path
 from ..graph.store import Weights
 from ..graph.weights import f64, set_embedding, set_linear
 from ..registry import NormSpec
@@ -182,7 +182,8 @@ def affine_coefficients(gm: GraphModule, affine: StreamAffine, width: int) -> tu
 
 
 def _verify_affine(gm: GraphModule, affine: StreamAffine, scale: torch.Tensor, constant: torch.Tensor) -> None:
-    """The chain itself, run on random rows, equals ``s ⊙ x + c`` (skipped for weights not loaded yet)."""
+    """The chain itself, run on random rows, equals ``s ⊙ x + c`` (its parameters are one-dimensional: read
+    with the checkpoint's small tensors before any pass runs, :func:`fxslice.checkpoint.read_unmanaged`)."""
     x = torch.randn(3, scale.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     env: dict = {affine.start: x}
 
@@ -191,15 +192,9 @@ def _verify_affine(gm: GraphModule, affine: StreamAffine, scale: torch.Tensor, c
             return env[arg]
         return evaluate_constant(gm, arg).detach().to("cpu", torch.float64)
 
-    try:
-        for step in affine.steps:
-            args = [value(a) if isinstance(a, Node) else a for a in step.args]
-            if step.target in ops.AFFINE_STEPS:
-                env[step] = step.target(*args)
-            else:  # a cast: the check stays in float64
-                env[step] = args[0]
-    except NotImplementedError:  # meta parameters (a skeleton capture): nothing to check
-        return
+    for step in affine.steps:
+        args = [value(a) if isinstance(a, Node) else a for a in step.args]
+        env[step] = step.target(*args) if step.target in ops.AFFINE_STEPS else args[0]  # a cast: float64 kept
     want = scale * x + constant
     if not torch.allclose(env[affine.end], want, rtol=1e-6, atol=1e-6 * float(want.abs().max())):
         raise GraphStructureError(f"{describe(affine.end)}: the elementwise map of the stream read as "
@@ -295,10 +290,12 @@ class Fuser:
         affine = self.affine(site)
         name = self.add_module(affine_name(site.path), affine)
         users = list(norm.users)
-        node = call_module_after(self.gm, name, affine, norm, norm, norm)
+        source = self.cast(norm, self.weights.like.dtype)  # a branch normalised in float32 (Ergo's)
+        node = self.in_weight_dtype(call_module_after(self.gm, name, affine, source, source, norm))
+        out = self.cast(node, example_value(norm).dtype)
         for user in users:
-            user.replace_input_with(norm, node)
-        self.replaced[norm] = node
+            user.replace_input_with(norm, out)
+        self.replaced[norm] = out
         self.inserted.append(InsertedModule(name, NORM_AFFINE, None, writes))
         return name
 
@@ -325,16 +322,42 @@ class Fuser:
                                            lambda: (torch.diag(scale), constant if biased else None))
         self.add_module(name, shortcut)
         source = self.resolve(skip.stream_value)
+        if skip.affine is not None:  # the map's casts leave with it: the shortcut reads and writes their dtypes
+            source = self.cast(source, self.weights.like.dtype, before=skip.operand)
         if skip.add is None:  # nothing is added: the stream goes on from the shortcut
-            node = call_module_after(self.gm, name, shortcut, source, skip.operand, skip.operand)
-            skip.operand.replace_all_uses_with(node)
-            self.replaced[skip.operand] = node
+            node = self.in_weight_dtype(call_module_after(self.gm, name, shortcut, source, source, skip.operand))
+            out = self.cast(node, example_value(skip.operand).dtype)
+            skip.operand.replace_all_uses_with(out)
+            self.replaced[skip.operand] = out
         else:
-            call_module_on_edge(self.gm, name, shortcut, source, skip.add, replaced=self.resolve(skip.operand))
+            node = self.in_weight_dtype(call_module_on_edge(self.gm, name, shortcut, source, skip.add,
+                                                            replaced=self.resolve(skip.operand)))
+            out = self.cast(node, example_value(skip.operand).dtype, before=skip.add) if skip.affine else node
+            if out is not node:
+                skip.add.replace_input_with(node, out)
         if skip.affine is not None:
             erase_unused(self.gm, skip.affine.steps)
         self.inserted.append(InsertedModule(name, SHORTCUT, skip.source, position.index))
         return name
+
+    def cast(self, node: Node, dtype: torch.dtype, before: Optional[Node] = None) -> Node:
+        """``node.to(dtype)`` inserted before ``before`` (default: right after ``node``); ``node`` itself
+        when it has that dtype already."""
+        value = example_value(node)
+        if value is None or value.dtype == dtype:
+            return node
+        with self.gm.graph.inserting_before(before) if before is not None else self.gm.graph.inserting_after(node):
+            cast = self.gm.graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": dtype})
+        cast.meta["val"] = value.to(dtype)
+        copy_meta(cast, node, ("nn_module_stack",))
+        return cast
+
+    def in_weight_dtype(self, node: Node) -> Node:
+        """An inserted Linear's call computes in the weights' dtype, whatever its metadata was copied from."""
+        value = example_value(node)
+        if value is not None:
+            node.meta["val"] = value.to(self.weights.like.dtype)
+        return node
 
     def scaled_branch(self, position: Position, writers: list[str]) -> None:
         """The branch's per-dimension scale moves into the rows of its writers; its map leaves the graph."""

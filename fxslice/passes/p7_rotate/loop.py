@@ -93,7 +93,8 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: Widths, *, pca_si
     runner = SegmentRunner(gm, [p.root for p in rotated])
     segment_modules, finished = finishing_schedule(plan, runner, widths.groups)
     tokens = sum(b.input_ids.numel() for b in batches)
-    weights.check_room(segment_modules, 2 * tokens * hidden * weights.like.element_size())
+    group_modules = [[name for index in group for name in segment_modules[segment_of[index]]] for group in widths.groups]
+    weights.check_room(group_modules, 2 * tokens * hidden * weights.like.element_size())  # a group is fetched whole
     record = Slice(len(plan.positions), rotate=widths.rotate)
     rotator = Rotator(plan, record)
     rewrites: list[BlockRewrite] = [BranchRotator(plan, widths.stream), HiddenSlicer(plan, widths.hidden),
