@@ -6,8 +6,11 @@ records its readers (norms and the linears behind them, or linears reading it di
 writers (linears, embeddings or writer-side norms whose outputs are summed into it), the skip edge
 of the residual add that produced it, and the reshapes that carry its width. Walk-through ops that
 do not mix the hidden dimension (dtype casts, leading-dim reshapes, slices of leading dims, scalar
-multiplies) are followed. Anything else touching the stream raises ``GraphStructureError`` naming
-the node — before any weight is changed.
+multiplies) are followed. Elementwise maps ``s ⊙ x + c`` whose ``s`` and ``c`` come from parameters only
+(:class:`StreamAffine`: residual gates and scales) are recorded where they sit — on a skip edge, on
+top of a branch, or between two positions with nothing added — for fuse to move into Linears.
+Anything else touching the stream raises ``GraphStructureError`` naming the node — before any weight
+is changed.
 
 Positions are *rotated* (PCA basis, sliced) or *raw* (full width, original basis): a raw position
 is one whose only reader is a writer-side norm (Bloom's embedding LayerNorm).
