@@ -11,6 +11,9 @@ norm_affine   ``<norm>_affine``            ``diag(γ)`` (+ ``β``) of a writer-s
                                            Bloom), later ``diag(γ) Q_d``
 head_affine   ``<norm>_affine``            ``diag(γ)`` (+ ``β``) of the final norm in front of a head tied to
                                            the embedding
+passthrough   ``<norm>_passthrough``       ``diag(γ)`` of a reader-side norm on the path that carries its
+                                           output into a later residual add (LongCat-Flash's identity
+                                           experts), later ``Q_aᵀ diag(γ) Q_b``
 (stream norm) ``<norm>``                   weightless :class:`~fxslice.graph.modules.StreamNorm` in place of
                                            the norm at that path (no parameters, not listed)
 ============  ===========================  ==================================================================
@@ -25,7 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-SHORTCUT, NORM_AFFINE, HEAD_AFFINE = "shortcut", "norm_affine", "head_affine"
+SHORTCUT, NORM_AFFINE, HEAD_AFFINE, PASSTHROUGH = "shortcut", "norm_affine", "head_affine", "passthrough"
 
 
 def shortcut_name(block_path: str, position: int) -> str:
@@ -34,6 +37,10 @@ def shortcut_name(block_path: str, position: int) -> str:
 
 def affine_name(norm_path: str) -> str:
     return f"{norm_path}_affine"
+
+
+def passthrough_name(norm_path: str) -> str:
+    return f"{norm_path}_passthrough"
 
 
 def stream_norm_name(norm_path: str, output_node_name: str) -> str:

@@ -56,6 +56,9 @@ class NormSite:
     # the width-carrying reshapes between them and the norm; None when something else writes it
     inner_writers: Optional[list[Node]] = None
     inner_reshapes: list[Node] = field(default_factory=list)
+    # a reader-side norm whose output also reaches a later residual add through walk-through ops only
+    # (LongCat-Flash's identity experts, ``w ⊙ norm(x)``): the values that end those paths
+    passthroughs: list[Node] = field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -110,6 +113,8 @@ class Position:
     writer_norms: list[NormSite] = field(default_factory=list)
     skip: Optional[Skip] = None
     branch_affine: Optional[StreamAffine] = None  # a per-dimension affine map of the whole branch added here
+    # (norm, value) pairs: an earlier position's norm output reaching this position's add (``NormSite.passthroughs``)
+    passthroughs: list[tuple[NormSite, Node]] = field(default_factory=list)
     norms: list[NormSite] = field(default_factory=list)  # reader-side norms
     direct_readers: list[Node] = field(default_factory=list)
     reshapes: list[Node] = field(default_factory=list)  # reshapes that carry the width (last dim)
@@ -442,6 +447,7 @@ class StreamWalk:
         self.gm = gm
         self.kinds = NodeKinds(gm)
         self.skip_affines: dict[Node, StreamAffine] = {}  # residual add -> the affine map on its skip edge
+        self.passthrough_sources: dict[Node, NormSite] = {}  # a passthrough's last value -> its norm
 
     def run(self) -> Structure:
         start = self.projected(self.kinds.token_embedding())
@@ -474,6 +480,11 @@ class StreamWalk:
         for p in positions:
             if p.skip is not None:
                 p.skip.source = next(i for i, q in enumerate(positions) if p.skip.stream_value in q.aliases)
+        claimed = {value for p in positions for _, value in p.passthroughs}
+        for value, site in self.passthrough_sources.items():
+            if value not in claimed:
+                raise GraphStructureError(f"the output of norm '{site.path}' reaches {describe(next(iter(value.users)))}, "
+                                          "which is not a residual add of the stream: it cannot be rotated")
         return Structure(self.gm, hidden, positions)
 
     def projected(self, embedding: Node) -> Node:
@@ -503,21 +514,23 @@ class StreamWalk:
     def next_position(self, add: Node, current: Position, index: int) -> Position:
         branch, operand = self._branch(add, current)
         branch_affine = self.kinds.branch_affine(branch)
+        passthroughs: list[tuple[NormSite, Node]] = []
         writers, writer_norms, reshapes = self.trace_writers(branch if branch_affine is None else branch_affine.start,
-                                                             current)
+                                                             current, passthroughs)
         return Position(index, add, writers=writers, writer_norms=writer_norms, reshapes=reshapes,
                         skip=Skip(add, operand, current.index, self.skip_affines.get(add)),
-                        branch_affine=branch_affine)
+                        branch_affine=branch_affine, passthroughs=passthroughs)
 
     def merged_position(self, add: Node, current: Position) -> Position:
         branch, _ = self._branch(add, current)
         if self.kinds.branch_affine(branch) is not None:
             raise GraphStructureError(f"{describe(add)} adds a value mapped by a per-dimension affine map to a stream "
                                       "value nothing reads: only a whole branch's map can move into its writers")
-        writers, writer_norms, reshapes = self.trace_writers(branch, current)
+        passthroughs = list(current.passthroughs)
+        writers, writer_norms, reshapes = self.trace_writers(branch, current, passthroughs)
         return Position(current.index, add, writers=current.writers + writers,
                         writer_norms=current.writer_norms + writer_norms, skip=current.skip,
-                        reshapes=current.reshapes + reshapes)
+                        reshapes=current.reshapes + reshapes, passthroughs=passthroughs)
 
     def use_of(self, user: Node, src: Node, index: int, aliases: list[Node]) -> tuple[Use, Optional[NormSite]]:
         """How ``user`` uses stream value ``src`` (of position ``index``, whose values so far are
@@ -587,7 +600,7 @@ class StreamWalk:
             )
         stream_norm = None
         for site in sites:
-            readers = self.norm_readers(site)
+            readers = self.norm_readers(site, passthrough=bool(adds))
             if readers is None:  # the norm's output continues the stream
                 if len(sites) > 1 or adds or continuations or position.direct_readers:
                     raise GraphStructureError(
@@ -604,11 +617,14 @@ class StreamWalk:
                                       f"'{stream_norm.path}' and {describe(continuations[0].steps[0])}")
         return (adds[0] if adds else None), stream_norm, (continuations[0] if continuations else None)
 
-    def norm_readers(self, site: NormSite) -> Optional[list[Node]]:
+    def norm_readers(self, site: NormSite, passthrough: bool = False) -> Optional[list[Node]]:
         """Linears reading a norm's output (through walk-through ops); None when the output is used
         as the stream instead (a writer-side norm: it reaches a residual add or another norm); a
-        ``GraphStructureError`` naming the node for any other reader."""
+        ``GraphStructureError`` naming the node for any other reader. With ``passthrough`` (the
+        position has its own residual add, so the norm does not continue the stream), paths of a
+        norm read by Linears that reach another add are recorded in ``site.passthroughs``."""
         readers, frontier, seen = [], [site.region.output], {site.region.output}
+        passthroughs: list[Node] = []
         while frontier:
             src = frontier.pop()
             for user in src.users:
@@ -623,6 +639,8 @@ class StreamWalk:
                     readers.append(user)
                 elif self.kinds.shape_query(user, src):
                     continue
+                elif passthrough and ops.is_tensor_add(user) and len(src.users) == 1:
+                    passthroughs.append(src)
                 elif ops.is_tensor_add(user) or self.kinds.norm_site(user) is not None:
                     return None  # the stream goes on from here
                 else:
@@ -630,12 +648,22 @@ class StreamWalk:
                         f"the output of norm '{site.path}' is read by {describe(user)}, which is neither a Linear "
                         "layer nor an op that keeps the hidden dimension, so what it reads cannot be rotated "
                         "(a mixture-of-experts dispatch that no pattern of patterns/experts.py knows?)")
+        if passthroughs and not readers:
+            return None  # a writer-side norm after all
+        if passthroughs and site.spec.shift is not None:
+            raise GraphStructureError(f"the output of norm '{site.path}' reaches a later residual add through "
+                                      f"{describe(passthroughs[0])}; with a shift β it cannot be moved past the "
+                                      "row scalings on the way")
+        site.passthroughs = passthroughs
+        self.passthrough_sources.update({value: site for value in passthroughs})
         return readers
 
-    def trace_writers(self, branch: Node, position: Position) -> tuple[list[Node], list[NormSite], list[Node]]:
+    def trace_writers(self, branch: Node, position: Position, passthroughs: Optional[list] = None
+                      ) -> tuple[list[Node], list[NormSite], list[Node]]:
         """Walk back from the non-stream operand of a residual add to the layers that wrote it.
 
-        Returns the writer modules, writer-side norms and the width-carrying reshapes on the way.
+        Returns the writer modules, writer-side norms and the width-carrying reshapes on the way; an
+        earlier norm's passthrough met on the way goes to ``passthroughs`` as ``(norm, value)``.
         """
         writers: list[Node] = []
         reshapes: list[Node] = []
@@ -643,6 +671,12 @@ class StreamWalk:
         frontier = [branch]
         while frontier:
             node = frontier.pop()
+            if node in self.passthrough_sources:
+                if passthroughs is None:
+                    raise GraphStructureError(f"{describe(node)} carries the output of norm "
+                                              f"'{self.passthrough_sources[node].path}' into a sum no branch owns")
+                passthroughs.append((self.passthrough_sources[node], node))
+                continue
             if node in position.aliases:
                 raise GraphStructureError(f"the residual stream reaches residual add through {describe(node)}")
             if len(node.users) != 1:

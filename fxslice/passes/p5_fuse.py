@@ -43,7 +43,8 @@ from torch.fx import GraphModule, Node
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.edit import call_module_after, call_module_on_edge, drop_attribute, erase_unused, submodule_exists
-from ..graph.inserted import (HEAD_AFFINE, NORM_AFFINE, SHORTCUT, InsertedModule, affine_name, shortcut_name,
+from ..graph.inserted import (HEAD_AFFINE, NORM_AFFINE, PASSTHROUGH, SHORTCUT, InsertedModule, affine_name,
+                              passthrough_name, shortcut_name,
                               stream_norm_name)
 from ..graph.modules import StreamNorm
 from ..graph.nodes import copy_meta, describe, evaluate_constant, example_value, module_path
@@ -359,6 +360,16 @@ class Fuser:
             node.meta["val"] = value.to(self.weights.like.dtype)
         return node
 
+    def passthrough(self, site: NormSite, value: Node, reads: int, writes: int) -> str:
+        """``diag(γ)`` on the edge carrying a reader-side norm's (now weightless) output into a later
+        residual add; it reads the norm's position and writes this one."""
+        affine = self.weights.add_linear(passthrough_name(site.path), self.hidden, self.hidden, False,
+                                         lambda: affine_weights(site.spec))
+        name = self.add_module(passthrough_name(site.path), affine)
+        self.in_weight_dtype(call_module_on_edge(self.gm, name, affine, self.resolve(value), next(iter(value.users))))
+        self.inserted.append(InsertedModule(name, PASSTHROUGH, reads, writes))
+        return name
+
     def scaled_branch(self, position: Position, writers: list[str]) -> None:
         """The branch's per-dimension scale moves into the rows of its writers; its map leaves the graph."""
         branch = position.branch_affine
@@ -446,6 +457,11 @@ class Fuser:
                 planned[p.skip.source].readers.append(plan_p.shortcut)
             if p.branch_affine is not None:
                 self.scaled_branch(p, plan_p.writers)
+            for site, value in p.passthroughs:
+                source = next(q.index for q in s.positions if site in q.norms)
+                name = self.passthrough(site, value, source, p.index)
+                plan_p.writers.append(name)
+                planned[source].readers.append(name)
         if s.centered:
             for plan_p in planned:
                 if plan_p.rotated:
