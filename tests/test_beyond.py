@@ -127,7 +127,7 @@ def test_the_refit_reconstructs_the_block_output_better_than_deleting(family):
 
 
 @pytest.mark.parametrize("family", ["llama_tied", "gpt2", "bloom", "gemma2", "phi3", "opt"])
-@pytest.mark.parametrize("basis", ["block", "position", "model"])
+@pytest.mark.parametrize("basis", ["block", "position", pytest.param("model", marks=pytest.mark.slow)])
 def test_predicted_count_is_the_true_count(family, basis):
     model = tiny_model(family)
     sliced = fxslice.compress(model, calibration(), 0.25, hidden_sparsity=0.3, basis=basis, progress=False)

@@ -104,7 +104,7 @@ def test_bfloat16_stream_maps_are_exact_to_their_own_rounding(family):
     assert error <= 4 * noise + 1e-3, (error, noise)
 
 
-@pytest.mark.parametrize("family", ["doge", "longcat_flash", pytest.param("ergo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["doge"] + [pytest.param(f, marks=pytest.mark.slow) for f in ("longcat_flash", "ergo")])
 def test_kv_cache_program_save_and_reload(family, tmp_path):
     sliced = fxslice.compress(tiny(family), masked_calibration(), 0.25, progress=False)
     check_saved_generation(sliced, tmp_path / "sliced", IDS[:1, :6])
@@ -198,6 +198,7 @@ def test_a_stream_map_in_a_layernorm_model_is_refused_naming_the_node():
         fxslice.compress(model, calibration(), 0.25, progress=False)
 
 
+@pytest.mark.slow
 def test_streamed_checkpoint_slices_like_the_model_in_memory(tmp_path):
     """The gates are read with the checkpoint's small tensors before fuse moves them into the shortcuts."""
     model = tiny("ergo")
