@@ -56,7 +56,8 @@ def test_stream_maps_are_exact_and_leave_the_model_as_it_was(family, masked):
     assert not any(g in names for g in gates), "the per-dimension maps left the graph"
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("family", [f if f in ("doge", "longcat_flash") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(CONFIGS)])
 def test_stream_maps_slice_and_keep_their_shortcuts(family):
     model = tiny(family)
     sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
