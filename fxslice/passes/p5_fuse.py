@@ -165,8 +165,7 @@ def affine_coefficients(gm: GraphModule, affine: StreamAffine, width: int) -> tu
         if step.target in ops.AFFINE_STEPS:  # else a cast
             first, second = step.args
             other = second if first is value else first
-            k = (torch.tensor(float(other)) if isinstance(other, (int, float))
-                 else evaluate_constant(gm, other)).detach().to("cpu", torch.float64).reshape(-1).expand(width)
+            k = _constant64(gm, other).reshape(-1).expand(width)
             if step.target is torch.ops.aten.mul.Tensor:
                 scale, constant = scale * k, constant * k
             elif step.target is torch.ops.aten.div.Tensor:
@@ -182,19 +181,20 @@ def affine_coefficients(gm: GraphModule, affine: StreamAffine, width: int) -> tu
     return scale, constant
 
 
+def _constant64(gm: GraphModule, value) -> torch.Tensor:
+    """A map's constant operand (a number, or a node computed from parameters only) in float64 on the CPU."""
+    tensor = torch.tensor(float(value)) if isinstance(value, (int, float)) else evaluate_constant(gm, value).detach()
+    return tensor.to("cpu", torch.float64)
+
+
 def _verify_affine(gm: GraphModule, affine: StreamAffine, scale: torch.Tensor, constant: torch.Tensor) -> None:
     """The chain itself, run on random rows, equals ``s ⊙ x + c`` (its parameters are one-dimensional: read
     with the checkpoint's small tensors before any pass runs, :func:`fxslice.checkpoint.read_unmanaged`)."""
     x = torch.randn(3, scale.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     env: dict = {affine.start: x}
 
-    def value(arg):
-        if arg in env:
-            return env[arg]
-        return evaluate_constant(gm, arg).detach().to("cpu", torch.float64)
-
     for step in affine.steps:
-        args = [value(a) if isinstance(a, Node) else a for a in step.args]
+        args = [env[a] if a in env else _constant64(gm, a) if isinstance(a, Node) else a for a in step.args]
         env[step] = step.target(*args) if step.target in ops.AFFINE_STEPS else args[0]  # a cast: float64 kept
     want = scale * x + constant
     if not torch.allclose(env[affine.end], want, rtol=1e-6, atol=1e-6 * float(want.abs().max())):
