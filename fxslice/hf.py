@@ -143,15 +143,20 @@ EXPERTS_IMPLEMENTATION = "batched_mm"
 def exportable(model: nn.Module, use_cache_via: Optional[str] = "use_cache"):
     """``model`` set up for ``torch.export``, restored afterwards: ``config.use_cache`` off where the
     model takes ``use_cache`` only through ``**kwargs`` (on a composite model's text config too), experts
-    in their gathered-matmul form where the model lets its experts implementation be chosen, and the
-    registered capture patterns' verified substitutes in place (:func:`~fxslice.registry.capture_substitutions`)."""
+    in their gathered-matmul form where the model lets its experts implementation be chosen, the
+    registered capture patterns' verified substitutes in place (:func:`~fxslice.registry.capture_substitutions`),
+    and ``torch.distributions``' argument checks off (they test values — BLT's patcher builds a
+    ``Categorical`` of its logits —, which a trace cannot)."""
     switched = [c for c in _configs(model) if use_cache_via != "use_cache" and getattr(c, "use_cache", False)]
     for config in switched:
         config.use_cache = False
+    validating = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
     try:
         with experts_implementation(model, EXPERTS_IMPLEMENTATION), capture_substitutions(model):
             yield model
     finally:
+        torch.distributions.Distribution.set_default_validate_args(validating)
         for config in switched:
             config.use_cache = True
 

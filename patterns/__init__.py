@@ -10,6 +10,8 @@ Everything that differs between model families is recognised here, never in the 
   ``bmm`` (transformers' ``batched_mm`` experts) become one ``ExpertLinear``; capture patterns give
   experts written as a loop over the experts a batch reaches (DBRX, JetMoE) that gathered form while the
   model is captured.
+- ``indexers``: capture patterns giving sparse-attention indexers whose token selection loops over query
+  groups (Kolibri 1.1) a dense, traceable form while the model is captured.
 - ``configs``: config attributes that hold an MLP width where a config leaves it unset (for stock
   checkpoints of a slice).
 
@@ -17,4 +19,4 @@ Register more with :func:`fxslice.register_norm_pattern` / :func:`fxslice.regist
 :func:`fxslice.register_capture_pattern`.
 """
 
-from . import configs, experts, linears, norms  # noqa: F401  (importing registers the patterns)
+from . import configs, experts, indexers, linears, norms  # noqa: F401  (importing registers the patterns)

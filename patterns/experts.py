@@ -116,17 +116,30 @@ def _source_name(node: Node) -> str:
     return str(node.target if node.op == "get_attr" else node.args[0].target)
 
 
+def _swapped_last_two(node: object) -> bool:
+    """Whether ``node`` is ``transpose(p, 1, 2)`` (or the same ``permute``) of a 3-D value."""
+    if ops.calls(node, aten.transpose.int):
+        return sorted(d % 3 for d in node.args[1:3]) == [1, 2]
+    return ops.calls(node, aten.permute.default) and [d % 3 for d in node.args[1]] == [0, 2, 1]
+
+
 @register_linear_pattern("batched_experts_bmm")
 def batched_experts_bmm(gm: GraphModule, node: Node) -> LinearMatch | None:
-    """``bmm(x [E, T, in], W [E, in, out])`` with ``W`` a 3-D parameter: every expert's rows at once."""
+    """``bmm(x [E, T, in], W [E, in, out])`` with ``W`` a 3-D parameter, or the transpose of one stored
+    ``[E, out, in]`` (Inkling's shared experts): every expert's rows at once."""
     if not ops.calls(node, aten.bmm.default):
         return None
-    weight = parameter_of(gm, node.args[1])
+    right, nodes = node.args[1], [node]
+    stored_transposed = _swapped_last_two(right)
+    weight = parameter_of(gm, right.args[0] if stored_transposed else right)
     value = example_value(node.args[0])
     if weight is None or weight.dim() != 3 or value is None or value.dim() != 3:
         return None
-    return LinearMatch([node], node.args[0], node, weight.transpose(1, 2), None, str(node.args[1].target),
-                       batched_experts=True)
+    if stored_transposed:
+        nodes = ([right] if len(right.users) == 1 else []) + nodes
+        right = right.args[0]
+    return LinearMatch(nodes, node.args[0], node, weight if stored_transposed else weight.transpose(1, 2), None,
+                       str(right.target), batched_experts=True)
 
 
 def gathered_experts(weight: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, transposed: bool = False):

@@ -216,6 +216,30 @@ def test_a_graph_whose_shape_guards_hold_only_for_some_lengths_is_refused():
         fxslice.compress(Chunked().eval(), toy_calibration(), 0.25, progress=False)
 
 
+class ShortAndLongBranches(nn.Module):
+    """A no-op branch below length 4 (its guard excludes 2 and 3, where the graph is still right) and a
+    different computation from length 100 on (the graph, traced at 16, is wrong there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Embedding(TOY_VOCAB, WIDTH), nn.RMSNorm(WIDTH)
+        self.up, self.head = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, TOY_VOCAB)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        y = self.up(self.norm(x))
+        if x.shape[1] >= 4:
+            y = y * 1.0
+        if x.shape[1] >= 100:
+            y = y * 2.0
+        return self.head(x + y)
+
+
+def test_a_graph_wrong_only_above_the_example_length_is_refused():
+    with pytest.raises(GraphStructureError, match=r"guards fail at length\(s\) 2, 3, 100, 127.*differ"):
+        fxslice.compress(ShortAndLongBranches().eval(), toy_calibration(), 0.25, progress=False)
+
+
 def test_a_graph_whose_guards_exclude_lengths_it_still_computes_right_is_kept():
     torch.manual_seed(0)
     model = Chunked(chunk=32).eval()

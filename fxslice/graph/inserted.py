@@ -14,6 +14,10 @@ head_affine   ``<norm>_affine``            ``diag(γ)`` (+ ``β``) of the final 
 passthrough   ``<norm>_passthrough``       ``diag(γ)`` of a reader-side norm on the path that carries its
                                            output into a later residual add (LongCat-Flash's identity
                                            experts), later ``Q_aᵀ diag(γ) Q_b``
+branch_map    ``<block>.branch_<p>[_k]``   Linear on the value a branch adds to position ``p`` when its writers
+                                           cannot be rotated where they are (Inkling's causal convolution
+                                           over the attention output; ``_k`` for a k-th such branch of
+                                           ``p``, k ≥ 1): the identity, later ``Q_pᵀ``
 (stream norm) ``<norm>``                   weightless :class:`~fxslice.graph.modules.StreamNorm` in place of
                                            the norm at that path (no parameters, not listed)
 ============  ===========================  ==================================================================
@@ -28,11 +32,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-SHORTCUT, NORM_AFFINE, HEAD_AFFINE, PASSTHROUGH = "shortcut", "norm_affine", "head_affine", "passthrough"
+SHORTCUT, NORM_AFFINE, HEAD_AFFINE, PASSTHROUGH, BRANCH_MAP = (
+    "shortcut", "norm_affine", "head_affine", "passthrough", "branch_map")
 
 
 def shortcut_name(block_path: str, position: int) -> str:
     return f"{block_path}.shortcut_{position}" if block_path else f"shortcut_{position}"
+
+
+def branch_map_name(block_path: str, position: int, k: int = 0) -> str:
+    """``k``: the how-manyth such branch of the position (0 for the first, unnumbered)."""
+    name = f"branch_{position}" + (f"_{k}" if k else "")
+    return f"{block_path}.{name}" if block_path else name
 
 
 def affine_name(norm_path: str) -> str:

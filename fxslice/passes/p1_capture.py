@@ -112,17 +112,20 @@ def failing_guards(gm: GraphModule, spec: ModelSpec, kwargs: dict) -> list[int]:
 def _check_unguarded_lengths(captured: GraphModule, model: nn.Module, spec: ModelSpec, leaf: int,
                              failed: list[int]) -> None:
     """Refuse a graph that computes wrong values at a length its guards exclude. A model in memory is run
-    at the shortest such length and compared with the graph (a branch taken for the example's length is
-    often the general one — padding up to a chunk, a no-op where none is needed); without weights, a graph
-    whose guards fail at most lengths is refused (the example's length took the special branch)."""
+    at the shortest and the longest such length and compared with the graph (a branch taken for the
+    example's length is often the general one — padding up to a chunk, a no-op where none is needed —, but
+    guards below the example's length and above it come from different branches: DeepSeek-V4's compressors
+    need a full window of 4 tokens and skip windows of 128 the example never filled); without weights, a
+    graph whose guards fail at most lengths is refused (the example's length took the special branch)."""
     if spec.weights_loaded:
         was_training = model.training
         model.eval()
-        try:  # compared at the shortest such length the model itself runs
-            verdict = next((v for v in (_agrees(captured, model, spec, leaf, n) for n in failed) if v is not None), True)
+        try:  # compared at the shortest and the longest such length the model itself runs
+            verdicts = [next((v for v in (_agrees(captured, model, spec, leaf, n) for n in lengths) if v is not None),
+                             True) for lengths in (failed, failed[::-1])]
         finally:
             model.train(was_training)
-        if verdict:
+        if all(verdicts):
             return
     elif 2 * len(failed) <= len(checked_lengths(spec)):
         return

@@ -113,6 +113,10 @@ class Position:
     writer_norms: list[NormSite] = field(default_factory=list)
     skip: Optional[Skip] = None
     branch_affine: Optional[StreamAffine] = None  # a per-dimension affine map of the whole branch added here
+    # the values branches add here when their writers cannot be rotated where they are (an op after them
+    # that is not linear in the stream's coordinates: Inkling's causal convolution over the attention
+    # output): they stay in the model's coordinates and fuse maps each in with an inserted Linear
+    opaque_branches: list[tuple[Node, Node]] = field(default_factory=list)  # (value, the residual add taking it)
     # (norm, value) pairs: an earlier position's norm output reaching this position's add (``NormSite.passthroughs``)
     passthroughs: list[tuple[NormSite, Node]] = field(default_factory=list)
     norms: list[NormSite] = field(default_factory=list)  # reader-side norms
@@ -198,6 +202,7 @@ class Structure:
         rows = []
         for p in self.positions:
             writers = [str(w.target) for w in p.writers] + [f"{s.path} [{s.pattern}]" for s in p.writer_norms]
+            writers += [f"{value.name} [kept in model coordinates]" for value, _ in p.opaque_branches]
             rows.append([
                 p.index,
                 p.root.name,
@@ -324,7 +329,7 @@ class NodeKinds:
         vin, vout = example_value(src), example_value(node)
         if vin is None or vout is None or vin.dim() == 0 or vout.dim() == 0 or vin.shape[-1] != vout.shape[-1]:
             return False
-        if ops.calls(node, ops.CASTS | ops.RESHAPES | ops.UNIT_DIMS):
+        if ops.calls(node, ops.CASTS | ops.RESHAPES | ops.UNIT_DIMS | ops.IDENTITIES):
             return node.args[0] is src
         if ops.calls(node, ops.LEADING_INDEXING):
             dim = node.args[1] if len(node.args) > 1 else 0
@@ -333,6 +338,8 @@ class NodeKinds:
             return node.args[0] is src and self.leading_only(node, vin)
         if ops.calls(node, {ops.aten.repeat.default}):  # copies of whole rows (every token to every expert)
             return node.args[0] is src and len(node.args[1]) == vin.dim() and node.args[1][-1] == 1
+        if ops.calls(node, {ops.aten.expand.default, ops.aten.expand_as.default}):  # the same, as a view (every token to every shared expert)
+            return node.args[0] is src
         if ops.calls(node, ops.ROW_SUMS):
             dims = [d % vin.dim() for d in node.args[1]] if len(node.args) > 1 and node.args[1] else []
             return node.args[0] is src and bool(dims) and vin.dim() - 1 not in dims
@@ -347,10 +354,11 @@ class NodeKinds:
     def shape_query(node: Node, src: Node) -> bool:
         """Whether ``node`` reads only the shape, dtype or device of ``src``: the size of a leading
         dimension, a new tensor made like it (``zeros_like``, ``new_zeros``), or another tensor cast to its
-        dtype (``y.type_as(src)``, as a bf16 router casts its float32 weights back)."""
+        dtype (``y.type_as(src)``, as a bf16 router casts its float32 weights back), or another tensor
+        broadcast to its shape (``y.expand_as(src)``)."""
         if ops.calls(node, ops.SYM_SIZE):
             return node.args[1] not in (-1, example_value(src).dim() - 1)
-        if ops.calls(node, {ops.aten.type_as.default}):
+        if ops.calls(node, {ops.aten.type_as.default, ops.aten.expand_as.default}):
             return node.args[1] is src and node.args[0] is not src
         return ops.calls(node, ops.LIKE) and node.args[0] is src
 
@@ -440,6 +448,11 @@ class Use(enum.Enum):
     SHAPE_QUERY = "asks for its shape (a leading dimension's size, or a new tensor like it)"
 
 
+class OpaqueBranch(GraphStructureError):
+    """A branch's writers cannot be rotated where they are: an op that is not linear in the stream's
+    coordinates comes after them, or their output is used elsewhere too."""
+
+
 class StreamWalk:
     """Follows the stream from the token embedding, position by position."""
 
@@ -447,11 +460,12 @@ class StreamWalk:
         self.gm = gm
         self.kinds = NodeKinds(gm)
         self.skip_affines: dict[Node, StreamAffine] = {}  # residual add -> the affine map on its skip edge
+        self.hidden = 0  # the stream's width, known once the walk starts
         self.passthrough_sources: dict[Node, NormSite] = {}  # a passthrough's last value -> its norm
 
     def run(self) -> Structure:
         start = self.projected(self.kinds.token_embedding())
-        hidden = int(example_value(start).shape[-1])
+        hidden = self.hidden = int(example_value(start).shape[-1])
         positions: list[Position] = []
         current = Position(0, start, writers=[start])
         while True:
@@ -513,24 +527,43 @@ class StreamWalk:
 
     def next_position(self, add: Node, current: Position, index: int) -> Position:
         branch, operand = self._branch(add, current)
+        skip = Skip(add, operand, current.index, self.skip_affines.get(add))
         branch_affine = self.kinds.branch_affine(branch)
         passthroughs: list[tuple[NormSite, Node]] = []
-        writers, writer_norms, reshapes = self.trace_writers(branch if branch_affine is None else branch_affine.start,
-                                                             current, passthroughs)
-        return Position(index, add, writers=writers, writer_norms=writer_norms, reshapes=reshapes,
-                        skip=Skip(add, operand, current.index, self.skip_affines.get(add)),
+        try:
+            writers, writer_norms, reshapes = self.trace_writers(
+                branch if branch_affine is None else branch_affine.start, current, passthroughs)
+        except OpaqueBranch:
+            self.check_opaque(branch, add)
+            return Position(index, add, skip=skip, opaque_branches=[(branch, add)])
+        return Position(index, add, writers=writers, writer_norms=writer_norms, reshapes=reshapes, skip=skip,
                         branch_affine=branch_affine, passthroughs=passthroughs)
+
+    def check_opaque(self, branch: Node, add: Node) -> None:
+        """A branch kept in the model's coordinates is exact whatever computed it — the stream's
+        readers hand it model-coordinate values, and every other use of a rotated value is checked
+        where it is met — provided it is a full-width value the inserted Linear can map."""
+        value = example_value(branch)
+        if value is None or value.dim() == 0 or value.shape[-1] != self.hidden:
+            raise GraphStructureError(f"{describe(add)} adds {describe(branch)} to the residual stream, a value "
+                                      "fxslice can neither trace to its writers nor map as a whole (not "
+                                      f"{self.hidden} wide in its last dimension)")
 
     def merged_position(self, add: Node, current: Position) -> Position:
         branch, _ = self._branch(add, current)
         if self.kinds.branch_affine(branch) is not None:
             raise GraphStructureError(f"{describe(add)} adds a value mapped by a per-dimension affine map to a stream "
                                       "value nothing reads: only a whole branch's map can move into its writers")
-        passthroughs = list(current.passthroughs)
-        writers, writer_norms, reshapes = self.trace_writers(branch, current, passthroughs)
+        passthroughs, opaque = list(current.passthroughs), list(current.opaque_branches)
+        try:
+            writers, writer_norms, reshapes = self.trace_writers(branch, current, passthroughs)
+        except OpaqueBranch:
+            self.check_opaque(branch, add)
+            writers, writer_norms, reshapes, passthroughs = [], [], [], list(current.passthroughs)
+            opaque.append((branch, add))
         return Position(current.index, add, writers=current.writers + writers,
                         writer_norms=current.writer_norms + writer_norms, skip=current.skip,
-                        reshapes=current.reshapes + reshapes, passthroughs=passthroughs)
+                        reshapes=current.reshapes + reshapes, passthroughs=passthroughs, opaque_branches=opaque)
 
     def use_of(self, user: Node, src: Node, index: int, aliases: list[Node]) -> tuple[Use, Optional[NormSite]]:
         """How ``user`` uses stream value ``src`` (of position ``index``, whose values so far are
@@ -680,7 +713,7 @@ class StreamWalk:
             if node in position.aliases:
                 raise GraphStructureError(f"the residual stream reaches residual add through {describe(node)}")
             if len(node.users) != 1:
-                raise GraphStructureError(
+                raise OpaqueBranch(
                     f"{describe(node)} writes into the residual stream but its value is also used elsewhere "
                     f"({', '.join(u.name for u in node.users)}); its output cannot be rotated"
                 )
@@ -697,7 +730,7 @@ class StreamWalk:
                     reshapes.append(node)
                 frontier.append(self.kinds.passed_on(node))
             else:
-                raise GraphStructureError(
+                raise OpaqueBranch(
                     f"{describe(node)} produces a value that is added to the residual stream; fxslice can "
                     "only rotate linear layers, embeddings and norms matched by a registered pattern there"
                 )

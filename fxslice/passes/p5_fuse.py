@@ -43,9 +43,8 @@ from torch.fx import GraphModule, Node
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.edit import call_module_after, call_module_on_edge, drop_attribute, erase_unused, submodule_exists
-from ..graph.inserted import (HEAD_AFFINE, NORM_AFFINE, PASSTHROUGH, SHORTCUT, InsertedModule, affine_name,
-                              passthrough_name, shortcut_name,
-                              stream_norm_name)
+from ..graph.inserted import (BRANCH_MAP, HEAD_AFFINE, NORM_AFFINE, PASSTHROUGH, SHORTCUT, InsertedModule,
+                              affine_name, branch_map_name, passthrough_name, shortcut_name, stream_norm_name)
 from ..graph.modules import StreamNorm
 from ..graph.nodes import copy_meta, describe, evaluate_constant, example_value, module_path
 from ..graph.store import Weights
@@ -370,6 +369,20 @@ class Fuser:
         self.inserted.append(InsertedModule(name, PASSTHROUGH, reads, writes))
         return name
 
+    def branch_map(self, value: Node, add: Node, name: str, writes: int) -> str:
+        """The identity on the edge carrying a branch kept in the model's coordinates into its residual
+        add: the branch's one writer, whose rows rotation turns into ``Q_pᵀ``."""
+        identity = self.weights.add_linear(name, self.hidden, self.hidden, False,
+                                           lambda: (torch.eye(self.hidden, dtype=torch.float64), None))
+        self.add_module(name, identity)
+        source = self.cast(value, self.weights.like.dtype, before=add)
+        node = self.in_weight_dtype(call_module_on_edge(self.gm, name, identity, source, add, replaced=value))
+        out = self.cast(node, example_value(value).dtype, before=add)
+        if out is not node:
+            add.replace_input_with(node, out)
+        self.inserted.append(InsertedModule(name, BRANCH_MAP, None, writes))
+        return name
+
     def scaled_branch(self, position: Position, writers: list[str]) -> None:
         """The branch's per-dimension scale moves into the rows of its writers; its map leaves the graph."""
         branch = position.branch_affine
@@ -455,6 +468,9 @@ class Fuser:
                 plan_p.mapped_shortcut = p.skip.affine is not None or (p.branch_affine is not None
                                                                         and p.branch_affine.has_constant)
                 planned[p.skip.source].readers.append(plan_p.shortcut)
+            for k, (value, add) in enumerate(p.opaque_branches):
+                name = branch_map_name(module_path(add)[0], p.index, k)
+                plan_p.writers.append(self.branch_map(value, add, name, p.index))
             if p.branch_affine is not None:
                 self.scaled_branch(p, plan_p.writers)
             for site, value in p.passthroughs:
