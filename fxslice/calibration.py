@@ -26,11 +26,14 @@ class Batch:
 
 
 def token_rows(value: torch.Tensor, batch: Optional[Batch]) -> torch.Tensor:
-    """``value`` (``[B, T, D]``, or ``[B·T, D]`` where a model flattens its tokens: B-major either way)
-    as one row per token, the tokens ``batch`` masks out left out."""
+    """``value`` (``[B, T, D]``, or ``[B·T, D]`` where a model flattens its tokens: B-major either way; ``[B, T,
+    N, D]`` for a stream of ``N`` copies per token) as one row per token (and copy), the tokens ``batch``
+    masks out left out."""
     rows = value.reshape(-1, value.shape[-1])
     if batch is not None and batch.attention_mask is not None:
-        rows = rows[batch.attention_mask.reshape(-1)]
+        mask = batch.attention_mask.reshape(-1)
+        copies = rows.shape[0] // max(mask.numel(), 1)  # a stream of N copies per token: its N rows
+        rows = rows[mask.repeat_interleave(copies) if copies > 1 else mask]
     return rows
 
 

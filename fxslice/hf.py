@@ -47,9 +47,10 @@ class ModelSpec:
         generator = torch.Generator().manual_seed(0)
         return torch.randint(0, self.vocab_size, (batch, length), generator=generator).to(self.device)
 
-    def export_inputs(self) -> tuple[dict, dict]:
-        """``(kwargs, dynamic_shapes)`` for ``torch.export``: dynamic batch and length, no KV cache."""
-        kwargs = {"input_ids": self.example_input_ids()}
+    def export_inputs(self, length: int = 16) -> tuple[dict, dict]:
+        """``(kwargs, dynamic_shapes)`` for ``torch.export`` of an example of ``length`` tokens: dynamic batch
+        and length, no KV cache."""
+        kwargs = {"input_ids": self.example_input_ids(length=length)}
         dynamic = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}}
         if self.accepts_use_cache and self.use_cache_via == "use_cache":
             kwargs["use_cache"], dynamic["use_cache"] = False, None

@@ -67,8 +67,11 @@ class ModuleSkeleton:
         expert matrix) hold at least as many elements as it has."""
         covered: dict[int, int] = {}  # storage address -> elements the managed views of it hold
         for name in managed_modules(canonical):
-            for param in canonical.get_submodule(name).parameters(recurse=False):
-                if param.numel():
+            module = canonical.get_submodule(name)
+            # its weight and bias only: a Linear named after the module that called it holds that module's
+            # other parameters too (a hyper-connection's ``base`` and ``scale`` beside its ``fn``)
+            for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
+                if isinstance(param, torch.Tensor) and param.numel():
                     address = param.untyped_storage().data_ptr()
                     covered[address] = covered.get(address, 0) + param.numel()
         memo = {id(param): nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)

@@ -210,10 +210,17 @@ class Chunked(nn.Module):
         return self.head(x + self.up(self.norm(x)) * weight[:, None])
 
 
-def test_a_graph_whose_shape_guards_hold_only_for_some_lengths_is_refused():
-    with pytest.raises(GraphStructureError, match=r"specialised Chunked to the example's sequence length 16: its shape "
-                                                  r"guards fail at length\(s\) 2, 3, 5, 7, 11.*differ from the model's"):
-        fxslice.compress(Chunked().eval(), toy_calibration(), 0.25, progress=False)
+def test_a_graph_traced_on_the_branch_of_whole_chunks_is_traced_again_on_the_padding_one():
+    """16 tokens are whole chunks of 4 (no padding traced: wrong at 2, 3, 5, …); the longest failing length
+    checked is not, and its trace pads — right at every length."""
+    torch.manual_seed(0)
+    model = Chunked().eval()
+    exact = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for length in (2, 3, 16, 17, 64):
+            ids = torch.randint(0, TOY_VOCAB, (2, length), generator=generator)
+            assert (exact(ids).logits - model(ids)).abs().max() < 1e-4, length
 
 
 class ShortAndLongBranches(nn.Module):
@@ -238,6 +245,39 @@ class ShortAndLongBranches(nn.Module):
 def test_a_graph_wrong_only_above_the_example_length_is_refused():
     with pytest.raises(GraphStructureError, match=r"guards fail at length\(s\) 2, 3, 100, 127.*differ"):
         fxslice.compress(ShortAndLongBranches().eval(), toy_calibration(), 0.25, progress=False)
+
+
+class OneChunkFirst(nn.Module):
+    """A running count within chunks of 32 tokens: one chunk directly, more by padding up to whole chunks (the
+    general branch, right at every length). Traced on 16 tokens, the graph knows one chunk only."""
+
+    def __init__(self, chunk: int = 32):
+        super().__init__()
+        self.chunk = chunk
+        self.embed, self.norm = nn.Embedding(TOY_VOCAB, WIDTH), nn.RMSNorm(WIDTH)
+        self.up, self.head = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, TOY_VOCAB)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        length = x.shape[1]
+        ones = torch.ones(length, device=x.device)
+        if length <= self.chunk:
+            weight = ones.cumsum(0)
+        else:
+            padded = nn.functional.pad(ones, (0, (self.chunk - length % self.chunk) % self.chunk))
+            weight = padded.view(-1, self.chunk).cumsum(1).flatten()[:length]
+        return self.head(x + self.up(self.norm(x)) * weight[:, None] / self.chunk)
+
+
+def test_a_graph_traced_as_one_chunk_is_traced_again_on_a_longer_example():
+    torch.manual_seed(0)
+    model = OneChunkFirst().eval()
+    exact = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for length in (2, 20, 32, 40, 100):
+            ids = torch.randint(0, TOY_VOCAB, (2, length), generator=generator)
+            assert (exact(ids).logits - model(ids)).abs().max() < 1e-4, length
 
 
 def test_a_graph_whose_guards_exclude_lengths_it_still_computes_right_is_kept():

@@ -67,8 +67,8 @@ def test_the_saved_cache_program_replays_the_slice_exactly(family, options, tmp_
     resized = {e.position: e.width for e in record.edits if isinstance(e, Resize)}
     assert [resized.get(i, sliced.fxslice.hidden_size) for i in range(len(sliced.fxslice.widths))] \
         == sliced.fxslice.widths
-    if family in ("gemma2", "olmo2") and options.get("sparsity", 1) > 0:
-        assert any(isinstance(e, ResizeBranch) for e in record.edits)
+    if family in ("gemma2", "olmo2") and min(sliced.fxslice.widths) < sliced.fxslice.hidden_size:
+        assert any(isinstance(e, ResizeBranch) for e in record.edits)  # (a budget may keep the stream whole)
     if family == "llama" and "allocation" not in options:  # a block's two positions share a basis: no shortcut
         assert sum(isinstance(e, RemoveShortcut) for e in record.edits) == 2
     stored = {key.split(".shortcut_")[0] + ".shortcut_" + key.split(".shortcut_")[1].split(".")[0]

@@ -13,6 +13,11 @@ IDENTITIES = frozenset({aten.clone.default, aten.alias.default, aten.detach.defa
                         aten.lift_fresh_copy.default})
 """Copies and views that change nothing when the layout is kept."""
 RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+SIZED = RESHAPES | {aten.expand.default}
+"""``op(x, shape)``: the shape argument carries the width of what it reshapes or broadcasts."""
+MERGES = RESHAPES | {aten.flatten.using_ints}
+"""Reshapes that may merge the copies of a stream (``[..., N, D]``) into one row (``[..., N·D]``)."""
+MIXES = frozenset({aten.matmul.default, aten.bmm.default})
 LEADING_INDEXING = frozenset({aten.slice.Tensor, aten.select.int})
 UNIT_DIMS = frozenset({aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default})
 """Adding or removing size-1 dimensions (never the hidden one when the last dimension keeps its size)."""

@@ -30,8 +30,35 @@ GRAPH_CLASS = "SlicedCausalLM"
 
 
 def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
-    """Export ``model`` (described by ``spec``) into a clean graph ``forward(input_ids) -> CausalLMOutput``."""
-    kwargs, dynamic = spec.export_inputs()
+    """Export ``model`` (described by ``spec``) into a clean graph ``forward(input_ids) -> CausalLMOutput``.
+
+    A graph traced on the short example that is wrong at longer lengths its guards exclude (a chunked scan
+    traced as one chunk: Mamba-2 with chunks of 256) is traced once more on the longest such length, where
+    the general branch runs; the first refusal stands when that one is wrong too."""
+    try:
+        return _captured(model, spec, EXAMPLE_LENGTH)
+    except LongerExample as refused:
+        try:
+            return _captured(model, spec, refused.length)
+        except GraphStructureError:
+            raise GraphStructureError(str(refused)) from None
+
+
+EXAMPLE_LENGTH = 16
+
+
+class LongerExample(GraphStructureError):
+    """The graph's guards exclude lengths it is wrong at, some longer than the example (``length``: the
+    longest): an example that long may trace the general branch."""
+
+    def __init__(self, message: str, length: int):
+        super().__init__(message)
+        self.length = length
+
+
+def _captured(model: nn.Module, spec: ModelSpec, length: int) -> GraphModule:
+    """:func:`capture` with an example of ``length`` tokens."""
+    kwargs, dynamic = spec.export_inputs(length)
     was_training = model.training
     model.eval()
     try:
@@ -65,7 +92,13 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
     graph.eliminate_dead_code()
     captured = plain_graph_module(gm, graph, GRAPH_CLASS)
     if unguarded:
-        _check_unguarded_lengths(captured, model, spec, leaf, unguarded)
+        try:
+            _check_unguarded_lengths(captured, model, spec, leaf, unguarded, length)
+        except GraphStructureError as refused:
+            longer = [n for n in unguarded if n > length]
+            if longer:
+                raise LongerExample(str(refused), max(longer)) from None
+            raise
     return captured
 
 
@@ -110,7 +143,7 @@ def failing_guards(gm: GraphModule, spec: ModelSpec, kwargs: dict) -> list[int]:
 
 
 def _check_unguarded_lengths(captured: GraphModule, model: nn.Module, spec: ModelSpec, leaf: int,
-                             failed: list[int]) -> None:
+                             failed: list[int], length: int) -> None:
     """Refuse a graph that computes wrong values at a length its guards exclude. A model in memory is run
     at the shortest and the longest such length and compared with the graph (a branch taken for the
     example's length is often the general one — padding up to a chunk, a no-op where none is needed —, but
@@ -131,7 +164,7 @@ def _check_unguarded_lengths(captured: GraphModule, model: nn.Module, spec: Mode
         return
     raise GraphStructureError(
         f"torch.export specialised {spec.class_name} to the example's sequence length "
-        f"{spec.example_input_ids().shape[1]}: its shape guards fail at length(s) {', '.join(map(str, failed))}"
+        f"{length}: its shape guards fail at length(s) {', '.join(map(str, failed))}"
         + (", where the graph's logits differ from the model's" if spec.weights_loaded else "")
         + " (a computation in chunks whose padding step that length skipped?); a config whose chunk size does not "
         "divide the example length captures the general case")

@@ -104,6 +104,19 @@ class Skip:
 
 
 @dataclass
+class MergedCopies:
+    """The ``N`` copies of a stream value (``[..., N, D]``: hyper-connections keep ``N`` residual streams per
+    token, mixed by weights computed from all of them) merged into one row ``[..., N·D]``. Rotating every
+    copy by the same ``Q`` is rotating the row by ``diag(Q, …, Q)``: a Linear reading it rotates its ``N``
+    blocks of inputs alike, and a mean of squares over the row stays the same — once the copies are sliced
+    it is taken over ``N·D`` still (``means``, rewritten by fuse into a sum over the full width)."""
+
+    reshape: Node
+    copies: int
+    means: list[Node] = field(default_factory=list)
+
+
+@dataclass
 class Position:
     index: int
     root: Node
@@ -120,6 +133,9 @@ class Position:
     # (norm, value) pairs: an earlier position's norm output reaching this position's add (``NormSite.passthroughs``)
     passthroughs: list[tuple[NormSite, Node]] = field(default_factory=list)
     norms: list[NormSite] = field(default_factory=list)  # reader-side norms
+    # the stream's copies merged into one row (``[..., N, D] -> [..., N·D]``, hyper-connections): what reads
+    # them — Linears (also in ``direct_readers``: ``N`` blocks of ``D`` inputs) and mean squares over the row
+    merged: list["MergedCopies"] = field(default_factory=list)
     direct_readers: list[Node] = field(default_factory=list)
     reshapes: list[Node] = field(default_factory=list)  # reshapes that carry the width (last dim)
 
@@ -340,6 +356,8 @@ class NodeKinds:
             return node.args[0] is src and len(node.args[1]) == vin.dim() and node.args[1][-1] == 1
         if ops.calls(node, {ops.aten.expand.default, ops.aten.expand_as.default}):  # the same, as a view (every token to every shared expert)
             return node.args[0] is src
+        if ops.calls(node, ops.MIXES):  # A·X: rows mixed along a leading dimension (the copies of a stream)
+            return node.args[1] is src and node.args[0] is not src and vout.dim() == vin.dim()
         if ops.calls(node, ops.ROW_SUMS):
             dims = [d % vin.dim() for d in node.args[1]] if len(node.args) > 1 and node.args[1] else []
             return node.args[0] is src and bool(dims) and vin.dim() - 1 not in dims
@@ -349,6 +367,42 @@ class NodeKinds:
                 return self.row_scalar(b, vin)
             return node.target is ops.aten.mul.Tensor and b is src and self.row_scalar(a, vin)
         return False
+
+    @staticmethod
+    def merged_copies(node: Node, src: Node) -> Optional[int]:
+        """``N`` when ``node`` merges the last two dimensions of ``src`` (``[..., N, D] -> [..., N·D]``)."""
+        if not ops.calls(node, ops.MERGES) or node.args[0] is not src:
+            return None
+        vin, vout = example_value(src), example_value(node)
+        if vin is None or vout is None or vin.dim() < 3 or vout.dim() != vin.dim() - 1:
+            return None
+        if tuple(vout.shape[:-1]) != tuple(vin.shape[:-2]) or vout.shape[-1] != vin.shape[-2] * vin.shape[-1]:
+            return None
+        return int(vin.shape[-2])
+
+    @staticmethod
+    def squares(node: Node, src: Node) -> bool:
+        """``src²`` elementwise (``pow(src, 2)``, ``square(src)``, ``src * src``)."""
+        if ops.calls(node, {ops.aten.pow.Tensor_Scalar}):
+            return node.args[0] is src and node.args[1] == 2
+        if ops.calls(node, {ops.aten.square.default}):
+            return node.args[0] is src
+        return ops.calls(node, {ops.aten.mul.Tensor}) and node.args[0] is src and node.args[1] is src
+
+    @staticmethod
+    def row_means(square: Node, row: str) -> list[Node]:
+        """The means over the last dimension of ``square`` (sums need nothing); anything else using the
+        squares is refused naming it."""
+        means = []
+        for user in square.users:
+            dims = user.args[1] if ops.calls(user, ops.ROW_SUMS) and len(user.args) > 1 else None
+            last = example_value(square).dim() - 1
+            if dims is None or [d % (last + 1) for d in dims] != [last]:
+                raise GraphStructureError(f"{describe(user)} uses the squares of the stream's copies merged by "
+                                          f"{row} other than summed or averaged over the row")
+            if ops.calls(user, {ops.aten.mean.dim}):
+                means.append(user)
+        return means
 
     @staticmethod
     def shape_query(node: Node, src: Node) -> bool:
@@ -444,6 +498,7 @@ class Use(enum.Enum):
     LINEAR = "reads it directly"
     RESIDUAL_ADD = "adds a branch to it"
     ALIAS = "passes it on unchanged in the hidden dimension"
+    MERGED = "merges its copies into one row"
     AFFINE = "maps it by a per-dimension affine map (a residual gate or scale)"
     SHAPE_QUERY = "asks for its shape (a leading dimension's size, or a new tensor like it)"
 
@@ -584,6 +639,8 @@ class StreamWalk:
             return Use.ALIAS, None
         if kinds.shape_query(user, src):
             return Use.SHAPE_QUERY, None
+        if kinds.merged_copies(user, src) is not None:
+            return Use.MERGED, None
         raise GraphStructureError(
             f"{describe(user)} consumes the residual stream (position {index}, value '{src.name}'); only norms matched by a "
             "registered pattern, linear layers, residual adds and ops that keep the hidden dimension may read it"
@@ -622,8 +679,10 @@ class StreamWalk:
                 elif use is Use.ALIAS:
                     aliases.append(user)
                     frontier.append(user)
-                    if ops.calls(user, ops.RESHAPES):
+                    if ops.calls(user, ops.SIZED):
                         position.reshapes.append(user)
+                elif use is Use.MERGED:
+                    position.merged.append(self.merged_reads(user, src, position))
         position.aliases = aliases
         if len(adds) + len(continuations) > 1:
             raise GraphStructureError(
@@ -650,6 +709,29 @@ class StreamWalk:
                                       f"'{stream_norm.path}' and {describe(continuations[0].steps[0])}")
         return (adds[0] if adds else None), stream_norm, (continuations[0] if continuations else None)
 
+    def merged_reads(self, merge: Node, src: Node, position: Position) -> MergedCopies:
+        """What reads the stream's copies merged into one row: Linears (direct readers of ``N`` blocks),
+        and squares averaged or summed over the row (``rsqrt(mean(x²))``: a factor per token that no
+        rotation of the copies changes); a ``GraphStructureError`` naming any other reader."""
+        merged = MergedCopies(merge, self.kinds.merged_copies(merge, src))
+        if ops.calls(merge, ops.SIZED):
+            position.reshapes.append(merge)
+        frontier = [merge]
+        while frontier:
+            value = frontier.pop()
+            for user in value.users:
+                if self.kinds.is_linear(user):
+                    position.direct_readers.append(user)
+                elif ops.calls(user, ops.CASTS | ops.IDENTITIES) and user.args[0] is value:
+                    frontier.append(user)
+                elif self.kinds.squares(user, value):
+                    merged.means.extend(self.kinds.row_means(user, describe(merge)))
+                else:
+                    raise GraphStructureError(
+                        f"{describe(user)} reads the copies of the residual stream merged into one row by "
+                        f"{describe(merge)}; only Linears and mean squares over the row may read them")
+        return merged
+
     def norm_readers(self, site: NormSite, passthrough: bool = False) -> Optional[list[Node]]:
         """Linears reading a norm's output (through walk-through ops); None when the output is used
         as the stream instead (a writer-side norm: it reaches a residual add or another norm); a
@@ -666,7 +748,7 @@ class StreamWalk:
                 seen.add(user)
                 if self.kinds.walks_through(user, src):
                     frontier.append(user)
-                    if ops.calls(user, ops.RESHAPES):
+                    if ops.calls(user, ops.SIZED):
                         site.reshapes.append(user)
                 elif self.kinds.is_linear(user):
                     readers.append(user)
@@ -726,7 +808,7 @@ class StreamWalk:
             elif ops.is_tensor_add(node):
                 frontier.extend(node.args[:2])
             elif self.kinds.passed_on(node) is not None:
-                if ops.calls(node, ops.RESHAPES):
+                if ops.calls(node, ops.SIZED):
                     reshapes.append(node)
                 frontier.append(self.kinds.passed_on(node))
             else:
@@ -748,7 +830,7 @@ class StreamWalk:
         else:
             passed = self.kinds.passed_on(start)
             sources = start.args[:2] if ops.is_tensor_add(start) else [passed] if passed is not None else []
-            writers, norms, reshapes = [], [], [start] if passed is not None and ops.calls(start, ops.RESHAPES) else []
+            writers, norms, reshapes = [], [], [start] if passed is not None and ops.calls(start, ops.SIZED) else []
             try:
                 for source in sources:
                     found = self.trace_writers(source, position)

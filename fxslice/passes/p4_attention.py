@@ -44,7 +44,7 @@ EXPAND = ops.aten.expand.default
 INDEX_COPY = frozenset({ops.aten.index_copy_.default, ops.aten.index_copy.default})
 PATH_OPS = ops.RESHAPES | ops.TRANSPOSES | ops.UNIT_DIMS | ops.IDENTITIES | ops.CASTS | {EXPAND}
 """What may stand between the value Linear and the attention, and between the attention and ``W_o``."""
-SHAPED = ops.RESHAPES | {EXPAND}
+SHAPED = ops.SIZED
 """Path ops whose shape argument carries the value width."""
 
 

@@ -322,8 +322,9 @@ class Fuser:
                                            lambda: (torch.diag(scale), constant if biased else None))
         self.add_module(name, shortcut)
         source = self.resolve(skip.stream_value)
-        if skip.affine is not None:  # the map's casts leave with it: the shortcut reads and writes their dtypes
-            source = self.cast(source, self.weights.like.dtype, before=skip.operand)
+        # the map's casts leave with it, and a stream kept in float32 around a bf16 model's blocks (Zaya's, the
+        # hyper-connections'): the shortcut reads and writes in the weights' dtype, cast back after it
+        source = self.cast(source, self.weights.like.dtype, before=skip.operand if skip.affine is not None else skip.add)
         if skip.add is None:  # nothing is added: the stream goes on from the shortcut
             node = self.in_weight_dtype(call_module_after(self.gm, name, shortcut, source, source, skip.operand))
             out = self.cast(node, example_value(skip.operand).dtype)
@@ -332,7 +333,7 @@ class Fuser:
         else:
             node = self.in_weight_dtype(call_module_on_edge(self.gm, name, shortcut, source, skip.add,
                                                             replaced=self.resolve(skip.operand)))
-            out = self.cast(node, example_value(skip.operand).dtype, before=skip.add) if skip.affine else node
+            out = self.cast(node, example_value(skip.operand).dtype, before=skip.add)
             if out is not node:
                 skip.add.replace_input_with(node, out)
         if skip.affine is not None:
@@ -382,6 +383,20 @@ class Fuser:
             add.replace_input_with(node, out)
         self.inserted.append(InsertedModule(name, BRANCH_MAP, None, writes))
         return name
+
+    def full_width_mean(self, mean: Node, width: int) -> None:
+        """``mean(x², -1)`` over merged stream copies becomes ``sum(x², -1) / width`` (the row's width before
+        slicing: the deleted coordinates carry almost nothing, as in :class:`StreamNorm`)."""
+        source, dims = mean.args[0], mean.args[1]
+        keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+        with self.gm.graph.inserting_before(mean):
+            total = self.gm.graph.call_function(torch.ops.aten.sum.dim_IntList, (source, dims, keepdim),
+                                                {k: v for k, v in mean.kwargs.items() if k != "keepdim"})
+            average = self.gm.graph.call_function(torch.ops.aten.div.Tensor, (total, float(width)))
+        for node in (total, average):
+            copy_meta(node, mean, ("val", "nn_module_stack"))
+        mean.replace_all_uses_with(average)
+        self.gm.graph.erase_node(mean)
 
     def scaled_branch(self, position: Position, writers: list[str]) -> None:
         """The branch's per-dimension scale moves into the rows of its writers; its map leaves the graph."""
@@ -468,6 +483,9 @@ class Fuser:
                 plan_p.mapped_shortcut = p.skip.affine is not None or (p.branch_affine is not None
                                                                         and p.branch_affine.has_constant)
                 planned[p.skip.source].readers.append(plan_p.shortcut)
+            for merged in p.merged:
+                for mean in merged.means:
+                    self.full_width_mean(mean, merged.copies * self.hidden)
             for k, (value, add) in enumerate(p.opaque_branches):
                 name = branch_map_name(module_path(add)[0], p.index, k)
                 plan_p.writers.append(self.branch_map(value, add, name, p.index))

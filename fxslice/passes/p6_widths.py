@@ -279,7 +279,8 @@ def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
                     total += module.num_embeddings * (widths.stream[writes] if writes is not None
                                                       else module.embedding_dim)
             elif name not in gone:
-                fan_in = units_in.get(name, widths.stream[reads] if reads is not None else module.in_features)
+                copies = module.in_features // plan.hidden_size if reads is not None else 1  # merged copies
+                fan_in = units_in.get(name, copies * widths.stream[reads] if reads is not None else module.in_features)
                 fan_out = units_out.get(name, widths.stream[writes] if writes is not None else module.out_features)
                 experts = getattr(module, "num_experts", 1)  # an ExpertLinear: one matrix per expert
                 biased = module.bias is not None or name in plan.folded_biases

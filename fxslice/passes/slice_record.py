@@ -37,11 +37,12 @@ class GraphEdit:
 
 
 def resize_reshapes(nodes, width: int, full: int) -> None:
-    """Reshape nodes whose target shape ends in ``full`` end in ``width`` instead."""
+    """Reshape nodes whose target shape ends in ``full`` end in ``width`` instead (in ``N·full``, merged copies
+    of the stream: ``N·width``)."""
     for node in nodes:
-        shape = list(node.args[1])
-        if shape and shape[-1] == full:
-            shape[-1] = width
+        shape = list(node.args[1]) if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else []
+        if shape and isinstance(shape[-1], int) and shape[-1] > 0 and shape[-1] % full == 0:
+            shape[-1] = shape[-1] // full * width
             node.args = (node.args[0], shape) + tuple(node.args[2:])
 
 

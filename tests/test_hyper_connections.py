@@ -1,0 +1,134 @@
+"""Hyper-connections: ``N`` residual streams per token (``[B, T, N, D]``), read through a weighted sum of the
+copies and through all copies merged into one row (``[B, T, N·D]``: the Linear computing the weights, a
+mean square over the row), mixed by an input-dependent ``N × N`` matrix, written to every copy with its own
+scale. Rotating every copy by the same ``Q`` keeps all of it: the merged row is rotated by ``diag(Q, …, Q)``,
+so the Linear reading it rotates its ``N`` blocks alike, and the mean square keeps the full row's width."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+import fxslice
+from fxslice.errors import GraphStructureError
+from tiny_models import VOCAB, calibration, check_saved_generation, masked_calibration, random_model
+
+IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
+HY_V4 = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+             mlp_layer_types=["dense", "sparse"], max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2)
+
+
+def hy_v4(dtype: torch.dtype = torch.float32) -> nn.Module:
+    return random_model(AutoConfig.for_model("hy_v4", **HY_V4), dtype)
+
+
+class HyperConnected(nn.Module):
+    """``N`` copies of the stream; per block ``pre, post, comb`` from a Linear over the merged copies times
+    ``rsqrt(mean(row²))``, the block reads ``Σ pre_i x_i`` and writes ``post_i · y + (comb · x)_i``.
+    ``merged_by``: ``"reshape"`` (explicit sizes, resized when sliced) or ``"flatten"``."""
+
+    def __init__(self, vocab: int = VOCAB, width: int = 32, copies: int = 3, blocks: int = 2,
+                 merged_by: str = "reshape", stray_read: bool = False):
+        super().__init__()
+        self.copies, self.merged_by, self.stray_read = copies, merged_by, stray_read
+        self.embed = nn.Embedding(vocab, width)
+        self.norms = nn.ModuleList(nn.RMSNorm(width) for _ in range(blocks))
+        self.ups = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(blocks))
+        self.downs = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(blocks))
+        self.mixes = nn.ModuleList(nn.Linear(copies * width, 2 * copies + copies ** 2) for _ in range(blocks))
+        self.collapse = nn.Linear(copies * width, copies, bias=False)
+        self.final = nn.RMSNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def merged(self, x):
+        if self.merged_by == "flatten":
+            return x.flatten(2)
+        return x.reshape(x.shape[0], x.shape[1], self.copies * self.embed.embedding_dim)
+
+    def weights(self, linear: nn.Linear, x):
+        row = self.merged(x)
+        return linear(row) * torch.rsqrt(row.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def forward(self, input_ids):
+        n = self.copies
+        x = self.embed(input_ids).unsqueeze(2).expand(-1, -1, n, -1).contiguous()
+        for norm, up, down, mix in zip(self.norms, self.ups, self.downs, self.mixes):
+            pre, post, comb = self.weights(mix, x).split([n, n, n * n], -1)
+            h = (torch.sigmoid(pre).unsqueeze(-1) * x).sum(2)
+            y = down(torch.relu(up(norm(h))))
+            comb = torch.softmax(comb.unflatten(-1, (n, n)), -1)
+            x = 2 * torch.sigmoid(post).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb, x)
+        h = (torch.sigmoid(self.weights(self.collapse, x)).unsqueeze(-1) * x).sum(2)
+        logits = self.head(self.final(h))
+        if self.stray_read:  # the merged copies read by an op that depends on their coordinates
+            logits = logits + self.merged(x).amax(-1, keepdim=True)
+        return logits
+
+
+@pytest.mark.parametrize("merged_by", ["reshape", "flatten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hyper_connected_streams_are_exact(merged_by, dtype):
+    torch.manual_seed(0)
+    reference = HyperConnected(merged_by=merged_by).eval()
+    model = HyperConnected(merged_by=merged_by).to(dtype).eval()
+    model.load_state_dict(reference.state_dict())
+    exact = fxslice.compress(model, masked_calibration(), 0.0, progress=False)
+    with torch.no_grad():
+        noise = (model(IDS).float() - reference(IDS)).abs().max().item()
+        error = (exact(IDS).logits.float() - model(IDS).float()).abs().max().item()
+    assert error <= (1e-4 if dtype == torch.float32 else 4 * noise + 1e-3), (error, noise)
+
+
+@pytest.mark.parametrize("merged_by", ["reshape", "flatten"])
+def test_hyper_connected_streams_slice_every_copy_alike(merged_by):
+    torch.manual_seed(0)
+    model = HyperConnected(merged_by=merged_by).eval()
+    sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
+    result = sliced.fxslice
+    assert result.widths == [24, 24, 32]  # the head's position keeps its width
+    for name, width in (("mixes.0", 24), ("mixes.1", 24), ("collapse", 32)):  # N blocks of the position's width
+        assert sliced.get_submodule(name).in_features == 3 * width
+    assert result.param_count == sum(p.numel() for p in sliced.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(sliced(IDS).logits).all()
+
+
+def test_merged_copies_read_by_another_op_are_refused_naming_it():
+    torch.manual_seed(0)
+    with pytest.raises(GraphStructureError, match=r"node 'amax'.*copies of the residual stream merged"):
+        fxslice.compress(HyperConnected(stray_read=True).eval(), calibration(), 0.25, progress=False)
+
+
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no-mask", "right-padded-mask"])
+def test_hy_v4_is_exact_and_slices(masked):
+    model = hy_v4()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = masked_calibration() if masked else calibration()
+    exact = fxslice.compress(model, data, 0.0, progress=False)
+    with torch.no_grad():
+        for ids in (IDS, IDS[:1, :5]):
+            assert (exact(ids).logits - model(ids).logits).abs().max().item() < 1e-4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    sliced = fxslice.compress(model, data, 0.25, progress=False)
+    assert sliced.fxslice.param_count == sum(p.numel() for p in sliced.parameters())
+    assert sliced.fxslice.param_count < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(sliced(IDS).logits).all()
+
+
+@pytest.mark.slow
+def test_bfloat16_hy_v4_is_exact_to_its_own_rounding():
+    model, reference = hy_v4(torch.bfloat16), hy_v4()
+    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
+    with torch.no_grad():
+        noise = (model(IDS).logits.float() - reference(IDS).logits).abs().max()
+        error = (exact(IDS).logits.float() - model(IDS).logits.float()).abs().max()
+    assert error <= 4 * noise + 1e-3, (error, noise)
+
+
+@pytest.mark.slow
+def test_hy_v4_kv_cache_program_save_and_reload(tmp_path):
+    sliced = fxslice.compress(hy_v4(), masked_calibration(), 0.25, progress=False)
+    check_saved_generation(sliced, tmp_path / "sliced", IDS[:1, :6])
