@@ -11,7 +11,8 @@ from transformers import AutoConfig
 
 import fxslice
 from fxslice.errors import GraphStructureError
-from tiny_models import VOCAB, calibration, masked_calibration, random_model
+from tiny_models import (VOCAB, calibration, check_exact_and_sliced, check_exact_in_dtype, masked_calibration,
+                         random_model, seeded)
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
 INKLING = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -57,15 +58,7 @@ def branch_maps(sliced) -> list:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_branches_kept_in_model_coordinates_are_exact(dtype):
-    torch.manual_seed(0)
-    reference = TimeMixedBranches().eval()
-    model = TimeMixedBranches().to(dtype).eval()
-    model.load_state_dict(reference.state_dict())
-    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
-    with torch.no_grad():
-        noise = (model(IDS).float() - reference(IDS)).abs().max().item()
-        error = (exact(IDS).logits.float() - model(IDS).float()).abs().max().item()
-    assert error <= (1e-4 if dtype == torch.float32 else 4 * noise + 1e-3), (error, noise)
+    exact = check_exact_in_dtype(lambda dt: seeded(TimeMixedBranches).to(dt), dtype, IDS)
     # ``x + o + conv(o)``: ``o`` (used twice) and the convolution each get one; the MLP's tanh one
     assert [(m.reads, m.writes) for m in branch_maps(exact)] == [(None, p) for p in (1, 1, 2, 3, 3, 4)]
 
@@ -104,29 +97,13 @@ def test_a_branch_reading_the_stream_itself_is_still_refused_naming_the_node():
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "right-padded-mask"])
 def test_inkling_is_exact_and_slices(masked):
-    model = inkling()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = masked_calibration() if masked else calibration()
-    exact = fxslice.compress(model, data, 0.0, progress=False)
-    with torch.no_grad():
-        for ids in (IDS, IDS[:1, :5]):
-            assert (exact(ids).logits - model(ids).logits).abs().max().item() < 1e-4
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    exact = check_exact_and_sliced(inkling(), masked_calibration() if masked else calibration(), IDS)
     assert len(branch_maps(exact)) == 4  # attention and MLP outputs of both layers go through a convolution
-    sliced = fxslice.compress(model, data, 0.25, progress=False)
-    assert sliced.fxslice.param_count < sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        assert torch.isfinite(sliced(IDS).logits).all()
 
 
 @pytest.mark.slow
 def test_bfloat16_inkling_is_exact_to_its_own_rounding():
-    model, reference = inkling(torch.bfloat16), inkling()
-    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
-    with torch.no_grad():
-        noise = (model(IDS).logits.float() - reference(IDS).logits).abs().max()
-        error = (exact(IDS).logits.float() - model(IDS).logits.float()).abs().max()
-    assert error <= 4 * noise + 1e-3, (error, noise)
+    check_exact_in_dtype(inkling, torch.bfloat16, IDS)
 
 
 @pytest.mark.slow

@@ -188,10 +188,9 @@ def test_a_bias_added_after_the_linear_in_bfloat16_is_exact_to_its_own_rounding(
     assert error <= 4 * noise + 1e-3
 
 
-class Chunked(nn.Module):
-    """Scales each token by its position within its chunk, padding the sequence up to a multiple of the chunk
-    only when it is not one (Mamba-2's chunked scan): with chunks of 4 the example length 16 skips the
-    padding branch, with chunks of 32 it takes it (the general branch: padding by nothing is a no-op)."""
+class TokenWeighted(nn.Module):
+    """``head(x + up(norm(x)) · w_t)``: each token's weight ``w_t`` is computed from the sequence length by
+    :meth:`weights`, in a branch the length chooses."""
 
     def __init__(self, chunk: int = 4):
         super().__init__()
@@ -201,45 +200,64 @@ class Chunked(nn.Module):
 
     def forward(self, input_ids):
         x = self.embed(input_ids)
-        length = x.shape[1]
-        weight = torch.ones(length, device=x.device)  # each token's position within its chunk, from 1
+        return self.head(x + self.up(self.norm(x)) * self.weights(x.shape[1], x.device)[:, None])
+
+    def weights(self, length: int, device) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Chunked(TokenWeighted):
+    """Each token's position within its chunk, padding the sequence up to a multiple of the chunk only when it
+    is not one (Mamba-2's chunked scan): with chunks of 4 the example length 16 skips the padding branch, with
+    chunks of 32 it takes it (the general branch: padding by nothing is a no-op)."""
+
+    def weights(self, length, device):
+        weight = torch.ones(length, device=device)
         pad = (self.chunk - length % self.chunk) % self.chunk
         if pad > 0:
             weight = nn.functional.pad(weight, (0, pad))
-        weight = weight.unflatten(0, (-1, self.chunk)).cumsum(1).flatten()[:length] / self.chunk
-        return self.head(x + self.up(self.norm(x)) * weight[:, None])
+        return weight.unflatten(0, (-1, self.chunk)).cumsum(1).flatten()[:length] / self.chunk
+
+
+class ShortAndLongBranches(TokenWeighted):
+    """A no-op branch below length 4 (its guard excludes 2 and 3, where the graph is still right) and a
+    different computation from length 100 on (the graph, traced at 16, is wrong there)."""
+
+    def weights(self, length, device):
+        weight = torch.ones(length, device=device)
+        if length >= 4:
+            weight = weight * 1.0
+        if length >= 100:
+            weight = weight * 2.0
+        return weight
+
+
+class OneChunkFirst(TokenWeighted):
+    """A running count within chunks: one chunk directly, more by padding up to whole chunks (the general
+    branch, right at every length). Traced on 16 tokens with chunks of 32, the graph knows one chunk only."""
+
+    def weights(self, length, device):
+        ones = torch.ones(length, device=device)
+        if length <= self.chunk:
+            return ones.cumsum(0) / self.chunk
+        padded = nn.functional.pad(ones, (0, (self.chunk - length % self.chunk) % self.chunk))
+        return padded.view(-1, self.chunk).cumsum(1).flatten()[:length] / self.chunk
+
+
+def check_exact_at_lengths(model: nn.Module, lengths: tuple[int, ...]) -> None:
+    exact = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for length in lengths:
+            ids = torch.randint(0, TOY_VOCAB, (2, length), generator=generator)
+            assert (exact(ids).logits - model(ids)).abs().max() < 1e-4, length
 
 
 def test_a_graph_traced_on_the_branch_of_whole_chunks_is_traced_again_on_the_padding_one():
     """16 tokens are whole chunks of 4 (no padding traced: wrong at 2, 3, 5, …); the longest failing length
     checked is not, and its trace pads — right at every length."""
     torch.manual_seed(0)
-    model = Chunked().eval()
-    exact = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for length in (2, 3, 16, 17, 64):
-            ids = torch.randint(0, TOY_VOCAB, (2, length), generator=generator)
-            assert (exact(ids).logits - model(ids)).abs().max() < 1e-4, length
-
-
-class ShortAndLongBranches(nn.Module):
-    """A no-op branch below length 4 (its guard excludes 2 and 3, where the graph is still right) and a
-    different computation from length 100 on (the graph, traced at 16, is wrong there)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.norm = nn.Embedding(TOY_VOCAB, WIDTH), nn.RMSNorm(WIDTH)
-        self.up, self.head = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, TOY_VOCAB)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids)
-        y = self.up(self.norm(x))
-        if x.shape[1] >= 4:
-            y = y * 1.0
-        if x.shape[1] >= 100:
-            y = y * 2.0
-        return self.head(x + y)
+    check_exact_at_lengths(Chunked().eval(), (2, 3, 16, 17, 64))
 
 
 def test_a_graph_wrong_only_above_the_example_length_is_refused():
@@ -247,43 +265,11 @@ def test_a_graph_wrong_only_above_the_example_length_is_refused():
         fxslice.compress(ShortAndLongBranches().eval(), toy_calibration(), 0.25, progress=False)
 
 
-class OneChunkFirst(nn.Module):
-    """A running count within chunks of 32 tokens: one chunk directly, more by padding up to whole chunks (the
-    general branch, right at every length). Traced on 16 tokens, the graph knows one chunk only."""
-
-    def __init__(self, chunk: int = 32):
-        super().__init__()
-        self.chunk = chunk
-        self.embed, self.norm = nn.Embedding(TOY_VOCAB, WIDTH), nn.RMSNorm(WIDTH)
-        self.up, self.head = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, TOY_VOCAB)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids)
-        length = x.shape[1]
-        ones = torch.ones(length, device=x.device)
-        if length <= self.chunk:
-            weight = ones.cumsum(0)
-        else:
-            padded = nn.functional.pad(ones, (0, (self.chunk - length % self.chunk) % self.chunk))
-            weight = padded.view(-1, self.chunk).cumsum(1).flatten()[:length]
-        return self.head(x + self.up(self.norm(x)) * weight[:, None] / self.chunk)
-
-
 def test_a_graph_traced_as_one_chunk_is_traced_again_on_a_longer_example():
     torch.manual_seed(0)
-    model = OneChunkFirst().eval()
-    exact = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for length in (2, 20, 32, 40, 100):
-            ids = torch.randint(0, TOY_VOCAB, (2, length), generator=generator)
-            assert (exact(ids).logits - model(ids)).abs().max() < 1e-4, length
+    check_exact_at_lengths(OneChunkFirst(chunk=32).eval(), (2, 20, 32, 40, 100))
 
 
 def test_a_graph_whose_guards_exclude_lengths_it_still_computes_right_is_kept():
     torch.manual_seed(0)
-    model = Chunked(chunk=32).eval()
-    exact = fxslice.compress(model, toy_calibration(), 0.0, progress=False)
-    ids = torch.randint(0, TOY_VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))  # guards: not 32, 64
-    with torch.no_grad():
-        assert (exact(ids).logits - model(ids)).abs().max() < 1e-4
+    check_exact_at_lengths(Chunked(chunk=32).eval(), (64,))  # guards: not 32, 64

@@ -11,7 +11,8 @@ from transformers import AutoConfig
 
 import fxslice
 from fxslice.errors import GraphStructureError
-from tiny_models import VOCAB, calibration, check_saved_generation, masked_calibration, random_model
+from tiny_models import (VOCAB, calibration, check_exact_and_sliced, check_exact_in_dtype, check_saved_generation,
+                         masked_calibration, random_model, seeded)
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
 HY_V4 = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -70,15 +71,7 @@ class HyperConnected(nn.Module):
 @pytest.mark.parametrize("merged_by", ["reshape", "flatten"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hyper_connected_streams_are_exact(merged_by, dtype):
-    torch.manual_seed(0)
-    reference = HyperConnected(merged_by=merged_by).eval()
-    model = HyperConnected(merged_by=merged_by).to(dtype).eval()
-    model.load_state_dict(reference.state_dict())
-    exact = fxslice.compress(model, masked_calibration(), 0.0, progress=False)
-    with torch.no_grad():
-        noise = (model(IDS).float() - reference(IDS)).abs().max().item()
-        error = (exact(IDS).logits.float() - model(IDS).float()).abs().max().item()
-    assert error <= (1e-4 if dtype == torch.float32 else 4 * noise + 1e-3), (error, noise)
+    check_exact_in_dtype(lambda dt: seeded(HyperConnected, merged_by=merged_by).to(dt), dtype, IDS, masked_calibration())
 
 
 @pytest.mark.parametrize("merged_by", ["reshape", "flatten"])
@@ -103,29 +96,12 @@ def test_merged_copies_read_by_another_op_are_refused_naming_it():
 
 @pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no-mask", "right-padded-mask"])
 def test_hy_v4_is_exact_and_slices(masked):
-    model = hy_v4()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = masked_calibration() if masked else calibration()
-    exact = fxslice.compress(model, data, 0.0, progress=False)
-    with torch.no_grad():
-        for ids in (IDS, IDS[:1, :5]):
-            assert (exact(ids).logits - model(ids).logits).abs().max().item() < 1e-4
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    sliced = fxslice.compress(model, data, 0.25, progress=False)
-    assert sliced.fxslice.param_count == sum(p.numel() for p in sliced.parameters())
-    assert sliced.fxslice.param_count < sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        assert torch.isfinite(sliced(IDS).logits).all()
+    check_exact_and_sliced(hy_v4(), masked_calibration() if masked else calibration(), IDS)
 
 
 @pytest.mark.slow
 def test_bfloat16_hy_v4_is_exact_to_its_own_rounding():
-    model, reference = hy_v4(torch.bfloat16), hy_v4()
-    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
-    with torch.no_grad():
-        noise = (model(IDS).logits.float() - reference(IDS).logits).abs().max()
-        error = (exact(IDS).logits.float() - model(IDS).logits.float()).abs().max()
-    assert error <= 4 * noise + 1e-3, (error, noise)
+    check_exact_in_dtype(hy_v4, torch.bfloat16, IDS)
 
 
 @pytest.mark.slow

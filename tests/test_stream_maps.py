@@ -12,7 +12,8 @@ from transformers import AutoConfig
 
 import fxslice
 from fxslice.errors import GraphStructureError
-from tiny_models import VOCAB, calibration, check_saved_generation, masked_calibration, random_model
+from tiny_models import (VOCAB, calibration, check_exact_in_dtype, check_saved_generation, masked_calibration,
+                         random_model, seeded)
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -97,12 +98,7 @@ def test_gated_skip_shortcut_holds_the_rotated_gate():
 def test_bfloat16_stream_maps_are_exact_to_their_own_rounding(family):
     """Zaya keeps its stream in float32 (``residual_in_fp32``) around bfloat16 blocks: the casts that
     leave with its maps are put back around the shortcuts."""
-    model, reference = tiny(family, torch.bfloat16), tiny(family)
-    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
-    with torch.no_grad():
-        noise = (model(IDS).logits.float() - reference(IDS).logits).abs().max()
-        error = (exact(IDS).logits.float() - model(IDS).logits.float()).abs().max()
-    assert error <= 4 * noise + 1e-3, (error, noise)
+    check_exact_in_dtype(lambda dtype: tiny(family, dtype), torch.bfloat16, IDS)
 
 
 @pytest.mark.parametrize("family", ["doge"] + [pytest.param(f, marks=pytest.mark.slow) for f in ("longcat_flash", "ergo")])
@@ -169,15 +165,7 @@ class GatedParallel(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_gated_branch_summed_with_another_and_a_scaled_final_norm(dtype):
-    torch.manual_seed(0)
-    reference = GatedParallel().eval()
-    model = GatedParallel().to(dtype).eval()
-    model.load_state_dict(reference.state_dict())
-    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
-    with torch.no_grad():
-        noise = (model(IDS).float() - reference(IDS)).abs().max().item()
-        error = (exact(IDS).logits.float() - model(IDS).float()).abs().max().item()
-    assert error <= (1e-4 if dtype == torch.float32 else 4 * noise + 1e-3), (error, noise)
+    exact = check_exact_in_dtype(lambda dt: seeded(GatedParallel).to(dt), dtype, IDS)
     assert "gates" not in dict(exact.named_parameters())
 
 

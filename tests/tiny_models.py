@@ -120,6 +120,47 @@ def check_saved_generation(sliced, folder: Path, prompt: torch.Tensor, new_token
     assert tokens[0, start:].tolist() == greedy
 
 
+def check_exact_and_sliced(model: torch.nn.Module, data, ids: torch.Tensor):
+    """A family's tiny model: exact at sparsity 0 (on ``ids`` and a shorter single row), left as it was, and
+    its 25% slice finite, smaller than dense and as large as its reported count. Returns the exact graph."""
+    import fxslice
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exact = fxslice.compress(model, data, 0.0, progress=False)
+    with torch.no_grad():
+        for rows in (ids, ids[:1, :5]):
+            assert (exact(rows).logits - model(rows).logits).abs().max().item() < 1e-4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    sliced = fxslice.compress(model, data, 0.25, progress=False)
+    assert sliced.fxslice.param_count == sum(p.numel() for p in sliced.parameters())
+    assert sliced.fxslice.param_count < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(sliced(ids).logits).all()
+    return exact
+
+
+def seeded(module_class, **kwargs) -> torch.nn.Module:
+    """``module_class(**kwargs)`` in eval mode, initialised from seed 0 (the same weights every call)."""
+    torch.manual_seed(0)
+    return module_class(**kwargs).eval()
+
+
+def check_exact_in_dtype(build, dtype: torch.dtype, ids: torch.Tensor, data=None):
+    """``build(dtype)`` makes one model in ``dtype`` (the same weights each call): its compression at sparsity
+    0 gives its logits — within 1e-4 in float32, within 4× the model's own rounding (against float32) in a
+    narrower dtype. Returns the compressed graph."""
+    import fxslice
+
+    model = build(dtype)
+    exact = fxslice.compress(model, data if data is not None else calibration(), 0.0, progress=False)
+    logits = lambda out: (out.logits if hasattr(out, "logits") else out).float()  # noqa: E731 - HF output or tensor
+    with torch.no_grad():
+        error = (logits(exact(ids)) - logits(model(ids))).abs().max().item()
+        noise = 0.0 if dtype == torch.float32 else (logits(model(ids)) - logits(build(torch.float32)(ids))).abs().max().item()
+    assert error <= (1e-4 if dtype == torch.float32 else 4 * noise + 1e-3), (error, noise)
+    return exact
+
+
 def calibration(batches: int = 3, batch_size: int = 4, length: int = 16, seed: int = 1) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch_size, length), generator=gen) for _ in range(batches)]
