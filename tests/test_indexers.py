@@ -23,7 +23,7 @@ def kolibri(**overrides):
     return random_model(AutoConfig.for_model("kolibri1_1", **{**KOLIBRI, **overrides}))
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "right-padded-mask"])
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no-mask", "right-padded-mask"])
 def test_an_indexer_selecting_by_query_groups_is_captured_exactly(masked):
     model = kolibri()
     exact = fxslice.compress(model, masked_calibration() if masked else calibration(), 0.0, progress=False)
