@@ -31,9 +31,14 @@ def token_rows(value: torch.Tensor, batch: Optional[Batch]) -> torch.Tensor:
     masks out left out."""
     rows = value.reshape(-1, value.shape[-1])
     if batch is not None and batch.attention_mask is not None:
-        mask = batch.attention_mask.reshape(-1)
-        copies = rows.shape[0] // max(mask.numel(), 1)  # a stream of N copies per token: its N rows
-        rows = rows[mask.repeat_interleave(copies) if copies > 1 else mask]
+        mask = batch.attention_mask
+        if value.dim() > 3 or rows.shape[0] != mask.numel():  # copies per token: each token's mask covers them
+            if tuple(value.shape[:2]) != tuple(mask.shape):
+                raise CalibrationError(f"a stream value of shape {list(value.shape)} does not start with the "
+                                       f"batch's [batch, tokens] {list(mask.shape)}: its padded tokens cannot be "
+                                       "left out (calibrate without an attention mask)")
+            mask = mask.reshape(*mask.shape, *[1] * (value.dim() - 3)).expand(value.shape[:-1])
+        rows = rows[mask.reshape(-1)]
     return rows
 
 

@@ -135,7 +135,7 @@ def batched_experts_bmm(gm: GraphModule, node: Node) -> LinearMatch | None:
     value = example_value(node.args[0])
     if weight is None or weight.dim() != 3 or value is None or value.dim() != 3:
         return None
-    if stored_transposed:
+    if stored_transposed:  # a transpose used elsewhere too stays in the graph, reading the parameter itself
         nodes = ([right] if len(right.users) == 1 else []) + nodes
         right = right.args[0]
     return LinearMatch(nodes, node.args[0], node, weight if stored_transposed else weight.transpose(1, 2), None,

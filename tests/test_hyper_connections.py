@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoConfig
 
 import fxslice
-from fxslice.errors import GraphStructureError
+from fxslice.errors import CalibrationError, GraphStructureError
 from tiny_models import (VOCAB, calibration, check_exact_and_sliced, check_exact_in_dtype, check_saved_generation,
                          masked_calibration, random_model, seeded)
 
@@ -31,11 +31,11 @@ class HyperConnected(nn.Module):
     ``merged_by``: ``"reshape"`` (explicit sizes, resized when sliced) or ``"flatten"``."""
 
     def __init__(self, vocab: int = VOCAB, width: int = 32, copies: int = 3, blocks: int = 2,
-                 merged_by: str = "reshape", stray_read: bool = False):
+                 merged_by: str = "reshape", stray_read: bool = False, centred: bool = False):
         super().__init__()
         self.copies, self.merged_by, self.stray_read = copies, merged_by, stray_read
         self.embed = nn.Embedding(vocab, width)
-        self.norms = nn.ModuleList(nn.RMSNorm(width) for _ in range(blocks))
+        self.norms = nn.ModuleList((nn.LayerNorm if centred else nn.RMSNorm)(width) for _ in range(blocks))
         self.ups = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(blocks))
         self.downs = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(blocks))
         self.mixes = nn.ModuleList(nn.Linear(copies * width, 2 * copies + copies ** 2) for _ in range(blocks))
@@ -94,7 +94,60 @@ def test_merged_copies_read_by_another_op_are_refused_naming_it():
         fxslice.compress(HyperConnected(stray_read=True).eval(), calibration(), 0.25, progress=False)
 
 
-@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True], ids=["no-mask", "right-padded-mask"])
+def test_merged_copies_of_a_layernorm_stream_are_refused():
+    torch.manual_seed(0)
+    with pytest.raises(GraphStructureError, match=r"merges the copies of a LayerNorm model's stream"):
+        fxslice.compress(HyperConnected(centred=True).eval(), calibration(), 0.25, progress=False)
+
+
+class CopiesFirst(nn.Module):
+    """Copies before the tokens (``[B, N, T, D]``), read through their sum: exact, but a mask over ``[B, T]``
+    does not say which of its rows are padding."""
+
+    def __init__(self, vocab: int = VOCAB, width: int = 32, copies: int = 3):
+        super().__init__()
+        self.copies = copies
+        self.embed, self.norm = nn.Embedding(vocab, width), nn.RMSNorm(width)
+        self.up, self.final, self.head = nn.Linear(width, width), nn.RMSNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids).unsqueeze(1).expand(-1, self.copies, -1, -1)
+        x = x + self.up(self.norm(x.sum(1))).unsqueeze(1)
+        return self.head(self.final(x.mean(1)))
+
+
+def test_copies_laid_out_before_the_tokens_calibrate_unmasked_and_refuse_a_mask():
+    model = seeded(CopiesFirst)
+    exact = fxslice.compress(model, calibration(), 0.0, progress=False)
+    with torch.no_grad():
+        assert (exact(IDS).logits - model(IDS)).abs().max().item() < 1e-4
+    with pytest.raises(CalibrationError, match=r"shape \[4, 3, 16, 32\] does not start with the batch's"):
+        fxslice.compress(model, masked_calibration(), 0.25, progress=False)
+
+
+class StreamBias(nn.Module):
+    """``x + b.expand_as(x)``: the broadcast takes the stream's width, which slicing changes."""
+
+    def __init__(self, vocab: int = VOCAB, width: int = 32):
+        super().__init__()
+        self.embed, self.norm = nn.Embedding(vocab, width), nn.RMSNorm(width)
+        self.bias = nn.Parameter(torch.randn(width))
+        self.up, self.final, self.head = nn.Linear(width, width), nn.RMSNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        x = x + self.bias.expand_as(x)
+        x = x + self.up(self.norm(x))
+        return self.head(self.final(x))
+
+
+def test_a_tensor_broadcast_to_the_stream_shape_is_refused_naming_it():
+    with pytest.raises(GraphStructureError, match=r"node 'expand_as'.*consumes the residual stream"):
+        fxslice.compress(seeded(StreamBias), calibration(), 0.25, progress=False)
+
+
+@pytest.mark.slow  # the toys above keep the mechanism in the quick profile
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "right-padded-mask"])
 def test_hy_v4_is_exact_and_slices(masked):
     check_exact_and_sliced(hy_v4(), masked_calibration() if masked else calibration(), IDS)
 

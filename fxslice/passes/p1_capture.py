@@ -40,8 +40,8 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
     except LongerExample as refused:
         try:
             return _captured(model, spec, refused.length)
-        except GraphStructureError:
-            raise GraphStructureError(str(refused)) from None
+        except GraphStructureError as again:
+            raise GraphStructureError(f"{refused} (traced again on {refused.length} tokens: {again})") from None
 
 
 EXAMPLE_LENGTH = 16

@@ -393,10 +393,9 @@ class NodeKinds:
     def row_means(square: Node, row: str) -> list[Node]:
         """The means over the last dimension of ``square`` (sums need nothing); anything else using the
         squares is refused naming it."""
-        means = []
+        means, last = [], example_value(square).dim() - 1
         for user in square.users:
             dims = user.args[1] if ops.calls(user, ops.ROW_SUMS) and len(user.args) > 1 else None
-            last = example_value(square).dim() - 1
             if dims is None or [d % (last + 1) for d in dims] != [last]:
                 raise GraphStructureError(f"{describe(user)} uses the squares of the stream's copies merged by "
                                           f"{row} other than summed or averaged over the row")
@@ -408,11 +407,11 @@ class NodeKinds:
     def shape_query(node: Node, src: Node) -> bool:
         """Whether ``node`` reads only the shape, dtype or device of ``src``: the size of a leading
         dimension, a new tensor made like it (``zeros_like``, ``new_zeros``), or another tensor cast to its
-        dtype (``y.type_as(src)``, as a bf16 router casts its float32 weights back), or another tensor
-        broadcast to its shape (``y.expand_as(src)``)."""
+        dtype (``y.type_as(src)``, as a bf16 router casts its float32 weights back). Not ``y.expand_as(src)``:
+        its result has the stream's width, which slicing changes."""
         if ops.calls(node, ops.SYM_SIZE):
             return node.args[1] not in (-1, example_value(src).dim() - 1)
-        if ops.calls(node, {ops.aten.type_as.default, ops.aten.expand_as.default}):
+        if ops.calls(node, {ops.aten.type_as.default}):
             return node.args[1] is src and node.args[0] is not src
         return ops.calls(node, ops.LIKE) and node.args[0] is src
 
@@ -595,9 +594,11 @@ class StreamWalk:
                         branch_affine=branch_affine, passthroughs=passthroughs)
 
     def check_opaque(self, branch: Node, add: Node) -> None:
-        """A branch kept in the model's coordinates is exact whatever computed it — the stream's
-        readers hand it model-coordinate values, and every other use of a rotated value is checked
-        where it is met — provided it is a full-width value the inserted Linear can map."""
+        """A branch kept in the model's coordinates is exact whatever computed it, because it sees no
+        rotated value: the stream's readers hand it model-coordinate values, every other use of a stream
+        value is judged by :meth:`use_of` and of a norm's output by :meth:`norm_readers`, and a norm output
+        carried towards an add (a passthrough) that no branch claims is refused at the end of :meth:`run`.
+        It must be a full-width value the inserted Linear can map."""
         value = example_value(branch)
         if value is None or value.dim() == 0 or value.shape[-1] != self.hidden:
             raise GraphStructureError(f"{describe(add)} adds {describe(branch)} to the residual stream, a value "
@@ -847,6 +848,10 @@ def check_structure(structure: Structure) -> None:
         for p in structure.positions:
             if not p.rotated:
                 continue
+            if p.merged:
+                raise GraphStructureError(
+                    f"{describe(p.merged[0].reshape)} merges the copies of a LayerNorm model's stream: centring "
+                    "the stream (what makes its LayerNorms RMSNorms) changes the row's mean square")
             if p.direct_readers:
                 raise GraphStructureError(
                     f"position {p.index} is read by linears without a norm "

@@ -44,8 +44,6 @@ EXPAND = ops.aten.expand.default
 INDEX_COPY = frozenset({ops.aten.index_copy_.default, ops.aten.index_copy.default})
 PATH_OPS = ops.RESHAPES | ops.TRANSPOSES | ops.UNIT_DIMS | ops.IDENTITIES | ops.CASTS | {EXPAND}
 """What may stand between the value Linear and the attention, and between the attention and ``W_o``."""
-SHAPED = ops.SIZED
-"""Path ops whose shape argument carries the value width."""
 
 
 @dataclass
@@ -123,7 +121,7 @@ def trace_attention(gm: GraphModule, writer: str, position: int) -> Attention:
             raise refuse(member, "moves the value dimension away from the last one")
     _verify_layout(gm, reader, before, attention, after, heads, groups, width, refuse)
     return Attention(writer, str(reader.target), heads, groups, width, position, node.args[0],
-                     [n for n in before + after if ops.calls(n, SHAPED)], [str(b.target) for b in buffers])
+                     [n for n in before + after if ops.calls(n, ops.SIZED)], [str(b.target) for b in buffers])
 
 
 def _walk_back(current: Node, arrived, refuse, why: str, buffers: Optional[list[Node]] = None) -> tuple[list[Node], Node]:

@@ -39,7 +39,7 @@ def rotate_reader(module: nn.Module, basis: torch.Tensor) -> None:
     """``W ← W Q``; a Linear reading ``N`` merged copies of the stream (``N·D`` inputs) rotates each block of
     ``D`` alike, ``W ← W diag(Q, …, Q)``."""
     weight, q = f64(module.weight), basis.to(module.weight.device)
-    rows, columns = weight.shape[-2], weight.shape[-1]
+    columns = weight.shape[-1]
     copies = columns // q.shape[0]
     if copies > 1 and copies * q.shape[0] == columns:
         rotated = (weight.reshape(*weight.shape[:-1], copies, q.shape[0]) @ q).reshape(*weight.shape[:-1], -1)
