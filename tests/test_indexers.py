@@ -37,6 +37,7 @@ def test_an_indexer_selecting_by_query_groups_is_captured_exactly(masked):
         assert (loose(ids, use_cache=False).logits - want).abs().max().item() > 1e-3  # the selection is active
 
 
+@pytest.mark.slow
 def test_an_indexed_model_slices():
     model = kolibri()
     sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
