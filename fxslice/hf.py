@@ -26,6 +26,8 @@ from .registry import capture_substitutions
 
 STATIC_CACHE_PREFIX = "model."
 """transformers' exportable static-cache wrapper keeps the model as its ``model`` attribute."""
+EXAMPLE_LENGTH = 16
+"""Tokens per row of the example a model is first captured with (:func:`fxslice.passes.p1_capture.capture`)."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,11 @@ class ModelSpec:
     max_positions: Optional[int] = None  # config.max_position_embeddings, when the model says
     weights_loaded: bool = True  # False: a checkpoint's model, parameters unallocated until streamed in
 
-    def example_input_ids(self, batch: int = 2, length: int = 16) -> torch.Tensor:
+    def example_input_ids(self, batch: int = 2, length: int = EXAMPLE_LENGTH) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         return torch.randint(0, self.vocab_size, (batch, length), generator=generator).to(self.device)
 
-    def export_inputs(self, length: int = 16) -> tuple[dict, dict]:
+    def export_inputs(self, length: int = EXAMPLE_LENGTH) -> tuple[dict, dict]:
         """``(kwargs, dynamic_shapes)`` for ``torch.export`` of an example of ``length`` tokens: dynamic batch
         and length, no KV cache."""
         kwargs = {"input_ids": self.example_input_ids(length=length)}

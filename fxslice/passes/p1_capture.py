@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..errors import FxSliceError, GraphStructureError
 from ..graph.edit import is_guard, plain_graph_module, strip_guards
-from ..hf import ModelSpec, causal_lm_output, check_causal, exportable, logits_leaf, model_logits
+from ..hf import EXAMPLE_LENGTH, ModelSpec, causal_lm_output, check_causal, exportable, logits_leaf, model_logits
 
 if TYPE_CHECKING:
     from .run import Run
@@ -42,9 +42,6 @@ def capture(model: nn.Module, spec: ModelSpec) -> GraphModule:
             return _captured(model, spec, refused.length)
         except GraphStructureError as again:
             raise GraphStructureError(f"{refused} (traced again on {refused.length} tokens: {again})") from None
-
-
-EXAMPLE_LENGTH = 16
 
 
 class LongerExample(GraphStructureError):
@@ -92,13 +89,7 @@ def _captured(model: nn.Module, spec: ModelSpec, length: int) -> GraphModule:
     graph.eliminate_dead_code()
     captured = plain_graph_module(gm, graph, GRAPH_CLASS)
     if unguarded:
-        try:
-            _check_unguarded_lengths(captured, model, spec, leaf, unguarded, length)
-        except GraphStructureError as refused:
-            longer = [n for n in unguarded if n > length]
-            if longer:
-                raise LongerExample(str(refused), max(longer)) from None
-            raise
+        _check_unguarded_lengths(captured, model, spec, leaf, unguarded, length)
     return captured
 
 
@@ -162,12 +153,13 @@ def _check_unguarded_lengths(captured: GraphModule, model: nn.Module, spec: Mode
             return
     elif 2 * len(failed) <= len(checked_lengths(spec)):
         return
-    raise GraphStructureError(
-        f"torch.export specialised {spec.class_name} to the example's sequence length "
-        f"{length}: its shape guards fail at length(s) {', '.join(map(str, failed))}"
-        + (", where the graph's logits differ from the model's" if spec.weights_loaded else "")
-        + " (a computation in chunks whose padding step that length skipped?); a config whose chunk size does not "
-        "divide the example length captures the general case")
+    message = (f"torch.export specialised {spec.class_name} to the example's sequence length "
+               f"{length}: its shape guards fail at length(s) {', '.join(map(str, failed))}"
+               + (", where the graph's logits differ from the model's" if spec.weights_loaded else "")
+               + " (a computation in chunks whose padding step that length skipped?); a config whose chunk size "
+               "does not divide the example length captures the general case")
+    longer = [n for n in failed if n > length]
+    raise LongerExample(message, max(longer)) if longer else GraphStructureError(message)
 
 
 def _agrees(captured: GraphModule, model: nn.Module, spec: ModelSpec, leaf: int, length: int) -> Optional[bool]:

@@ -354,7 +354,7 @@ class NodeKinds:
             return node.args[0] is src and self.leading_only(node, vin)
         if ops.calls(node, {ops.aten.repeat.default}):  # copies of whole rows (every token to every expert)
             return node.args[0] is src and len(node.args[1]) == vin.dim() and node.args[1][-1] == 1
-        if ops.calls(node, {ops.aten.expand.default, ops.aten.expand_as.default}):  # the same, as a view (every token to every shared expert)
+        if ops.calls(node, {ops.aten.expand.default, ops.aten.expand_as.default}):  # the same, as a view
             return node.args[0] is src
         if ops.calls(node, ops.MIXES):  # A·X: rows mixed along a leading dimension (the copies of a stream)
             return node.args[1] is src and node.args[0] is not src and vout.dim() == vin.dim()
@@ -581,17 +581,41 @@ class StreamWalk:
 
     def next_position(self, add: Node, current: Position, index: int) -> Position:
         branch, operand = self._branch(add, current)
-        skip = Skip(add, operand, current.index, self.skip_affines.get(add))
         branch_affine = self.kinds.branch_affine(branch)
         passthroughs: list[tuple[NormSite, Node]] = []
+        writers, writer_norms, reshapes, opaque = self.trace_branch(
+            branch, branch if branch_affine is None else branch_affine.start, add, current, passthroughs)
+        return Position(index, add, writers=writers, writer_norms=writer_norms, reshapes=reshapes,
+                        skip=Skip(add, operand, current.index, self.skip_affines.get(add)),
+                        branch_affine=None if opaque else branch_affine, passthroughs=passthroughs,
+                        opaque_branches=opaque)
+
+    def merged_position(self, add: Node, current: Position) -> Position:
+        branch, _ = self._branch(add, current)
+        if self.kinds.branch_affine(branch) is not None:
+            raise GraphStructureError(f"{describe(add)} adds a value mapped by a per-dimension affine map to a stream "
+                                      "value nothing reads: only a whole branch's map can move into its writers")
+        passthroughs = list(current.passthroughs)
+        writers, writer_norms, reshapes, opaque = self.trace_branch(branch, branch, add, current, passthroughs)
+        return Position(current.index, add, writers=current.writers + writers,
+                        writer_norms=current.writer_norms + writer_norms, skip=current.skip,
+                        reshapes=current.reshapes + reshapes, passthroughs=passthroughs,
+                        opaque_branches=current.opaque_branches + opaque)
+
+    def trace_branch(self, branch: Node, start: Node, add: Node, position: Position,
+                     passthroughs: list[tuple[NormSite, Node]]
+                     ) -> tuple[list[Node], list[NormSite], list[Node], list[tuple[Node, Node]]]:
+        """:meth:`trace_writers` of the value ``add`` takes from a branch (from ``start``), plus the branches
+        kept in the model's coordinates: none, or ``[(branch, add)]`` with no writers when its writers cannot
+        be rotated where they are (the passthroughs met on the way are then not claimed)."""
+        met: list[tuple[NormSite, Node]] = []
         try:
-            writers, writer_norms, reshapes = self.trace_writers(
-                branch if branch_affine is None else branch_affine.start, current, passthroughs)
+            writers, writer_norms, reshapes = self.trace_writers(start, position, met)
         except OpaqueBranch:
             self.check_opaque(branch, add)
-            return Position(index, add, skip=skip, opaque_branches=[(branch, add)])
-        return Position(index, add, writers=writers, writer_norms=writer_norms, reshapes=reshapes, skip=skip,
-                        branch_affine=branch_affine, passthroughs=passthroughs)
+            return [], [], [], [(branch, add)]
+        passthroughs.extend(met)
+        return writers, writer_norms, reshapes, []
 
     def check_opaque(self, branch: Node, add: Node) -> None:
         """A branch kept in the model's coordinates is exact whatever computed it, because it sees no
@@ -604,22 +628,6 @@ class StreamWalk:
             raise GraphStructureError(f"{describe(add)} adds {describe(branch)} to the residual stream, a value "
                                       "fxslice can neither trace to its writers nor map as a whole (not "
                                       f"{self.hidden} wide in its last dimension)")
-
-    def merged_position(self, add: Node, current: Position) -> Position:
-        branch, _ = self._branch(add, current)
-        if self.kinds.branch_affine(branch) is not None:
-            raise GraphStructureError(f"{describe(add)} adds a value mapped by a per-dimension affine map to a stream "
-                                      "value nothing reads: only a whole branch's map can move into its writers")
-        passthroughs, opaque = list(current.passthroughs), list(current.opaque_branches)
-        try:
-            writers, writer_norms, reshapes = self.trace_writers(branch, current, passthroughs)
-        except OpaqueBranch:
-            self.check_opaque(branch, add)
-            writers, writer_norms, reshapes, passthroughs = [], [], [], list(current.passthroughs)
-            opaque.append((branch, add))
-        return Position(current.index, add, writers=current.writers + writers,
-                        writer_norms=current.writer_norms + writer_norms, skip=current.skip,
-                        reshapes=current.reshapes + reshapes, passthroughs=passthroughs, opaque_branches=opaque)
 
     def use_of(self, user: Node, src: Node, index: int, aliases: list[Node]) -> tuple[Use, Optional[NormSite]]:
         """How ``user`` uses stream value ``src`` (of position ``index``, whose values so far are

@@ -321,21 +321,15 @@ class Fuser:
         shortcut = self.weights.add_linear(name, hidden, hidden, biased,
                                            lambda: (torch.diag(scale), constant if biased else None))
         self.add_module(name, shortcut)
-        source = self.resolve(skip.stream_value)
-        # the map's casts leave with it, and a stream kept in float32 around a bf16 model's blocks (Zaya's, the
-        # hyper-connections'): the shortcut reads and writes in the weights' dtype, cast back after it
-        source = self.cast(source, self.weights.like.dtype, before=skip.operand if skip.affine is not None else skip.add)
+        source = self.resolve(skip.stream_value)  # the map's casts leave with it: cast around the shortcut instead
         if skip.add is None:  # nothing is added: the stream goes on from the shortcut
+            source = self.cast(source, self.weights.like.dtype, before=skip.operand)
             node = self.in_weight_dtype(call_module_after(self.gm, name, shortcut, source, source, skip.operand))
             out = self.cast(node, example_value(skip.operand).dtype)
             skip.operand.replace_all_uses_with(out)
             self.replaced[skip.operand] = out
         else:
-            node = self.in_weight_dtype(call_module_on_edge(self.gm, name, shortcut, source, skip.add,
-                                                            replaced=self.resolve(skip.operand)))
-            out = self.cast(node, example_value(skip.operand).dtype, before=skip.add)
-            if out is not node:
-                skip.add.replace_input_with(node, out)
+            self.linear_on_edge(name, shortcut, source, skip.add, replaced=self.resolve(skip.operand))
         if skip.affine is not None:
             erase_unused(self.gm, skip.affine.steps)
         self.inserted.append(InsertedModule(name, SHORTCUT, skip.source, position.index))
@@ -353,6 +347,19 @@ class Fuser:
         copy_meta(cast, node, ("nn_module_stack",))
         return cast
 
+    def linear_on_edge(self, name: str, module: nn.Module, source: Node, user: Node,
+                       replaced: Optional[Node] = None) -> Node:
+        """Inserted ``module`` called on the edge ``source -> user`` (taking ``replaced``'s place in ``user``,
+        default ``source``), in the weights' dtype: a value of another dtype (a stream kept in float32 around
+        a bf16 model's blocks: Zaya's, the hyper-connections') is cast to it and the result back."""
+        replaced = source if replaced is None else replaced
+        cast = self.cast(source, self.weights.like.dtype, before=user)
+        node = self.in_weight_dtype(call_module_on_edge(self.gm, name, module, cast, user, replaced=replaced))
+        out = self.cast(node, example_value(replaced).dtype, before=user)
+        if out is not node:
+            user.replace_input_with(node, out)
+        return out
+
     def in_weight_dtype(self, node: Node) -> Node:
         """An inserted Linear's call computes in the weights' dtype, whatever its metadata was copied from."""
         value = example_value(node)
@@ -366,7 +373,7 @@ class Fuser:
         affine = self.weights.add_linear(passthrough_name(site.path), self.hidden, self.hidden, False,
                                          lambda: affine_weights(site.spec))
         name = self.add_module(passthrough_name(site.path), affine)
-        self.in_weight_dtype(call_module_on_edge(self.gm, name, affine, self.resolve(value), next(iter(value.users))))
+        self.linear_on_edge(name, affine, self.resolve(value), next(iter(value.users)))
         self.inserted.append(InsertedModule(name, PASSTHROUGH, reads, writes))
         return name
 
@@ -376,11 +383,7 @@ class Fuser:
         identity = self.weights.add_linear(name, self.hidden, self.hidden, False,
                                            lambda: (torch.eye(self.hidden, dtype=torch.float64), None))
         self.add_module(name, identity)
-        source = self.cast(value, self.weights.like.dtype, before=add)
-        node = self.in_weight_dtype(call_module_on_edge(self.gm, name, identity, source, add, replaced=value))
-        out = self.cast(node, example_value(value).dtype, before=add)
-        if out is not node:
-            add.replace_input_with(node, out)
+        self.linear_on_edge(name, identity, value, add)
         self.inserted.append(InsertedModule(name, BRANCH_MAP, None, writes))
         return name
 

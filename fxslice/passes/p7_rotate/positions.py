@@ -39,13 +39,8 @@ def rotate_reader(module: nn.Module, basis: torch.Tensor) -> None:
     """``W ← W Q``; a Linear reading ``N`` merged copies of the stream (``N·D`` inputs) rotates each block of
     ``D`` alike, ``W ← W diag(Q, …, Q)``."""
     weight, q = f64(module.weight), basis.to(module.weight.device)
-    columns = weight.shape[-1]
-    copies = columns // q.shape[0]
-    if copies > 1 and copies * q.shape[0] == columns:
-        rotated = (weight.reshape(*weight.shape[:-1], copies, q.shape[0]) @ q).reshape(*weight.shape[:-1], -1)
-    else:
-        rotated = weight @ q
-    set_linear(module, rotated, f64(module.bias))
+    blocks = weight.reshape(*weight.shape[:-1], -1, q.shape[0])  # [..., N, D]: one block per copy (N = 1 mostly)
+    set_linear(module, (blocks @ q).reshape(*weight.shape[:-1], -1), f64(module.bias))
 
 
 class Rotator:
