@@ -171,7 +171,10 @@ def measure_split(options: Options, items: list, teacher: Optional[nn.Module], f
     fixed = Candidate("fixed (hidden 2.3x stream)", replace(options, split="fixed"))
     bar = tqdm(total=len(STREAM_SHARES) + 4, desc="measuring the budget's split", disable=not progress)
     try:
-        _score(fixed, run_candidate, calibration, held_out, teacher)  # its refusal is the budget's
+        try:  # out of reach where the rotation's own Linears cost more than narrowing saves (nGPT's raw positions)
+            _score(fixed, run_candidate, calibration, held_out, teacher)
+        except FxSliceError as exc:
+            fixed.refused = str(exc)
         bar.update()
         search.candidates.append(fixed)
         for candidate in candidates(options, fixed, fixed.hidden_size, free_basis):
@@ -184,6 +187,8 @@ def measure_split(options: Options, items: list, teacher: Optional[nn.Module], f
     finally:
         bar.close()
     scored = [c for c in search.candidates if c.score is not None]
+    if not scored:  # the fixed split's refusal speaks for the budget
+        raise FxSliceError(fixed.refused)
     best = min(scored, key=lambda c: c.score)
     search.chosen = best.label
     return best.options, search

@@ -116,8 +116,9 @@ EXPLICIT = {  # model type -> constructor arguments where the default config bui
     "moss_transcribe_diarize": {"audio_config": {"num_mel_bins": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
                                                  "intermediate_size": 128, "hidden_size": 64, "max_source_positions": 64}},
     "xmod": {"default_language": "en_XX"},
-    "dory": {"n_input_layers": 1, "n_recurrent_layers": 0, "n_output_layers": 1},  # the defaults' 16 + 40 + 16 in
-    # two layers would leave -54 recurrent ones
+    # the defaults' 16 + 40 + 16 layers, shrunk keeping one recurrent layer for the loops to run again
+    "dory": {"n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1, "num_hidden_layers": 3,
+             "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
     "kolibri1_1": {"index_num_heads": 2},  # at most the query heads per key/value head
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
@@ -169,7 +170,7 @@ def tiny_config(model_type: str):
             if isinstance(current, int) and current >= 128:
                 _set(target, key, 1)
         kinds = _layer_kinds(target)
-        if kinds is not None and list(target.layer_types) != kinds:
+        if kinds is not None and list(target.layer_types) != kinds and "layer_types" not in EXPLICIT.get(model_type, {}):
             target.layer_types = kinds
             for key in LAYER_COUNTS:
                 if _int_attribute(target, key):

@@ -18,6 +18,15 @@ branch_map    ``<block>.branch_<p>[_k]``   Linear on the value a branch adds to 
                                            cannot be rotated where they are (Inkling's causal convolution
                                            over the attention output; ``_k`` for a k-th such branch of
                                            ``p``, k ≥ 1): the identity, later ``Q_pᵀ``
+long_skip     ``<block>.skip_<a>_<p>``     Linear on the edge carrying position ``a``'s value into the residual add
+                                           that produces a later position ``p`` besides its own skip edge (a
+                                           looped model's input injection: Dory adds the input section's
+                                           normalised output again before every loop): the identity, later
+                                           ``Q_aᵀ Q_p``
+read_map      ``<norm>_read[_k]``          ``diag(γ)`` (+ ``β``) of a reader-side norm on an edge where an op reads
+                                           its output in the model's coordinates (AXK2's input-dependent gate
+                                           on the norm's output; ``_k`` for the k-th such edge, k ≥ 1), later
+                                           ``Q_pᵀ diag(γ)``
 (stream norm) ``<norm>``                   weightless :class:`~fxslice.graph.modules.StreamNorm` in place of
                                            the norm at that path (no parameters, not listed)
 ============  ===========================  ==================================================================
@@ -32,8 +41,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-SHORTCUT, NORM_AFFINE, HEAD_AFFINE, PASSTHROUGH, BRANCH_MAP = (
-    "shortcut", "norm_affine", "head_affine", "passthrough", "branch_map")
+SHORTCUT, NORM_AFFINE, HEAD_AFFINE, PASSTHROUGH, BRANCH_MAP, LONG_SKIP, READ_MAP = (
+    "shortcut", "norm_affine", "head_affine", "passthrough", "branch_map", "long_skip", "read_map")
 
 
 def shortcut_name(block_path: str, position: int) -> str:
@@ -52,6 +61,16 @@ def affine_name(norm_path: str) -> str:
 
 def passthrough_name(norm_path: str) -> str:
     return f"{norm_path}_passthrough"
+
+
+def long_skip_name(block_path: str, source: int, position: int) -> str:
+    name = f"skip_{source}_{position}"
+    return f"{block_path}.{name}" if block_path else name
+
+
+def read_map_name(norm_path: str, k: int = 0) -> str:
+    """``k``: the how-manyth edge reading the norm's output in model coordinates (0: unnumbered)."""
+    return f"{norm_path}_read" + (f"_{k}" if k else "")
 
 
 def stream_norm_name(norm_path: str, output_node_name: str) -> str:

@@ -1,10 +1,17 @@
-"""Pass 2 — canonicalise: no-op nodes go, linears and embeddings become real modules.
+"""Pass 2 — canonicalise: no-op nodes go, interpolations become sums, linears and embeddings become
+real modules.
 
 After this pass every weight that can touch the residual stream lives in an ``nn.Linear``,
 :class:`~fxslice.graph.modules.ExpertLinear` (mixture-of-experts weights) or ``nn.Embedding`` submodule named after the original module path (``model.layers.0.self_attn.q_proj``),
 so that later passes change weights, not graph structure, and peft can find the layers. Which
 subgraphs are linear layers is the registered linear patterns' decision (``patterns/linears.py``).
 The parameters still share storage with the caller's model; nothing here writes to them.
+
+An interpolation with a rate ``r`` computed from parameters only, ``x + r ⊙ (y − x)`` or ``torch.lerp``
+(nGPT's residual
+update towards the normalised branch, Dory's), is the same sum written as ``(1 − r) ⊙ x + r ⊙ y``: a
+per-dimension map on the skip edge and one on the branch, which the analysis knows (and fuse moves into
+the shortcut and the branch's writers). In the first form the stream is read by a subtraction.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ def canonicalise(gm: GraphModule) -> GraphModule:
     """A new GraphModule over ``gm``'s graph whose linears and embeddings are ``call_module`` nodes."""
     graph = gm.graph
     remove_noops(graph)
+    expand_interpolations(graph)
     modules = ModuleBuilder(gm)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.graph is not graph or not node.users:
@@ -115,6 +123,54 @@ def remove_noops(graph) -> None:
             mutated = node.args[0] if functional is not None else None
             if isinstance(mutated, Node) and len(mutated.users) == 1 and ops.private_tensor(mutated):
                 node.target = functional  # a temporary no one reads afterwards: ``x.mul_(s)`` is ``x * s``
+
+
+def _from_parameters(node: object) -> bool:
+    """A number, or a value computed from parameters, buffers and numbers only (never from the input)."""
+    if not isinstance(node, Node):
+        return isinstance(node, (int, float))
+    if node.op == "get_attr":
+        return True
+    return node.op == "call_function" and all(_from_parameters(arg) for arg in node.all_input_nodes)
+
+
+def _interpolation(node: Node) -> Optional[tuple[Node, Node, object, list[Node]]]:
+    """``(x, y, r, nodes)`` when ``node`` computes ``x + r ⊙ (y − x)`` (either order of the sum and of the
+    product, or ``torch.lerp(x, y, r)``) with ``r`` from parameters only and the inner nodes used once;
+    ``nodes``: what the sum replaces. None for anything else."""
+    if ops.calls(node, ops.aten.lerp.Tensor) and not node.kwargs and _from_parameters(node.args[2]):
+        return node.args[0], node.args[1], node.args[2], [node]
+    if not ops.is_tensor_add(node):
+        return None
+    for x, scaled in (node.args[:2], node.args[1::-1]):
+        if not ops.calls(scaled, ops.aten.mul.Tensor) or len(scaled.users) != 1:
+            continue
+        for r, difference in (scaled.args[:2], scaled.args[1::-1]):
+            if (ops.calls(difference, ops.aten.sub.Tensor) and len(difference.users) == 1 and not difference.kwargs
+                    and difference.args[1] is x and _from_parameters(r) and isinstance(difference.args[0], Node)):
+                return x, difference.args[0], r, [node, scaled, difference]
+    return None
+
+
+def expand_interpolations(graph) -> None:
+    """``x + r ⊙ (y − x)`` → ``(1 − r) ⊙ x + r ⊙ y`` for a rate ``r`` from parameters (see the module docstring)."""
+    for node in list(graph.nodes):
+        found = _interpolation(node)
+        if found is None:
+            continue
+        x, y, r, replaced = found
+        with graph.inserting_before(node):
+            keep = graph.call_function(ops.aten.rsub.Scalar, (r, 1)) if isinstance(r, Node) else 1 - r
+            kept = graph.call_function(ops.aten.mul.Tensor, (x, keep))
+            moved = graph.call_function(ops.aten.mul.Tensor, (r, y))
+            total = graph.call_function(ops.aten.add.Tensor, (kept, moved))
+        if isinstance(keep, Node):
+            copy_meta(keep, r, ("val", "nn_module_stack"))
+        for new in (kept, moved, total):
+            copy_meta(new, node, ("val", "nn_module_stack"))
+        node.replace_all_uses_with(total)
+        for dead in replaced:
+            graph.erase_node(dead)
 
 
 def drop_dead_nodes(graph) -> None:

@@ -59,6 +59,10 @@ class NormSite:
     # a reader-side norm whose output also reaches a later residual add through walk-through ops only
     # (LongCat-Flash's identity experts, ``w ⊙ norm(x)``): the values that end those paths
     passthroughs: list[Node] = field(default_factory=list)
+    # ``(value, user)`` edges where an op reads the norm's output in the model's coordinates (AXK2's
+    # input-dependent gate ``y ⊙ σ(g(y))``): fuse puts the norm's ``diag(γ)`` (+ ``β``) on each edge as a Linear,
+    # a reader of the stream like any other (``Q_pᵀ diag(γ)`` after rotation), so the op sees what it saw
+    model_reads: list[tuple[Node, Node]] = field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -132,6 +136,10 @@ class Position:
     opaque_branches: list[tuple[Node, Node]] = field(default_factory=list)  # (value, the residual add taking it)
     # (norm, value) pairs: an earlier position's norm output reaching this position's add (``NormSite.passthroughs``)
     passthroughs: list[tuple[NormSite, Node]] = field(default_factory=list)
+    # an earlier position's value added here again (a looped model's input injection, ``h ← norm(h) + e`` before
+    # every loop, Dory's): (that position, its value, the residual add taking it); fuse maps each with an
+    # inserted Linear, ``Q_aᵀ Q_p`` after rotation
+    long_skips: list[tuple["Position", Node, Node]] = field(default_factory=list)
     norms: list[NormSite] = field(default_factory=list)  # reader-side norms
     # the stream's copies merged into one row (``[..., N, D] -> [..., N·D]``, hyper-connections): what reads
     # them — Linears (also in ``direct_readers``: ``N`` blocks of ``D`` inputs) and mean squares over the row
@@ -225,7 +233,8 @@ class Structure:
                 "rotated" if p.rotated else "raw",
                 "-" if p.skip is None else f"#{p.skip.source}",
                 short_names(writers),
-                ", ".join(f"{s.path} [{s.pattern}]" for s in p.norms) or "-",
+                ", ".join(f"{s.path} [{s.pattern}]" + (" [also read in model coordinates]" if s.model_reads else "")
+                          for s in p.norms) or "-",
                 short_names([str(r.target) for r in p.readers]),
             ])
         head = ["#", "root node", "kind", "skip from", "writers", "reader norms", "readers"]
@@ -403,6 +412,16 @@ class NodeKinds:
                 means.append(user)
         return means
 
+    def gate(self, node: Node, src: Node) -> bool:
+        """Whether ``node`` multiplies or divides ``src`` elementwise by a value computed from the input (a
+        gate per coordinate, ``src ⊙ σ(g(src))``), keeping its shape: no rotation commutes with it."""
+        if not ops.calls(node, ops.SCALINGS) or len(node.args) != 2 or node.kwargs or src not in node.args[:2]:
+            return False
+        other = node.args[1] if node.args[0] is src else node.args[0]
+        vin, vout = example_value(src), example_value(node)
+        return (isinstance(other, Node) and other is not src and not self.constant(other) and vin is not None
+                and vout is not None and vout.shape == vin.shape and vin.dim() > 0)
+
     @staticmethod
     def shape_query(node: Node, src: Node) -> bool:
         """Whether ``node`` reads only the shape, dtype or device of ``src``: the size of a leading
@@ -516,6 +535,13 @@ class StreamWalk:
         self.skip_affines: dict[Node, StreamAffine] = {}  # residual add -> the affine map on its skip edge
         self.hidden = 0  # the stream's width, known once the walk starts
         self.passthrough_sources: dict[Node, NormSite] = {}  # a passthrough's last value -> its norm
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self.position_of: dict[Node, Position] = {}  # every value of the positions walked so far -> its position
+        # residual adds taking a position's value that the stream does not go on through from there (the
+        # stream goes on through the first in graph order): each must be claimed as a later position's long skip
+        self.later_adds: dict[Node, Position] = {}
+        # norms of a raw position besides the one the stream goes on through: each must write a later branch
+        self.later_norms: dict[Node, NormSite] = {}
 
     def run(self) -> Structure:
         start = self.projected(self.kinds.token_embedding())
@@ -548,6 +574,13 @@ class StreamWalk:
         for p in positions:
             if p.skip is not None:
                 p.skip.source = next(i for i, q in enumerate(positions) if p.skip.stream_value in q.aliases)
+        for add, source in self.later_adds.items():
+            raise GraphStructureError(f"position {source.index} ('{source.root.name}') feeds {describe(add)} besides "
+                                      "the residual add the stream goes on through, and no later position adds it as a "
+                                      "whole (a long skip)")
+        for site in self.later_norms.values():
+            raise GraphStructureError(f"the output of norm '{site.path}' (a second norm of the stream where another "
+                                      "continues it) is not added to the stream by a later residual add")
         claimed = {value for p in positions for _, value in p.passthroughs}
         for value, site in self.passthrough_sources.items():
             if value not in claimed:
@@ -583,38 +616,53 @@ class StreamWalk:
         branch, operand = self._branch(add, current)
         branch_affine = self.kinds.branch_affine(branch)
         passthroughs: list[tuple[NormSite, Node]] = []
+        long_skips: list[tuple[Position, Node, Node]] = []
         writers, writer_norms, reshapes, opaque = self.trace_branch(
-            branch, branch if branch_affine is None else branch_affine.start, add, current, passthroughs)
+            branch, branch if branch_affine is None else branch_affine.start, add, current, passthroughs, long_skips)
+        if long_skips and branch_affine is not None:
+            raise GraphStructureError(f"{describe(add)} adds an earlier position's value through a per-dimension map")
         return Position(index, add, writers=writers, writer_norms=writer_norms, reshapes=reshapes,
                         skip=Skip(add, operand, current.index, self.skip_affines.get(add)),
                         branch_affine=None if opaque else branch_affine, passthroughs=passthroughs,
-                        opaque_branches=opaque)
+                        opaque_branches=opaque, long_skips=long_skips)
 
     def merged_position(self, add: Node, current: Position) -> Position:
         branch, _ = self._branch(add, current)
         if self.kinds.branch_affine(branch) is not None:
             raise GraphStructureError(f"{describe(add)} adds a value mapped by a per-dimension affine map to a stream "
                                       "value nothing reads: only a whole branch's map can move into its writers")
-        passthroughs = list(current.passthroughs)
-        writers, writer_norms, reshapes, opaque = self.trace_branch(branch, branch, add, current, passthroughs)
-        return Position(current.index, add, writers=current.writers + writers,
-                        writer_norms=current.writer_norms + writer_norms, skip=current.skip,
-                        reshapes=current.reshapes + reshapes, passthroughs=passthroughs,
-                        opaque_branches=current.opaque_branches + opaque)
+        passthroughs, long_skips = list(current.passthroughs), list(current.long_skips)
+        writers, writer_norms, reshapes, opaque = self.trace_branch(branch, branch, add, current, passthroughs,
+                                                                    long_skips)
+        merged = Position(current.index, add, writers=current.writers + writers,
+                          writer_norms=current.writer_norms + writer_norms, skip=current.skip,
+                          reshapes=current.reshapes + reshapes, passthroughs=passthroughs,
+                          opaque_branches=current.opaque_branches + opaque, long_skips=long_skips)
+        for table in (self.position_of, self.later_adds):  # the summed value's position is the merged one
+            table.update({key: merged for key, value in table.items() if value is current})
+        return merged
 
     def trace_branch(self, branch: Node, start: Node, add: Node, position: Position,
-                     passthroughs: list[tuple[NormSite, Node]]
+                     passthroughs: list[tuple[NormSite, Node]], long_skips: list[tuple[Position, Node, Node]]
                      ) -> tuple[list[Node], list[NormSite], list[Node], list[tuple[Node, Node]]]:
         """:meth:`trace_writers` of the value ``add`` takes from a branch (from ``start``), plus the branches
         kept in the model's coordinates: none, or ``[(branch, add)]`` with no writers when its writers cannot
-        be rotated where they are (the passthroughs met on the way are then not claimed)."""
+        be rotated where they are (the passthroughs and long skips met on the way are then not claimed: a long
+        skip's add left unclaimed is refused at the end of :meth:`run`, since its value is rotated)."""
         met: list[tuple[NormSite, Node]] = []
+        skips: list[tuple[Position, Node, Node]] = []
         try:
-            writers, writer_norms, reshapes = self.trace_writers(start, position, met)
+            writers, writer_norms, reshapes = self.trace_writers(start, position, met, skips, add)
         except OpaqueBranch:
             self.check_opaque(branch, add)
             return [], [], [], [(branch, add)]
+        for source, value, user in skips:
+            if self.later_adds.pop(user, None) is not source:
+                raise GraphStructureError(f"{describe(user)} takes the value of position {source.index} "
+                                          f"({describe(value)}) on its way into {describe(add)}; only a residual add "
+                                          "may take an earlier position's value whole")
         passthroughs.extend(met)
+        long_skips.extend(skips)
         return writers, writer_norms, reshapes, []
 
     def check_opaque(self, branch: Node, add: Node) -> None:
@@ -693,26 +741,37 @@ class StreamWalk:
                 elif use is Use.MERGED:
                     position.merged.append(self.merged_reads(user, src, position))
         position.aliases = aliases
+        self.position_of.update({alias: position for alias in aliases})
+        if len(adds) > 1 and not continuations:  # the stream goes on through the first; later ones take it whole
+            adds.sort(key=self.order.__getitem__)
+            if any(add in self.skip_affines for add in adds[1:]):
+                raise GraphStructureError(f"position {position.index} ('{position.root.name}') feeds "
+                                          f"{describe(adds[1])} through a per-dimension map besides {describe(adds[0])}")
+            self.later_adds.update({add: position for add in adds[1:]})
+            adds = adds[:1]
         if len(adds) + len(continuations) > 1:
             raise GraphStructureError(
                 f"position {position.index} ('{position.root.name}') feeds {len(adds)} residual adds and "
                 f"{len(continuations)} per-dimension maps continuing the stream: "
                 + "; ".join(describe(n) for n in adds + [a.steps[0] for a in continuations])
             )
-        stream_norm = None
-        for site in sites:
+        continuing: list[NormSite] = []  # norms whose outputs continue the stream
+        for site in sorted(sites, key=lambda site: self.order[site.region.output]):
             readers = self.norm_readers(site, passthrough=bool(adds))
-            if readers is None:  # the norm's output continues the stream
-                if len(sites) > 1 or adds or continuations or position.direct_readers:
-                    raise GraphStructureError(
-                        f"the output of norm '{site.path}' is used as the residual stream while position "
-                        f"{position.index} is read elsewhere too (post-norm residual): {describe(site.region.output)}"
-                    )
-                stream_norm = site
+            if readers is None:
+                continuing.append(site)
             else:
                 site.readers = readers
                 position.norms.append(site)
                 position.reshapes.extend(site.reshapes)
+        stream_norm = continuing[0] if continuing else None
+        if stream_norm is not None and (position.norms or adds or continuations or position.direct_readers):
+            raise GraphStructureError(
+                f"the output of norm '{stream_norm.path}' is used as the residual stream while position "
+                f"{position.index} is read elsewhere too (post-norm residual): {describe(stream_norm.region.output)}")
+        # a raw position's other norms (Dory normalises the input section's output twice: the stream, and the
+        # value every loop adds again) must each write a later branch, from the model's coordinates
+        self.later_norms.update({site.region.output: site for site in continuing[1:]})
         if stream_norm is not None and continuations:
             raise GraphStructureError(f"the stream at position {position.index} goes on through both norm "
                                       f"'{stream_norm.path}' and {describe(continuations[0].steps[0])}")
@@ -749,6 +808,7 @@ class StreamWalk:
         norm read by Linears that reach another add are recorded in ``site.passthroughs``."""
         readers, frontier, seen = [], [site.region.output], {site.region.output}
         passthroughs: list[Node] = []
+        model_reads: list[tuple[Node, Node]] = []
         while frontier:
             src = frontier.pop()
             for user in src.users:
@@ -765,36 +825,46 @@ class StreamWalk:
                     continue
                 elif passthrough and ops.is_tensor_add(user) and len(src.users) == 1:
                     passthroughs.append(src)
-                elif ops.is_tensor_add(user) or self.kinds.norm_site(user) is not None:
-                    return None  # the stream goes on from here
+                elif (ops.is_tensor_add(user) or self.kinds.norm_site(user) is not None
+                      or self.kinds.affine_step(user, src)):
+                    return None  # the stream goes on from here (a per-dimension map on its skip edge: nGPT's)
+                elif self.kinds.gate(user, src):
+                    model_reads.append((src, user))
                 else:
                     raise GraphStructureError(
                         f"the output of norm '{site.path}' is read by {describe(user)}, which is neither a Linear "
                         "layer nor an op that keeps the hidden dimension, so what it reads cannot be rotated "
                         "(a mixture-of-experts dispatch that no pattern of patterns/experts.py knows?)")
-        if passthroughs and not readers:
+        if passthroughs and not readers and not model_reads:
             return None  # a writer-side norm after all
         if passthroughs and site.spec.shift is not None:
             raise GraphStructureError(f"the output of norm '{site.path}' reaches a later residual add through "
                                       f"{describe(passthroughs[0])}; with a shift β it cannot be moved past the "
                                       "row scalings on the way")
         site.passthroughs = passthroughs
+        site.model_reads = model_reads
         self.passthrough_sources.update({value: site for value in passthroughs})
         return readers
 
-    def trace_writers(self, branch: Node, position: Position, passthroughs: Optional[list] = None
+    def trace_writers(self, branch: Node, position: Position, passthroughs: Optional[list] = None,
+                      long_skips: Optional[list] = None, add: Optional[Node] = None
                       ) -> tuple[list[Node], list[NormSite], list[Node]]:
-        """Walk back from the non-stream operand of a residual add to the layers that wrote it.
+        """Walk back from the non-stream operand of a residual add (``add``) to the layers that wrote it.
 
         Returns the writer modules, writer-side norms and the width-carrying reshapes on the way; an
-        earlier norm's passthrough met on the way goes to ``passthroughs`` as ``(norm, value)``.
+        earlier norm's passthrough met on the way goes to ``passthroughs`` as ``(norm, value)``, an earlier
+        position's value to ``long_skips`` as ``(position, value, the node taking it)``.
         """
         writers: list[Node] = []
         reshapes: list[Node] = []
         norms: list[NormSite] = []
-        frontier = [branch]
+        frontier = [(branch, add)]
         while frontier:
-            node = frontier.pop()
+            node, user = frontier.pop()
+            source = self.position_of.get(node)
+            if source is not None and source is not position and long_skips is not None:
+                long_skips.append((source, node, user))
+                continue
             if node in self.passthrough_sources:
                 if passthroughs is None:
                     raise GraphStructureError(f"{describe(node)} carries the output of norm "
@@ -811,15 +881,16 @@ class StreamWalk:
             site = self.kinds.norm_site(node)
             if site is not None and site.region.output is node:
                 norms.append(site)
+                self.later_norms.pop(node, None)
                 self.trace_inner_writers(site, position)
             elif self.kinds.is_linear(node) or self.kinds.is_embedding(node):
                 writers.append(node)
             elif ops.is_tensor_add(node):
-                frontier.extend(node.args[:2])
+                frontier.extend((arg, node) for arg in node.args[:2])
             elif self.kinds.passed_on(node) is not None:
                 if ops.calls(node, ops.SIZED):
                     reshapes.append(node)
-                frontier.append(self.kinds.passed_on(node))
+                frontier.append((self.kinds.passed_on(node), node))
             else:
                 raise OpaqueBranch(
                     f"{describe(node)} produces a value that is added to the residual stream; fxslice can "
@@ -883,7 +954,9 @@ def check_structure(structure: Structure) -> None:
             name, weight = str(node.target), structure.module(node).weight
             other = owner.setdefault(id(weight), name)
             if other != name and {other, name} != tied_names:
-                raise GraphStructureError(f"modules '{other}' and '{name}' share one weight on the stream")
+                raise GraphStructureError(
+                    f"modules '{other}' and '{name}' share one weight on the stream (a layer run again, as a looped "
+                    "model's loops do?): rotating it for one of the positions it touches breaks it for the other")
 
 
 def analyse(gm: GraphModule) -> Structure:

@@ -43,8 +43,9 @@ from torch.fx import GraphModule, Node
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.edit import call_module_after, call_module_on_edge, drop_attribute, erase_unused, submodule_exists
-from ..graph.inserted import (BRANCH_MAP, HEAD_AFFINE, NORM_AFFINE, PASSTHROUGH, SHORTCUT, InsertedModule,
-                              affine_name, branch_map_name, passthrough_name, shortcut_name, stream_norm_name)
+from ..graph.inserted import (BRANCH_MAP, HEAD_AFFINE, LONG_SKIP, NORM_AFFINE, PASSTHROUGH, READ_MAP, SHORTCUT,
+                              InsertedModule, affine_name, branch_map_name, long_skip_name, passthrough_name,
+                              read_map_name, shortcut_name, stream_norm_name)
 from ..graph.modules import StreamNorm
 from ..graph.nodes import copy_meta, describe, evaluate_constant, example_value, module_path
 from ..graph.store import Weights
@@ -367,15 +368,30 @@ class Fuser:
             node.meta["val"] = value.to(self.weights.like.dtype)
         return node
 
-    def passthrough(self, site: NormSite, value: Node, reads: int, writes: int) -> str:
-        """``diag(γ)`` on the edge carrying a reader-side norm's (now weightless) output into a later
-        residual add; it reads the norm's position and writes this one."""
-        affine = self.weights.add_linear(passthrough_name(site.path), self.hidden, self.hidden, False,
+    def norm_affine_on_edge(self, site: NormSite, name: str, value: Node, user: Node) -> str:
+        """``diag(γ)`` (+ ``β``) of a reader-side norm as a Linear on the edge ``value -> user`` (``value``: the
+        now weightless norm's output, or a walk-through of it)."""
+        affine = self.weights.add_linear(name, self.hidden, self.hidden, site.spec.shift is not None,
                                          lambda: affine_weights(site.spec))
-        name = self.add_module(passthrough_name(site.path), affine)
-        self.linear_on_edge(name, affine, self.resolve(value), next(iter(value.users)))
+        self.add_module(name, affine)
+        self.linear_on_edge(name, affine, self.resolve(value), user)
+        return name
+
+    def passthrough(self, site: NormSite, value: Node, reads: int, writes: int) -> str:
+        """``diag(γ)`` on the edge carrying a reader-side norm's output into a later residual add (no shift:
+        refused by the analysis); it reads the norm's position and writes this one."""
+        name = self.norm_affine_on_edge(site, passthrough_name(site.path), value, next(iter(value.users)))
         self.inserted.append(InsertedModule(name, PASSTHROUGH, reads, writes))
         return name
+
+    def read_maps(self, site: NormSite, reads: int) -> list[str]:
+        """``diag(γ)`` (+ ``β``) on every edge where an op reads the norm's output in the model's coordinates:
+        readers of position ``reads`` whose outputs are those coordinates (``Q_pᵀ diag(γ)`` after rotation)."""
+        names = []
+        for k, (value, user) in enumerate(site.model_reads):
+            names.append(self.norm_affine_on_edge(site, read_map_name(site.path, k), value, user))
+            self.inserted.append(InsertedModule(names[-1], READ_MAP, reads, None))
+        return names
 
     def branch_map(self, value: Node, add: Node, name: str, writes: int) -> str:
         """The identity on the edge carrying a branch kept in the model's coordinates into its residual
@@ -385,6 +401,17 @@ class Fuser:
         self.add_module(name, identity)
         self.linear_on_edge(name, identity, value, add)
         self.inserted.append(InsertedModule(name, BRANCH_MAP, None, writes))
+        return name
+
+    def long_skip(self, value: Node, user: Node, reads: int, writes: int) -> str:
+        """The identity on the edge carrying position ``reads``' value into the residual add producing
+        ``writes``: a reader of the one and a writer of the other, ``Q_aᵀ Q_p`` after rotation."""
+        name = long_skip_name(module_path(user)[0], reads, writes)
+        identity = self.weights.add_linear(name, self.hidden, self.hidden, False,
+                                           lambda: (torch.eye(self.hidden, dtype=torch.float64), None))
+        self.add_module(name, identity)
+        self.linear_on_edge(name, identity, self.resolve(value), user, replaced=value)
+        self.inserted.append(InsertedModule(name, LONG_SKIP, reads, writes))
         return name
 
     def full_width_mean(self, mean: Node, width: int) -> None:
@@ -480,6 +507,7 @@ class Fuser:
                         if site.spec.shift is not None:
                             self.folded_biases.add(str(reader.target))
                         plan_p.readers.append(str(reader.target))
+                plan_p.readers.extend(self.read_maps(site, p.index))
             if p.skip is not None:
                 plan_p.shortcut = self.shortcut(p)
                 plan_p.skip_source = p.skip.source
@@ -492,6 +520,10 @@ class Fuser:
             for k, (value, add) in enumerate(p.opaque_branches):
                 name = branch_map_name(module_path(add)[0], p.index, k)
                 plan_p.writers.append(self.branch_map(value, add, name, p.index))
+            for source, value, user in p.long_skips:
+                name = self.long_skip(value, user, source.index, p.index)
+                plan_p.writers.append(name)
+                planned[source.index].readers.append(name)
             if p.branch_affine is not None:
                 self.scaled_branch(p, plan_p.writers)
             for site, value in p.passthroughs:
