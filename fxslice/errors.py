@@ -11,6 +11,10 @@ class GraphStructureError(FxSliceError):
     """The captured graph does not have the structure SliceGPT needs (the invariance would break)."""
 
 
+class BudgetOutOfReach(FxSliceError):
+    """``target_params`` asks for fewer parameters than the slice's narrowest widths keep."""
+
+
 class CalibrationError(FxSliceError):
     """The calibration data is unusable (empty, wrong shape, out-of-vocabulary ids, non-finite activations)."""
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .calibration import Batch, ids_and_mask, prepare_batches
 from .distributed import total
-from .errors import FxSliceError
+from .errors import BudgetOutOfReach, FxSliceError
 from .options import Options
 from .passes.p6_widths import slice_width
 
@@ -170,11 +170,12 @@ def measure_split(options: Options, items: list, teacher: Optional[nn.Module], f
     search = SplitSearch("kl" if teacher is not None else "cross-entropy", len(calibration), len(held_out))
     fixed = Candidate("fixed (hidden 2.3x stream)", replace(options, split="fixed"))
     bar = tqdm(total=len(STREAM_SHARES) + 4, desc="measuring the budget's split", disable=not progress)
+    out_of_reach: Optional[BudgetOutOfReach] = None
     try:
-        try:  # out of reach where the rotation's own Linears cost more than narrowing saves (nGPT's raw positions)
+        try:  # out of reach where the rotation's own Linears cost more than narrowing saves (AXK2's read maps)
             _score(fixed, run_candidate, calibration, held_out, teacher)
-        except FxSliceError as exc:
-            fixed.refused = str(exc)
+        except BudgetOutOfReach as exc:  # the stream-whole candidates may still meet it; anything else stops here
+            fixed.refused, out_of_reach = str(exc), exc
         bar.update()
         search.candidates.append(fixed)
         for candidate in candidates(options, fixed, fixed.hidden_size, free_basis):
@@ -188,7 +189,7 @@ def measure_split(options: Options, items: list, teacher: Optional[nn.Module], f
         bar.close()
     scored = [c for c in search.candidates if c.score is not None]
     if not scored:  # the fixed split's refusal speaks for the budget
-        raise FxSliceError(fixed.refused)
+        raise out_of_reach
     best = min(scored, key=lambda c: c.score)
     search.chosen = best.label
     return best.options, search

@@ -85,3 +85,35 @@ def test_interpolated_updates_slice(masked):
     assert min(sliced.fxslice.widths) < 32
     with torch.no_grad():
         assert torch.isfinite(sliced(IDS).logits).all()
+
+
+class NotInterpolations(Interpolated):
+    """Sums that look like interpolations but are not the same as ``(1 − r) ⊙ x + r ⊙ y`` — and one that is,
+    at a rate that is a number."""
+
+    def __init__(self, kind: str):
+        super().__init__(blocks=1)
+        self.kind = kind
+
+    def update(self, h, y, i):
+        rate = self.rates[i].abs()
+        if self.kind == "number":  # a rate that is a number (aten.lerp.Scalar): rewritten like a tensor's
+            return torch.lerp(h, y, 0.25)
+        if self.kind == "alpha":
+            return torch.add(h, rate * (y - h), alpha=2.0)
+        return h + rate * (y[:, :1] - h)  # y broadcast over the tokens: the result is not y's shape
+
+
+@pytest.mark.parametrize("kind", ["alpha", "broadcast"])
+def test_look_alike_sums_are_left_as_they_are(kind):
+    model = seeded(NotInterpolations, kind=kind)
+    graph = canonicalise(capture(model, model_spec(model))).graph
+    assert any(ops.calls(node, ops.aten.sub.Tensor) for node in graph.nodes)
+    assert not any(ops.calls(node, ops.aten.rsub.Scalar) for node in graph.nodes)
+
+
+def test_an_interpolation_at_a_number_rate_is_exact():
+    model = seeded(NotInterpolations, kind="number")
+    graph = canonicalise(capture(model, model_spec(model))).graph
+    assert not any(ops.calls(node, {ops.aten.lerp.Scalar, ops.aten.sub.Tensor}) for node in graph.nodes)
+    check_exact_in_dtype(lambda dt: seeded(NotInterpolations, kind="number").to(dt), torch.float32, IDS)

@@ -67,16 +67,6 @@ def test_long_skips_are_sliced_between_their_positions(masked):
         assert torch.isfinite(sliced(IDS).logits).all()
 
 
-class InjectedIntoAnActivation(InputInjected):
-    def inject(self, x, e, i):  # e reaches a residual add only through a tanh: not a long skip
-        return x + self.downs[i](torch.tanh(self.ups[i](self.norms[i](x)) + torch.cat([e, e], -1)))
-
-
-def test_a_position_value_taken_other_than_whole_is_refused_naming_the_node():
-    with pytest.raises(GraphStructureError, match=r"consumes the residual stream|feeds node"):
-        fxslice.compress(seeded(InjectedIntoAnActivation), calibration(), 0.25, progress=False)
-
-
 class InjectedBeforeAnotherBranch(InputInjected):
     def block(self, i, x):
         return x if i else super().block(i, x)
@@ -88,6 +78,71 @@ class InjectedBeforeAnotherBranch(InputInjected):
 def test_a_long_skip_summed_with_a_branch_first_is_exact():
     exact = check_exact_in_dtype(lambda dt: seeded(InjectedBeforeAnotherBranch).to(dt), torch.float32, IDS)
     assert len(long_skips(exact)) == 3
+
+
+class SkipFromANormedPosition(nn.Module):
+    """A position that is a writer-side norm's output (``a = norm(e)``, as Dory's loops' input) or a
+    per-dimension map of the stream (``a = e ⊙ s``), added again one block later: fuse has replaced that
+    value's node by the time the long skip goes in."""
+
+    def __init__(self, mapped: bool = False, width: int = 32):
+        super().__init__()
+        self.mapped = mapped
+        self.embed = nn.Embedding(VOCAB, width)
+        self.norms = nn.ModuleList(nn.RMSNorm(width) for _ in range(3))
+        self.linears = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
+        self.writer_norm = nn.RMSNorm(width)
+        self.scale = nn.Parameter(torch.rand(width) + 0.5)
+        self.final = nn.RMSNorm(width)
+        self.head = nn.Linear(width, VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        e = self.embed(input_ids)
+        e = e + self.linears[0](self.norms[0](e))
+        a = e * self.scale if self.mapped else self.writer_norm(e)
+        x = a + self.linears[1](self.norms[1](a))
+        x = x + a
+        x = x + self.linears[2](self.norms[2](x))
+        return self.head(self.final(x))
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["writer-norm", "per-dimension-map"])
+def test_a_long_skip_from_a_value_fuse_replaces_is_exact_and_slices(mapped):
+    exact = check_exact_in_dtype(lambda dt: seeded(SkipFromANormedPosition, mapped=mapped).to(dt), torch.float32, IDS)
+    (skip,) = long_skips(exact)
+    node = next(n for n in exact.graph.nodes if n.op == "call_module" and str(n.target) == skip.name)
+    assert len(node.users) == 1
+    sliced = fxslice.compress(seeded(SkipFromANormedPosition, mapped=mapped), calibration(), 0.25, progress=False)
+    assert sliced.get_submodule(skip.name).weight.shape == (sliced.fxslice.widths[skip.writes],
+                                                            sliced.fxslice.widths[skip.reads])
+
+
+class TwoSkipsIntoOnePosition(InputInjected):
+    def inject(self, x, e, i):
+        return x + e + 0.5 * e
+
+
+def test_two_long_skips_into_one_position_are_numbered():
+    exact = check_exact_in_dtype(lambda dt: seeded(TwoSkipsIntoOnePosition).to(dt), torch.float32, IDS)
+    names = [m.name for m in long_skips(exact)]
+    assert names[:2] == ["skip_1_2", "skip_1_2_1"] and len(names) == 6
+
+
+class InjectedIntoABranch(InputInjected):
+    def inject(self, x, e, i):  # e summed into a value that reaches the stream only through a tanh
+        return x + self.downs[i](torch.tanh(self.ups[i](self.norms[i](x)) + torch.cat([e, e], -1)))
+
+
+class InjectedIntoATanh(InputInjected):
+    def inject(self, x, e, i):  # e + z is a residual add of the stream's values, but its sum goes through a tanh
+        return x + torch.tanh(e + self.downs[i](torch.relu(self.ups[i](self.norms[i](x)))))
+
+
+def test_a_position_value_taken_other_than_whole_is_refused_naming_the_node():
+    with pytest.raises(GraphStructureError, match=r"node 'cat(_\d+)?'.*consumes the residual stream"):
+        fxslice.compress(seeded(InjectedIntoABranch), calibration(), 0.25, progress=False)
+    with pytest.raises(GraphStructureError, match=r"position 1 .* feeds node 'add(_\d+)?' .* besides the residual add"):
+        fxslice.compress(seeded(InjectedIntoATanh), calibration(), 0.25, progress=False)
 
 
 DORY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,

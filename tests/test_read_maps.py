@@ -160,3 +160,68 @@ def test_a_streamed_axk2_checkpoint_equals_the_model_in_memory(tmp_path):
     assert streamed.fxslice.param_count == in_memory.fxslice.param_count
     with torch.no_grad():
         torch.testing.assert_close(streamed(IDS).logits, in_memory(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+class GatedOnce(nn.Module):
+    """One pre-norm block whose norm output goes through ``mix`` before the output Linear."""
+
+    def __init__(self, layer_norm: bool = False, width: int = 32):
+        super().__init__()
+        norm = (lambda: nn.LayerNorm(width)) if layer_norm else (lambda: nn.RMSNorm(width))
+        self.embed = nn.Embedding(VOCAB, width)
+        self.norm, self.final = norm(), norm()
+        self.down, self.up = nn.Linear(width, 4, bias=False), nn.Linear(4, width, bias=False)
+        self.route = nn.Linear(width, 1)
+        self.out = nn.Linear(width, width)
+        self.head = nn.Linear(width, VOCAB, bias=False)
+        self.scale = nn.Parameter(torch.rand(width) + 0.5)
+        with torch.no_grad():
+            for module in (self.norm, self.final):
+                module.weight.normal_(1.0, 0.3)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.normal_(0.0, 0.3)
+
+    def mix(self, y):
+        return y
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        x = x + self.out(self.mix(self.norm(x)))
+        return self.head(self.final(x))
+
+
+class GatedBySelf(GatedOnce):
+    def mix(self, y):  # both factors rotated values: no read map can serve both
+        return y * y[:, :1]
+
+
+class RowScaledThenGated(GatedOnce):
+    def mix(self, y):  # a per-token weight before the gate: a LayerNorm's shift β cannot move past it
+        return (torch.sigmoid(self.route(y)) * y) * torch.sigmoid(self.up(F.silu(self.down(y))))
+
+
+class RowScaledThenRead(GatedOnce):
+    def mix(self, y):  # the same before a plain reader (refused since this change; silently inexact before)
+        return torch.sigmoid(self.route(y)) * y
+
+
+class ScaledPerDimension(GatedOnce):
+    def mix(self, y):  # a per-dimension map after a reader-side norm that no residual add follows
+        return y * self.scale
+
+
+@pytest.mark.parametrize("model, message", [
+    (GatedBySelf, r"norm 'norm' is read by node 'mul'.* as both of its factors"),
+    (ScaledPerDimension, r"norm 'norm' is read by node 'mul'"),
+])
+def test_gates_no_read_map_can_serve_are_refused_naming_the_node(model, message):
+    with pytest.raises(GraphStructureError, match=message):
+        fxslice.compress(seeded(model), calibration(), 0.0, progress=False)
+
+
+@pytest.mark.parametrize("model", [RowScaledThenGated, RowScaledThenRead])
+def test_a_shift_past_a_row_scaling_is_refused_naming_both_nodes(model):
+    with pytest.raises(GraphStructureError, match=r"norm 'norm' has a shift β and node 'mul'.* before node"):
+        fxslice.compress(seeded(model, layer_norm=True), calibration(), 0.0, progress=False)
+    exact = check_exact_in_dtype(lambda dt: seeded(model).to(dt), torch.float32, IDS)  # RMSNorm: no shift
+    assert len(read_maps(exact)) == (model is RowScaledThenGated)

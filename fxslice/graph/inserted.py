@@ -1,35 +1,35 @@
 """The modules fxslice inserts into a graph, and the one rule that names them.
 
-============  ===========================  ==================================================================
-kind          module name                  what it holds
-============  ===========================  ==================================================================
-shortcut      ``<block>.shortcut_<p>``     Linear on the skip edge of the residual add that produces stream
-                                           position ``p`` (``<block>``: the module holding the add;
-                                           ``shortcut_<p>`` at the root); the identity after fuse,
-                                           ``Q_aᵀ Q_p`` after rotation; removed where it stays the identity
-norm_affine   ``<norm>_affine``            ``diag(γ)`` (+ ``β``) of a writer-side norm (Gemma 2/3, OLMo 2,
-                                           Bloom), later ``diag(γ) Q_d``
-head_affine   ``<norm>_affine``            ``diag(γ)`` (+ ``β``) of the final norm in front of a head tied to
-                                           the embedding
-passthrough   ``<norm>_passthrough``       ``diag(γ)`` of a reader-side norm on the path that carries its
-                                           output into a later residual add (LongCat-Flash's identity
-                                           experts), later ``Q_aᵀ diag(γ) Q_b``
-branch_map    ``<block>.branch_<p>[_k]``   Linear on the value a branch adds to position ``p`` when its writers
-                                           cannot be rotated where they are (Inkling's causal convolution
-                                           over the attention output; ``_k`` for a k-th such branch of
-                                           ``p``, k ≥ 1): the identity, later ``Q_pᵀ``
-long_skip     ``<block>.skip_<a>_<p>``     Linear on the edge carrying position ``a``'s value into the residual add
-                                           that produces a later position ``p`` besides its own skip edge (a
-                                           looped model's input injection: Dory adds the input section's
-                                           normalised output again before every loop): the identity, later
-                                           ``Q_aᵀ Q_p``
-read_map      ``<norm>_read[_k]``          ``diag(γ)`` (+ ``β``) of a reader-side norm on an edge where an op reads
-                                           its output in the model's coordinates (AXK2's input-dependent gate
-                                           on the norm's output; ``_k`` for the k-th such edge, k ≥ 1), later
-                                           ``Q_pᵀ diag(γ)``
-(stream norm) ``<norm>``                   weightless :class:`~fxslice.graph.modules.StreamNorm` in place of
-                                           the norm at that path (no parameters, not listed)
-============  ===========================  ==================================================================
+============  ==============================  ==================================================================
+kind          module name                     what it holds
+============  ==============================  ==================================================================
+shortcut      ``<block>.shortcut_<p>``        Linear on the skip edge of the residual add that produces stream
+                                              position ``p`` (``<block>``: the module holding the add;
+                                              ``shortcut_<p>`` at the root); the identity after fuse,
+                                              ``Q_aᵀ Q_p`` after rotation; removed where it stays the identity
+norm_affine   ``<norm>_affine``               ``diag(γ)`` (+ ``β``) of a writer-side norm (Gemma 2/3, OLMo 2,
+                                              Bloom), later ``diag(γ) Q_d``
+head_affine   ``<norm>_affine``               ``diag(γ)`` (+ ``β``) of the final norm in front of a head tied to
+                                              the embedding
+passthrough   ``<norm>_passthrough``          ``diag(γ)`` of a reader-side norm on the path that carries its
+                                              output into a later residual add (LongCat-Flash's identity
+                                              experts), later ``Q_aᵀ diag(γ) Q_b``
+branch_map    ``<block>.branch_<p>[_k]``      Linear on the value a branch adds to position ``p`` when its writers
+                                              cannot be rotated where they are (Inkling's causal convolution
+                                              over the attention output; ``_k`` for a k-th such branch of
+                                              ``p``, k ≥ 1): the identity, later ``Q_pᵀ``
+long_skip     ``<block>.skip_<a>_<p>[_k]``    Linear on the edge carrying position ``a``'s value into the residual add
+                                              that produces a later position ``p`` besides its own skip edge (a
+                                              looped model's input injection: Dory adds the input section's
+                                              normalised output again before every loop; ``_k`` for the k-th
+                                              into ``p``, k ≥ 1): the identity, later ``Q_aᵀ Q_p``
+read_map      ``<norm>_read[_k]``             ``diag(γ)`` (+ ``β``) of a reader-side norm on an edge where an op reads
+                                              its output in the model's coordinates (AXK2's input-dependent gate
+                                              on the norm's output; ``_k`` for the k-th such edge, k ≥ 1), later
+                                              ``Q_pᵀ diag(γ)``
+(stream norm) ``<norm>``                      weightless :class:`~fxslice.graph.modules.StreamNorm` in place of
+                                              the norm at that path (no parameters, not listed)
+============  ==============================  ==================================================================
 
 Names derive from the graph (module paths, position indices) only, so two captures of one model
 (the full-sequence and the KV-cache program) name their inserted modules alike. The list of
@@ -63,8 +63,9 @@ def passthrough_name(norm_path: str) -> str:
     return f"{norm_path}_passthrough"
 
 
-def long_skip_name(block_path: str, source: int, position: int) -> str:
-    name = f"skip_{source}_{position}"
+def long_skip_name(block_path: str, source: int, position: int, k: int = 0) -> str:
+    """``k``: the how-manyth long skip into ``position`` (0: unnumbered)."""
+    name = f"skip_{source}_{position}" + (f"_{k}" if k else "")
     return f"{block_path}.{name}" if block_path else name
 
 

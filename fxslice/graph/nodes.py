@@ -16,6 +16,22 @@ def example_value(node: object) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def from_parameters(value, cache: Optional[dict] = None) -> bool:
+    """A number, or a tensor computed from parameters, buffers and numbers only by deterministic ops (never
+    from the input); ``cache``: answers kept per node."""
+    if isinstance(value, (int, float)):
+        return True
+    if not isinstance(value, Node):
+        return False
+    cache = {} if cache is None else cache
+    if value not in cache:
+        cache[value] = value.op == "get_attr" or (
+            value.op == "call_function" and example_value(value) is not None
+            and torch.Tag.nondeterministic_seeded not in getattr(value.target, "tags", ())
+            and all(from_parameters(a, cache) for a in value.all_input_nodes))
+    return cache[value]
+
+
 def fetch_attr(root: nn.Module, target: str):
     """``root.a.b.c`` for target ``"a.b.c"`` (what a ``get_attr`` node reads)."""
     value = root

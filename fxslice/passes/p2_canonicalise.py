@@ -7,11 +7,11 @@ so that later passes change weights, not graph structure, and peft can find the 
 subgraphs are linear layers is the registered linear patterns' decision (``patterns/linears.py``).
 The parameters still share storage with the caller's model; nothing here writes to them.
 
-An interpolation with a rate ``r`` computed from parameters only, ``x + r ⊙ (y − x)`` or ``torch.lerp``
-(nGPT's residual
-update towards the normalised branch, Dory's), is the same sum written as ``(1 − r) ⊙ x + r ⊙ y``: a
-per-dimension map on the skip edge and one on the branch, which the analysis knows (and fuse moves into
-the shortcut and the branch's writers). In the first form the stream is read by a subtraction.
+An interpolation with a rate ``r`` computed from parameters only (a tensor or a number),
+``x + r ⊙ (y − x)`` or ``torch.lerp`` (nGPT's residual update towards the normalised branch, Dory's), is
+the same sum written as ``(1 − r) ⊙ x + r ⊙ y``: a per-dimension map on the skip edge and one on the
+branch, which the analysis knows (and fuse moves into the shortcut and the branch's writers). In the
+first form the stream is read by a subtraction.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.edit import mark_module_call
 from ..graph.modules import BatchedExpertLinear, ExpertLinear, UpcastLinear
-from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, module_path, parameter_of
+from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, from_parameters, module_path, parameter_of
 from ..registry import REGISTRY, LinearMatch
 from ..source import keep_module
 from .p1_capture import GRAPH_CLASS
@@ -125,31 +125,32 @@ def remove_noops(graph) -> None:
                 node.target = functional  # a temporary no one reads afterwards: ``x.mul_(s)`` is ``x * s``
 
 
-def _from_parameters(node: object) -> bool:
-    """A number, or a value computed from parameters, buffers and numbers only (never from the input)."""
-    if not isinstance(node, Node):
-        return isinstance(node, (int, float))
-    if node.op == "get_attr":
-        return True
-    return node.op == "call_function" and all(_from_parameters(arg) for arg in node.all_input_nodes)
+LERPS = frozenset({ops.aten.lerp.Tensor, ops.aten.lerp.Scalar})
 
 
 def _interpolation(node: Node) -> Optional[tuple[Node, Node, object, list[Node]]]:
     """``(x, y, r, nodes)`` when ``node`` computes ``x + r ⊙ (y − x)`` (either order of the sum and of the
-    product, or ``torch.lerp(x, y, r)``) with ``r`` from parameters only and the inner nodes used once;
-    ``nodes``: what the sum replaces. None for anything else."""
-    if ops.calls(node, ops.aten.lerp.Tensor) and not node.kwargs and _from_parameters(node.args[2]):
-        return node.args[0], node.args[1], node.args[2], [node]
-    if not ops.is_tensor_add(node):
+    product, or ``torch.lerp(x, y, r)``) with ``r`` from parameters only, the inner nodes used once and ``x``,
+    ``y`` of the result's shape and dtype; ``nodes``: what the sum replaces. None for anything else."""
+    found = None
+    if ops.calls(node, LERPS) and not node.kwargs and from_parameters(node.args[2]):
+        found = node.args[0], node.args[1], node.args[2], [node]
+    elif ops.is_tensor_add(node) and not node.kwargs:
+        for x, scaled in (node.args[:2], node.args[1::-1]):
+            if not ops.calls(scaled, ops.aten.mul.Tensor) or len(scaled.users) != 1:
+                continue
+            for r, difference in (scaled.args[:2], scaled.args[1::-1]):
+                if (ops.calls(difference, ops.aten.sub.Tensor) and len(difference.users) == 1
+                        and not difference.kwargs and difference.args[1] is x and from_parameters(r)
+                        and isinstance(difference.args[0], Node)):
+                    found = x, difference.args[0], r, [node, scaled, difference]
+    if found is None:
         return None
-    for x, scaled in (node.args[:2], node.args[1::-1]):
-        if not ops.calls(scaled, ops.aten.mul.Tensor) or len(scaled.users) != 1:
-            continue
-        for r, difference in (scaled.args[:2], scaled.args[1::-1]):
-            if (ops.calls(difference, ops.aten.sub.Tensor) and len(difference.users) == 1 and not difference.kwargs
-                    and difference.args[1] is x and _from_parameters(r) and isinstance(difference.args[0], Node)):
-                return x, difference.args[0], r, [node, scaled, difference]
-    return None
+    result = example_value(node)
+    for value in (example_value(found[0]), example_value(found[1])):  # the new nodes' metadata is the result's
+        if value is None or result is None or value.shape != result.shape or value.dtype != result.dtype:
+            return None
+    return found
 
 
 def expand_interpolations(graph) -> None:
@@ -162,7 +163,7 @@ def expand_interpolations(graph) -> None:
         with graph.inserting_before(node):
             keep = graph.call_function(ops.aten.rsub.Scalar, (r, 1)) if isinstance(r, Node) else 1 - r
             kept = graph.call_function(ops.aten.mul.Tensor, (x, keep))
-            moved = graph.call_function(ops.aten.mul.Tensor, (r, y))
+            moved = graph.call_function(ops.aten.mul.Tensor, (y, r))
             total = graph.call_function(ops.aten.add.Tensor, (kept, moved))
         if isinstance(keep, Node):
             copy_meta(keep, r, ("val", "nn_module_stack"))

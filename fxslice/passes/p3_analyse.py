@@ -35,7 +35,7 @@ from ..calibration import check_lengths
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.modules import LINEARS
-from ..graph.nodes import describe, example_value, module_path
+from ..graph.nodes import describe, example_value, from_parameters, module_path
 from ..registry import NormSpec, Region, match_norm, module_index, region_of
 
 if TYPE_CHECKING:
@@ -278,16 +278,7 @@ class NodeKinds:
 
     def constant(self, value) -> bool:
         """A number, or a tensor computed from parameters and constants only (never from the input)."""
-        if isinstance(value, (int, float)):
-            return True
-        if not isinstance(value, Node):
-            return False
-        if value not in self._constant:
-            ok = value.op == "get_attr" or (value.op == "call_function" and example_value(value) is not None
-                                            and torch.Tag.nondeterministic_seeded not in getattr(value.target, "tags", ())
-                                            and all(self.constant(a) for a in value.all_input_nodes))
-            self._constant[value] = ok
-        return self._constant[value]
+        return from_parameters(value, self._constant)
 
     def constant_scalar(self, value) -> bool:
         """A number, or a one-element tensor computed from parameters/constants only (not from the input)."""
@@ -422,6 +413,14 @@ class NodeKinds:
         return (isinstance(other, Node) and other is not src and not self.constant(other) and vin is not None
                 and vout is not None and vout.shape == vin.shape and vin.dim() > 0)
 
+    def skip_map(self, node: Node, src: Node) -> bool:
+        """Whether ``node`` starts a per-dimension affine map of ``src`` that ends in a residual add (the
+        skip edge of an interpolated update, ``(1 − r) ⊙ x + r ⊙ y``)."""
+        if not self.affine_step(node, src):
+            return False
+        end = self.affine_chain(node, src).end
+        return len(end.users) == 1 and ops.is_tensor_add(next(iter(end.users)))
+
     @staticmethod
     def shape_query(node: Node, src: Node) -> bool:
         """Whether ``node`` reads only the shape, dtype or device of ``src``: the size of a leading
@@ -539,7 +538,7 @@ class StreamWalk:
         self.position_of: dict[Node, Position] = {}  # every value of the positions walked so far -> its position
         # residual adds taking a position's value that the stream does not go on through from there (the
         # stream goes on through the first in graph order): each must be claimed as a later position's long skip
-        self.later_adds: dict[Node, Position] = {}
+        self.later_adds: dict[Node, list[Position]] = {}
         # norms of a raw position besides the one the stream goes on through: each must write a later branch
         self.later_norms: dict[Node, NormSite] = {}
 
@@ -574,7 +573,7 @@ class StreamWalk:
         for p in positions:
             if p.skip is not None:
                 p.skip.source = next(i for i, q in enumerate(positions) if p.skip.stream_value in q.aliases)
-        for add, source in self.later_adds.items():
+        for add, (source, *_) in self.later_adds.items():
             raise GraphStructureError(f"position {source.index} ('{source.root.name}') feeds {describe(add)} besides "
                                       "the residual add the stream goes on through, and no later position adds it as a "
                                       "whole (a long skip)")
@@ -638,8 +637,10 @@ class StreamWalk:
                           writer_norms=current.writer_norms + writer_norms, skip=current.skip,
                           reshapes=current.reshapes + reshapes, passthroughs=passthroughs,
                           opaque_branches=current.opaque_branches + opaque, long_skips=long_skips)
-        for table in (self.position_of, self.later_adds):  # the summed value's position is the merged one
-            table.update({key: merged for key, value in table.items() if value is current})
+        # the summed value's position is the merged one
+        self.position_of.update({key: merged for key, value in self.position_of.items() if value is current})
+        for sources in self.later_adds.values():
+            sources[:] = [merged if source is current else source for source in sources]
         return merged
 
     def trace_branch(self, branch: Node, start: Node, add: Node, position: Position,
@@ -657,7 +658,12 @@ class StreamWalk:
             self.check_opaque(branch, add)
             return [], [], [], [(branch, add)]
         for source, value, user in skips:
-            if self.later_adds.pop(user, None) is not source:
+            sources = self.later_adds.get(user, [])
+            if source in sources:
+                sources.remove(source)
+                if not sources:
+                    del self.later_adds[user]
+            else:
                 raise GraphStructureError(f"{describe(user)} takes the value of position {source.index} "
                                           f"({describe(value)}) on its way into {describe(add)}; only a residual add "
                                           "may take an earlier position's value whole")
@@ -747,7 +753,8 @@ class StreamWalk:
             if any(add in self.skip_affines for add in adds[1:]):
                 raise GraphStructureError(f"position {position.index} ('{position.root.name}') feeds "
                                           f"{describe(adds[1])} through a per-dimension map besides {describe(adds[0])}")
-            self.later_adds.update({add: position for add in adds[1:]})
+            for add in adds[1:]:
+                self.later_adds.setdefault(add, []).append(position)
             adds = adds[:1]
         if len(adds) + len(continuations) > 1:
             raise GraphStructureError(
@@ -807,6 +814,8 @@ class StreamWalk:
         position has its own residual add, so the norm does not continue the stream), paths of a
         norm read by Linears that reach another add are recorded in ``site.passthroughs``."""
         readers, frontier, seen = [], [site.region.output], {site.region.output}
+        walked = {site.region.output}  # the norm's output and what walks it through
+        scaled: dict[Node, Node] = {}  # a walked value -> the first op on its way that scales or sums its rows
         passthroughs: list[Node] = []
         model_reads: list[tuple[Node, Node]] = []
         while frontier:
@@ -817,24 +826,33 @@ class StreamWalk:
                 seen.add(user)
                 if self.kinds.walks_through(user, src):
                     frontier.append(user)
+                    walked.add(user)
+                    if src in scaled or ops.calls(user, ops.SCALINGS | ops.ROW_SUMS | ops.MIXES):
+                        scaled[user] = scaled.get(src, user)
                     if ops.calls(user, ops.SIZED):
                         site.reshapes.append(user)
                 elif self.kinds.is_linear(user):
+                    self.check_shift(site, src, user, scaled)
                     readers.append(user)
                 elif self.kinds.shape_query(user, src):
                     continue
                 elif passthrough and ops.is_tensor_add(user) and len(src.users) == 1:
                     passthroughs.append(src)
                 elif (ops.is_tensor_add(user) or self.kinds.norm_site(user) is not None
-                      or self.kinds.affine_step(user, src)):
-                    return None  # the stream goes on from here (a per-dimension map on its skip edge: nGPT's)
+                      or self.kinds.skip_map(user, src)):
+                    return None  # the stream goes on from here (through a per-dimension map on a skip edge: nGPT's)
                 elif self.kinds.gate(user, src):
+                    self.check_shift(site, src, user, scaled)
                     model_reads.append((src, user))
                 else:
                     raise GraphStructureError(
                         f"the output of norm '{site.path}' is read by {describe(user)}, which is neither a Linear "
                         "layer nor an op that keeps the hidden dimension, so what it reads cannot be rotated "
                         "(a mixture-of-experts dispatch that no pattern of patterns/experts.py knows?)")
+        for src, user in model_reads:  # both factors the norm's: no map on one edge can serve the product
+            if walked.intersection(user.args[:2]) - {src}:
+                raise GraphStructureError(f"the output of norm '{site.path}' is read by {describe(user)} as both of its "
+                                          "factors: a product of two rotated values cannot be rotated")
         if passthroughs and not readers and not model_reads:
             return None  # a writer-side norm after all
         if passthroughs and site.spec.shift is not None:
@@ -845,6 +863,15 @@ class StreamWalk:
         site.model_reads = model_reads
         self.passthrough_sources.update({value: site for value in passthroughs})
         return readers
+
+    @staticmethod
+    def check_shift(site: NormSite, src: Node, user: Node, scaled: dict[Node, Node]) -> None:
+        """A norm's shift ``β`` folds into what reads its output (a reader's bias, a read map's) only where no
+        op on the way scales or sums its rows (``w·(γx̂ + β)`` is not ``w·γx̂ + β``)."""
+        if site.spec.shift is not None and src in scaled:
+            raise GraphStructureError(f"the output of norm '{site.path}' has a shift β and {describe(scaled[src])} "
+                                      f"scales or sums its rows before {describe(user)} reads it: β cannot move "
+                                      "into the reader")
 
     def trace_writers(self, branch: Node, position: Position, passthroughs: Optional[list] = None,
                       long_skips: Optional[list] = None, add: Optional[Node] = None

@@ -354,6 +354,8 @@ class Fuser:
         default ``source``), in the weights' dtype: a value of another dtype (a stream kept in float32 around
         a bf16 model's blocks: Zaya's, the hyper-connections') is cast to it and the result back."""
         replaced = source if replaced is None else replaced
+        if replaced not in user.all_input_nodes:
+            raise GraphStructureError(f"cannot insert '{name}': {describe(replaced)} is no input of {describe(user)}")
         cast = self.cast(source, self.weights.like.dtype, before=user)
         node = self.in_weight_dtype(call_module_on_edge(self.gm, name, module, cast, user, replaced=replaced))
         out = self.cast(node, example_value(replaced).dtype, before=user)
@@ -393,26 +395,27 @@ class Fuser:
             self.inserted.append(InsertedModule(names[-1], READ_MAP, reads, None))
         return names
 
+    def identity_on_edge(self, name: str, kind: str, value: Node, user: Node, reads: Optional[int],
+                         writes: Optional[int]) -> str:
+        """An inserted identity Linear on the edge ``value -> user`` (``value`` as the graph holds it now)."""
+        identity = self.weights.add_linear(name, self.hidden, self.hidden, False,
+                                           lambda: (torch.eye(self.hidden, dtype=torch.float64), None))
+        self.add_module(name, identity)
+        self.linear_on_edge(name, identity, self.resolve(value), user)
+        self.inserted.append(InsertedModule(name, kind, reads, writes))
+        return name
+
     def branch_map(self, value: Node, add: Node, name: str, writes: int) -> str:
         """The identity on the edge carrying a branch kept in the model's coordinates into its residual
         add: the branch's one writer, whose rows rotation turns into ``Q_pᵀ``."""
-        identity = self.weights.add_linear(name, self.hidden, self.hidden, False,
-                                           lambda: (torch.eye(self.hidden, dtype=torch.float64), None))
-        self.add_module(name, identity)
-        self.linear_on_edge(name, identity, value, add)
-        self.inserted.append(InsertedModule(name, BRANCH_MAP, None, writes))
-        return name
+        return self.identity_on_edge(name, BRANCH_MAP, value, add, None, writes)
 
-    def long_skip(self, value: Node, user: Node, reads: int, writes: int) -> str:
+    def long_skip(self, value: Node, user: Node, reads: int, writes: int, k: int) -> str:
         """The identity on the edge carrying position ``reads``' value into the residual add producing
-        ``writes``: a reader of the one and a writer of the other, ``Q_aᵀ Q_p`` after rotation."""
-        name = long_skip_name(module_path(user)[0], reads, writes)
-        identity = self.weights.add_linear(name, self.hidden, self.hidden, False,
-                                           lambda: (torch.eye(self.hidden, dtype=torch.float64), None))
-        self.add_module(name, identity)
-        self.linear_on_edge(name, identity, self.resolve(value), user, replaced=value)
-        self.inserted.append(InsertedModule(name, LONG_SKIP, reads, writes))
-        return name
+        ``writes`` (the ``k``-th such edge there): a reader of the one and a writer of the other, ``Q_aᵀ Q_p``
+        after rotation."""
+        return self.identity_on_edge(long_skip_name(module_path(user)[0], reads, writes, k), LONG_SKIP, value,
+                                     user, reads, writes)
 
     def full_width_mean(self, mean: Node, width: int) -> None:
         """``mean(x², -1)`` over merged stream copies becomes ``sum(x², -1) / width`` (the row's width before
@@ -520,8 +523,8 @@ class Fuser:
             for k, (value, add) in enumerate(p.opaque_branches):
                 name = branch_map_name(module_path(add)[0], p.index, k)
                 plan_p.writers.append(self.branch_map(value, add, name, p.index))
-            for source, value, user in p.long_skips:
-                name = self.long_skip(value, user, source.index, p.index)
+            for k, (source, value, user) in enumerate(p.long_skips):
+                name = self.long_skip(value, user, source.index, p.index, k)
                 plan_p.writers.append(name)
                 planned[source.index].readers.append(name)
             if p.branch_affine is not None:

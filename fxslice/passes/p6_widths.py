@@ -25,7 +25,7 @@ from torch import nn
 
 from ..calibration import Batch, token_rows
 from ..distributed import all_reduce_sum
-from ..errors import FxSliceError
+from ..errors import BudgetOutOfReach, FxSliceError
 from ..graph.modules import WEIGHTED
 from ..graph.weights import f64, set_linear, sync_features
 from .p4_mlps import MLP
@@ -158,7 +158,7 @@ def fixed_stream_budget(plan: Plan, target: float, dense_count: int, stream_spar
     for step in dict.fromkeys((round_to, 1)):  # the rounding's steps, then single units
         narrowest = count(at(1.0 - 1e-9, step))
         if narrowest > goal:
-            raise FxSliceError(f"target_params {target} is out of reach {what}: cutting every MLP to {step} "
+            raise BudgetOutOfReach(f"target_params {target} is out of reach {what}: cutting every MLP to {step} "
                                f"unit(s) keeps {narrowest / dense_count:.1%} of the dense parameters")
         chosen = at(least_sparsity(lambda h: count(at(h, step)), goal, 0.0, 1.0), step)
         if count(chosen) >= goal - TOLERANCE * dense_count:
@@ -317,7 +317,7 @@ def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slic
     if count(widths_at(low)) <= goal:
         return widths_at(low)
     if count(widths_at(high)) > goal:
-        raise FxSliceError(f"target_params {target} is out of reach: the narrowest slice ({round_to} stream "
+        raise BudgetOutOfReach(f"target_params {target} is out of reach: the narrowest slice ({round_to} stream "
                            f"columns) keeps {count(widths_at(high)) / dense_count:.1%} of the dense parameters")
     high = least_sparsity(lambda s: count(widths_at(s)), goal, low, high)
     floor = goal - TOLERANCE * dense_count
