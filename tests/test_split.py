@@ -96,6 +96,7 @@ def test_a_candidate_out_of_reach_is_recorded_and_skipped():
     assert search.chosen != whole.label and sliced.fxslice.param_fraction <= 0.42
 
 
+@pytest.mark.slow  # four compressions refused (~5 s)
 def test_a_budget_no_candidate_meets_is_refused_with_the_fixed_splits_reason():
     with pytest.raises(BudgetOutOfReach, match=r"target_params 0.05 is out of reach: the narrowest slice"):
         fxslice.compress(tiny_model("llama"), calibration(batches=8), target_params=0.05, progress=False)
