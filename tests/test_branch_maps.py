@@ -11,8 +11,8 @@ from transformers import AutoConfig
 
 import fxslice
 from fxslice.errors import GraphStructureError
-from tiny_models import (VOCAB, calibration, check_exact_and_sliced, check_exact_in_dtype, masked_calibration,
-                         random_model, seeded)
+from tiny_models import (VOCAB, OneBlock, calibration, check_exact_and_sliced, check_exact_in_dtype,
+                         masked_calibration, random_model, seeded)
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
 INKLING = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -75,24 +75,10 @@ def test_branch_maps_are_sliced_to_the_position_they_write():
         assert torch.isfinite(sliced(IDS).logits).all()
 
 
-class TanhOfStream(nn.Module):
-    def __init__(self, vocab: int = VOCAB, width: int = 32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.norm = nn.RMSNorm(width)
-        self.up = nn.Linear(width, width)
-        self.head = nn.Linear(width, vocab, bias=False)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids)
-        x = x + self.up(self.norm(x)) + torch.tanh(x)  # the stream itself, read by an op no rotation commutes with
-        return self.head(self.norm(x))
-
-
 def test_a_branch_reading_the_stream_itself_is_still_refused_naming_the_node():
     torch.manual_seed(0)
     with pytest.raises(GraphStructureError, match=r"node 'tanh'.*consumes the residual stream"):
-        fxslice.compress(TanhOfStream().eval(), calibration(), 0.25, progress=False)
+        fxslice.compress(seeded(OneBlock, outer=torch.tanh), calibration(), 0.25, progress=False)
 
 
 @pytest.mark.slow  # the toys above keep the mechanism in the quick profile

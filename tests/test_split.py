@@ -11,7 +11,7 @@ from fxslice.cli import main
 from fxslice.errors import BudgetOutOfReach, FxSliceError, GraphStructureError
 from fxslice.passes.p6_widths import TOLERANCE, slice_width
 from fxslice.split import hold_out, held_out_score
-from tiny_models import VOCAB, calibration, masked_calibration, tiny_model
+from tiny_models import VOCAB, OneBlock, calibration, masked_calibration, seeded, tiny_model
 
 
 @pytest.mark.parametrize("family,masked,dtype", [("llama", True, torch.float32),
@@ -102,22 +102,9 @@ def test_a_budget_no_candidate_meets_is_refused_with_the_fixed_splits_reason():
         fxslice.compress(tiny_model("llama"), calibration(batches=8), target_params=0.05, progress=False)
 
 
-class StreamIntoATanh(torch.nn.Module):
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.embed, self.norm = torch.nn.Embedding(VOCAB, width), torch.nn.RMSNorm(width)
-        self.up, self.head = torch.nn.Linear(width, width), torch.nn.Linear(width, VOCAB, bias=False)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids)
-        x = x + self.up(self.norm(x)) + torch.tanh(x)
-        return self.head(self.norm(x))
-
-
 def test_a_structure_refused_under_a_budget_stops_the_search_with_its_own_error():
-    torch.manual_seed(0)
     with pytest.raises(GraphStructureError, match=r"node 'tanh'.*consumes the residual stream"):
-        fxslice.compress(StreamIntoATanh().eval(), calibration(batches=8), target_params=0.8, progress=False)
+        fxslice.compress(seeded(OneBlock, outer=torch.tanh), calibration(batches=8), target_params=0.8, progress=False)
 
 
 @pytest.mark.parametrize("stream_sparsity", [0.125, 0.25])

@@ -195,3 +195,23 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
 def folder_digest(folder: Path) -> dict[str, str]:
     """SHA-256 of every file directly in ``folder`` (a checkpoint that must stay byte-identical)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
+class OneBlock(torch.nn.Module):
+    """Embedding, one pre-norm block ``x + up(inner(norm(x))) + outer(x)``, the norm again and a head: the
+    smallest model to put an op where the analysis must judge it (``inner`` on a norm's output, ``outer`` on
+    the stream itself; None: left out)."""
+
+    def __init__(self, inner=None, outer=None, vocab: int = VOCAB, width: int = 32):
+        super().__init__()
+        self.inner, self.outer = inner, outer
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.norm = torch.nn.RMSNorm(width)
+        self.up = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        y = self.norm(x)
+        x = x + self.up(y if self.inner is None else self.inner(y)) + (0 if self.outer is None else self.outer(x))
+        return self.head(self.norm(x))
