@@ -316,6 +316,7 @@ def test_compiled_quantised_folder_matches_its_exported_programs(float_folder, t
     assert torch.equal(compiled.generate(IDS[:1, :5], 6), eager.generate(IDS[:1, :5], 6))
 
 
+@pytest.mark.slow  # the int8 round trip keeps quantised folders in the quick profile
 def test_an_int4_folder_skips_compilation_with_the_reason_and_compile_asked_fails(float_folder, tmp_path):
     from fxslice.runtime.compiled import compile_folder
 
