@@ -152,11 +152,12 @@ def speed_again(name: str, out: Path) -> None:
     from fxslice.jobs.data import Protocol, batches, protocol_data
 
     model_name, options = RUNS[name]
-    if options.get("allocation") == "energy":
-        raise SystemExit(f"{name}: energy-allocated widths depend on the calibration data; rerun it whole")
     records = [json.loads(line) for line in out.read_text().splitlines()]
     ran = next(r for r in records if r["run"] == name).get("options_run", {})
-    options = {**options, **{k: ran[k] for k in ("basis", "split", "stream_sparsity") if k in ran}}  # the split chosen
+    if "energy" in (options.get("allocation"), ran.get("allocation")) or ran.get("allocation") == "measured":
+        raise SystemExit(f"{name}: its per-block widths depend on the calibration data; rerun it whole")
+    chosen = ("basis", "stream_sparsity", "value_sparsity", "allocation")  # the measured split's choice, searched no more
+    options = {**options, **{k: ran[k] for k in chosen if k in ran}, "split": "fixed"}
     model, tokenizer = load_model(model_name)
     windows, _ = protocol_data(tokenizer, Protocol(calibration_windows=2, evaluation=()))
     sliced = compress(model, batches(windows, 2), progress=False, **options)
