@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 import fxslice
 from fxslice.errors import GraphStructureError
-from tiny_models import (VOCAB, OneBlock, calibration, check_exact_and_sliced, check_exact_in_dtype,
+from tiny_models import (VOCAB, OneBlock, calibration, check_exact_and_sliced, check_exact_in_dtype, check_sliced,
                          masked_calibration, random_model, seeded)
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
@@ -66,13 +66,10 @@ def test_branches_kept_in_model_coordinates_are_exact(dtype):
 def test_branch_maps_are_sliced_to_the_position_they_write():
     torch.manual_seed(0)
     model = TimeMixedBranches().eval()
-    sliced = fxslice.compress(model, calibration(), 0.25, progress=False)
+    sliced = check_sliced(model, calibration(), IDS)
     result = sliced.fxslice
     for m in branch_maps(sliced):  # full-width input (the model's coordinates), the position's width out
         assert sliced.get_submodule(m.name).weight.shape == (result.widths[m.writes], 32)
-    assert result.param_count == sum(p.numel() for p in sliced.parameters())
-    with torch.no_grad():
-        assert torch.isfinite(sliced(IDS).logits).all()
 
 
 def test_a_branch_reading_the_stream_itself_is_still_refused_naming_the_node():

@@ -15,7 +15,7 @@ from transformers import AutoConfig
 import fxslice
 from fxslice.errors import GraphStructureError
 from tiny_models import (VOCAB, OneBlock, calibration, check_exact_and_sliced, check_exact_in_dtype,
-                         check_saved_generation, masked_calibration, random_model, seeded)
+                         check_saved_generation, check_sliced, masked_calibration, random_model, seeded)
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(7))
 # experts dominate, as in the real model (128 of 512 units at width 2048): their inputs are the gated norm's,
@@ -81,15 +81,12 @@ def test_gated_norm_outputs_are_exact(dtype, layer_norm):
 def test_read_maps_are_sliced_to_the_position_they_read(masked):
     torch.manual_seed(0)
     model = seeded(GatedNorms)
-    sliced = fxslice.compress(model, masked_calibration() if masked else calibration(), 0.25, progress=False)
+    sliced = check_sliced(model, masked_calibration() if masked else calibration(), IDS)
     result = sliced.fxslice
     for m in read_maps(sliced):  # the position's width in, the model's coordinates out
         assert sliced.get_submodule(m.name).weight.shape == (32, result.widths[m.reads])
     for i in range(4):  # the gate's own projection reads the rotated norm output, sliced like any reader
         assert sliced.get_submodule(f"gate_downs.{i}").weight.shape == (4, result.widths[i])
-    assert result.param_count == sum(p.numel() for p in sliced.parameters())
-    with torch.no_grad():
-        assert torch.isfinite(sliced(IDS).logits).all()
 
 
 def test_other_ops_on_a_norm_output_are_still_refused_naming_the_node():

@@ -131,12 +131,20 @@ def check_exact_and_sliced(model: torch.nn.Module, data, ids: torch.Tensor):
         for rows in (ids, ids[:1, :5]):
             assert (exact(rows).logits - model(rows).logits).abs().max().item() < 1e-4
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    sliced = fxslice.compress(model, data, 0.25, progress=False)
-    assert sliced.fxslice.param_count == sum(p.numel() for p in sliced.parameters())
+    sliced = check_sliced(model, data, ids)
     assert sliced.fxslice.param_count < sum(p.numel() for p in model.parameters())
+    return exact
+
+
+def check_sliced(model: torch.nn.Module, data, ids: torch.Tensor, sparsity: float = 0.25):
+    """``model`` compressed at ``sparsity``: as large as its reported count, finite logits on ``ids``; returned."""
+    import fxslice
+
+    sliced = fxslice.compress(model, data, sparsity, progress=False)
+    assert sliced.fxslice.param_count == sum(p.numel() for p in sliced.parameters())
     with torch.no_grad():
         assert torch.isfinite(sliced(ids).logits).all()
-    return exact
+    return sliced
 
 
 def seeded(module_class, **kwargs) -> torch.nn.Module:

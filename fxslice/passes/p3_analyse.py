@@ -26,7 +26,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional, TYPE_CHECKING
 
-import torch
 from tabulate import tabulate
 from torch import nn
 from torch.fx import GraphModule, Node
@@ -797,7 +796,7 @@ class StreamWalk:
             for user in value.users:
                 if self.kinds.is_linear(user):
                     position.direct_readers.append(user)
-                elif ops.calls(user, ops.CASTS | ops.IDENTITIES) and user.args[0] is value:
+                elif self.kinds.cast_of(user, value):
                     frontier.append(user)
                 elif self.kinds.squares(user, value):
                     merged.means.extend(self.kinds.row_means(user, describe(merge)))

@@ -370,52 +370,20 @@ class Fuser:
             node.meta["val"] = value.to(self.weights.like.dtype)
         return node
 
-    def norm_affine_on_edge(self, site: NormSite, name: str, value: Node, user: Node) -> str:
-        """``diag(γ)`` (+ ``β``) of a reader-side norm as a Linear on the edge ``value -> user`` (``value``: the
-        now weightless norm's output, or a walk-through of it)."""
-        affine = self.weights.add_linear(name, self.hidden, self.hidden, site.spec.shift is not None,
-                                         lambda: affine_weights(site.spec))
-        self.add_module(name, affine)
-        self.linear_on_edge(name, affine, self.resolve(value), user)
-        return name
-
-    def passthrough(self, site: NormSite, value: Node, reads: int, writes: int) -> str:
-        """``diag(γ)`` on the edge carrying a reader-side norm's output into a later residual add (no shift:
-        refused by the analysis); it reads the norm's position and writes this one."""
-        name = self.norm_affine_on_edge(site, passthrough_name(site.path), value, next(iter(value.users)))
-        self.inserted.append(InsertedModule(name, PASSTHROUGH, reads, writes))
-        return name
-
-    def read_maps(self, site: NormSite, reads: int) -> list[str]:
-        """``diag(γ)`` (+ ``β``) on every edge where an op reads the norm's output in the model's coordinates:
-        readers of position ``reads`` whose outputs are those coordinates (``Q_pᵀ diag(γ)`` after rotation)."""
-        names = []
-        for k, (value, user) in enumerate(site.model_reads):
-            names.append(self.norm_affine_on_edge(site, read_map_name(site.path, k), value, user))
-            self.inserted.append(InsertedModule(names[-1], READ_MAP, reads, None))
-        return names
-
-    def identity_on_edge(self, name: str, kind: str, value: Node, user: Node, reads: Optional[int],
-                         writes: Optional[int]) -> str:
-        """An inserted identity Linear on the edge ``value -> user`` (``value`` as the graph holds it now)."""
-        identity = self.weights.add_linear(name, self.hidden, self.hidden, False,
-                                           lambda: (torch.eye(self.hidden, dtype=torch.float64), None))
-        self.add_module(name, identity)
-        self.linear_on_edge(name, identity, self.resolve(value), user)
+    def inserted_on_edge(self, name: str, kind: str, value: Node, user: Node, reads: Optional[int],
+                         writes: Optional[int], site: Optional[NormSite] = None) -> str:
+        """A ``D × D`` Linear inserted on the edge ``value -> user`` (``value`` as the graph held it before fuse):
+        a reader-side norm's ``diag(γ)`` (+ ``β``) after its now weightless output (``site``: a passthrough, a read
+        map), else the identity (a branch map, a long skip); rotation then treats it as a reader of position
+        ``reads`` and a writer of ``writes`` (None: the model's coordinates)."""
+        biased = site is not None and site.spec.shift is not None
+        init = ((lambda: affine_weights(site.spec)) if site is not None
+                else lambda: (torch.eye(self.hidden, dtype=torch.float64), None))
+        module = self.weights.add_linear(name, self.hidden, self.hidden, biased, init)
+        self.add_module(name, module)
+        self.linear_on_edge(name, module, self.resolve(value), user)
         self.inserted.append(InsertedModule(name, kind, reads, writes))
         return name
-
-    def branch_map(self, value: Node, add: Node, name: str, writes: int) -> str:
-        """The identity on the edge carrying a branch kept in the model's coordinates into its residual
-        add: the branch's one writer, whose rows rotation turns into ``Q_pᵀ``."""
-        return self.identity_on_edge(name, BRANCH_MAP, value, add, None, writes)
-
-    def long_skip(self, value: Node, user: Node, reads: int, writes: int, k: int) -> str:
-        """The identity on the edge carrying position ``reads``' value into the residual add producing
-        ``writes`` (the ``k``-th such edge there): a reader of the one and a writer of the other, ``Q_aᵀ Q_p``
-        after rotation."""
-        return self.identity_on_edge(long_skip_name(module_path(user)[0], reads, writes, k), LONG_SKIP, value,
-                                     user, reads, writes)
 
     def full_width_mean(self, mean: Node, width: int) -> None:
         """``mean(x², -1)`` over merged stream copies becomes ``sum(x², -1) / width`` (the row's width before
@@ -510,7 +478,9 @@ class Fuser:
                         if site.spec.shift is not None:
                             self.folded_biases.add(str(reader.target))
                         plan_p.readers.append(str(reader.target))
-                plan_p.readers.extend(self.read_maps(site, p.index))
+                plan_p.readers.extend(  # an op reading the norm's output in the model's coordinates
+                    self.inserted_on_edge(read_map_name(site.path, k), READ_MAP, value, user, p.index, None, site)
+                    for k, (value, user) in enumerate(site.model_reads))
             if p.skip is not None:
                 plan_p.shortcut = self.shortcut(p)
                 plan_p.skip_source = p.skip.source
@@ -520,18 +490,20 @@ class Fuser:
             for merged in p.merged:
                 for mean in merged.means:
                     self.full_width_mean(mean, merged.copies * self.hidden)
-            for k, (value, add) in enumerate(p.opaque_branches):
-                name = branch_map_name(module_path(add)[0], p.index, k)
-                plan_p.writers.append(self.branch_map(value, add, name, p.index))
-            for k, (source, value, user) in enumerate(p.long_skips):
-                name = self.long_skip(value, user, source.index, p.index, k)
+            for k, (value, add) in enumerate(p.opaque_branches):  # the branch's one writer: Q_pᵀ after rotation
+                plan_p.writers.append(self.inserted_on_edge(branch_map_name(module_path(add)[0], p.index, k),
+                                                            BRANCH_MAP, value, add, None, p.index))
+            for k, (source, value, user) in enumerate(p.long_skips):  # Q_aᵀ Q_p after rotation
+                name = self.inserted_on_edge(long_skip_name(module_path(user)[0], source.index, p.index, k),
+                                             LONG_SKIP, value, user, source.index, p.index)
                 plan_p.writers.append(name)
                 planned[source.index].readers.append(name)
             if p.branch_affine is not None:
                 self.scaled_branch(p, plan_p.writers)
             for site, value in p.passthroughs:
                 source = next(q.index for q in s.positions if site in q.norms)
-                name = self.passthrough(site, value, source, p.index)
+                name = self.inserted_on_edge(passthrough_name(site.path), PASSTHROUGH, value, next(iter(value.users)),
+                                             source, p.index, site)  # Q_aᵀ diag(γ) Q_p after rotation
                 plan_p.writers.append(name)
                 planned[source].readers.append(name)
         if s.centered:

@@ -17,7 +17,7 @@ perplexity per parameter than narrowing the stream, until it does not.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -159,7 +159,7 @@ def fixed_stream_budget(plan: Plan, target: float, dense_count: int, stream_spar
         narrowest = count(at(1.0 - 1e-9, step))
         if narrowest > goal:
             raise BudgetOutOfReach(f"target_params {target} is out of reach {what}: cutting every MLP to {step} "
-                               f"unit(s) keeps {narrowest / dense_count:.1%} of the dense parameters")
+                                   f"unit(s) keeps {narrowest / dense_count:.1%} of the dense parameters")
         chosen = at(least_sparsity(lambda h: count(at(h, step)), goal, 0.0, 1.0), step)
         if count(chosen) >= goal - TOLERANCE * dense_count:
             chosen.hidden_sparsity = removed_unit_fraction(chosen, plan.mlps)
@@ -318,7 +318,7 @@ def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slic
         return widths_at(low)
     if count(widths_at(high)) > goal:
         raise BudgetOutOfReach(f"target_params {target} is out of reach: the narrowest slice ({round_to} stream "
-                           f"columns) keeps {count(widths_at(high)) / dense_count:.1%} of the dense parameters")
+                               f"columns) keeps {count(widths_at(high)) / dense_count:.1%} of the dense parameters")
     high = least_sparsity(lambda s: count(widths_at(s)), goal, low, high)
     floor = goal - TOLERANCE * dense_count
     chosen, total = fill_hidden(widths_at(high), mlps, goal, round_to, count)
