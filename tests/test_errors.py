@@ -282,14 +282,3 @@ def test_cli_overwrite_never_deletes_foreign_files(tmp_path):
     done = _cli("compress", "--output", str(folder), "--overwrite", "--no-eval")
     assert done.returncode == 2 and "did not write" in done.stderr and "Traceback" not in done.stderr
     assert (folder / "data.csv").read_text() == "1,2,3"
-
-
-@pytest.mark.parametrize("model_type, overrides", [("opt", {"do_layer_norm_before": False, "ffn_dim": 128}),
-                                                    ("bart", {"d_model": 64, "decoder_ffn_dim": 128})])
-def test_post_layernorm_models_are_refused_as_not_invariant(model_type, overrides):
-    config = AutoConfig.for_model(model_type, **dict(COMMON, **overrides))
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(fxslice.GraphStructureError,
-                       match=r"position \d+ is read by linears without a norm .* post-LayerNorm blocks are not "
-                             r"computationally invariant"):
-        fxslice.compress(model, calibration(), 0.25, progress=False)

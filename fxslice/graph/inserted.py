@@ -11,9 +11,13 @@ norm_affine   ``<norm>_affine``               ``diag(γ)`` (+ ``β``) of a write
                                               Bloom), later ``diag(γ) Q_d``
 head_affine   ``<norm>_affine``               ``diag(γ)`` (+ ``β``) of the final norm in front of a head tied to
                                               the embedding
-passthrough   ``<norm>_passthrough``          ``diag(γ)`` of a reader-side norm on the path that carries its
-                                              output into a later residual add (LongCat-Flash's identity
-                                              experts), later ``Q_aᵀ diag(γ) Q_b``
+head_input    ``<head>_input``                the identity on the input of a Linear sharing the token embedding's
+                                              weight that reads no stream position (BERT's decoder behind its
+                                              head transform), later ``Q_0ᵀ``
+passthrough   ``<norm>_passthrough``          ``diag(γ)`` (+ ``β``) of a reader-side norm on the path that carries
+                                              its output into a later residual add (LongCat-Flash's identity
+                                              experts; a post-norm block's skip edge, centred in a LayerNorm
+                                              model), later ``Q_bᵀ M diag(γ) Q_a``
 branch_map    ``<block>.branch_<p>[_k]``      Linear on the value a branch adds to position ``p`` when its writers
                                               cannot be rotated where they are (Inkling's causal convolution
                                               over the attention output; ``_k`` for a k-th such branch of
@@ -41,8 +45,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-SHORTCUT, NORM_AFFINE, HEAD_AFFINE, PASSTHROUGH, BRANCH_MAP, LONG_SKIP, READ_MAP = (
-    "shortcut", "norm_affine", "head_affine", "passthrough", "branch_map", "long_skip", "read_map")
+SHORTCUT, NORM_AFFINE, HEAD_AFFINE, HEAD_INPUT, PASSTHROUGH, BRANCH_MAP, LONG_SKIP, READ_MAP = (
+    "shortcut", "norm_affine", "head_affine", "head_input", "passthrough", "branch_map", "long_skip", "read_map")
 
 
 def shortcut_name(block_path: str, position: int) -> str:
@@ -57,6 +61,10 @@ def branch_map_name(block_path: str, position: int, k: int = 0) -> str:
 
 def affine_name(norm_path: str) -> str:
     return f"{norm_path}_affine"
+
+
+def head_input_name(head_path: str) -> str:
+    return f"{head_path}_input"
 
 
 def passthrough_name(norm_path: str) -> str:

@@ -16,6 +16,7 @@ first form the stream is read by a subtraction.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, TYPE_CHECKING
 
 import torch
@@ -27,6 +28,7 @@ from ..graph import ops
 from ..graph.edit import mark_module_call
 from ..graph.modules import BatchedExpertLinear, ExpertLinear, UpcastLinear
 from ..graph.nodes import copy_meta, describe, example_value, fetch_attr, from_parameters, module_path, parameter_of
+from ..graph.weights import count_parameters
 from ..registry import REGISTRY, LinearMatch
 from ..source import keep_module
 from .p1_capture import GRAPH_CLASS
@@ -273,6 +275,8 @@ def step(run: "Run") -> None:
     graph's weights behind the run's weight store."""
     with run.watch(NAME):
         run.gm = canonicalise(run.gm)
+    # the dense size is what the causal LM's forward uses (GIT's image encoder, not called on tokens, is not counted)
+    run.spec = replace(run.spec, param_count=min(run.spec.param_count, count_parameters(run.gm)))
     if run.source is None:  # a model in memory: keep its skeleton while the graph still shares its storage
         run.source = keep_module(run.module, run.gm)
     run.weights = run.store(run.gm)

@@ -15,6 +15,12 @@ is changed.
 Positions are *rotated* (PCA basis, sliced) or *raw* (full width, original basis): a raw position
 is one whose only reader is a writer-side norm (Bloom's embedding LayerNorm).
 
+Post-norm blocks (``x_b = LN(x_a' + f(x_a'))``, ``x_a' = LN_a(x_a)``: BERT, BART, GPT-1) have no skip edge from one
+position to the next: the norm reading ``x_a`` is a reader-side norm whose output is also the skip operand of the
+add producing ``x_b`` (``NormSite.carried``), a passthrough into the next position like LongCat-Flash's identity
+experts. A position is *centred* when LayerNorms read it (:attr:`Position.centered`): its writers are made
+mean-free, so that a position read by Linears directly (a post-norm model's first one) can sit beside it.
+
 Three parts: the result (:class:`Structure` and its positions), :class:`NodeKinds` (what a single
 node is: a linear, an embedding, a matched norm, a walk-through op) and :class:`StreamWalk` (the
 walk from position to position), followed by :func:`check_structure`.
@@ -56,8 +62,12 @@ class NormSite:
     inner_writers: Optional[list[Node]] = None
     inner_reshapes: list[Node] = field(default_factory=list)
     # a reader-side norm whose output also reaches a later residual add through walk-through ops only
-    # (LongCat-Flash's identity experts, ``w ⊙ norm(x)``): the values that end those paths
-    passthroughs: list[Node] = field(default_factory=list)
+    # (LongCat-Flash's identity experts, ``w ⊙ norm(x)``; a post-LayerNorm block's skip edge, ``LN(x + f(LN'(…)))``):
+    # ``(value, add)``, the values that end those paths and the adds taking them
+    passthroughs: list[tuple[Node, Node]] = field(default_factory=list)
+    # the one passthrough that carries the stream on when nothing else of the position does (post-norm blocks:
+    # the norm's output is both what the next block reads and the skip operand of its residual add)
+    carried: Optional[tuple[Node, Node]] = None
     # ``(value, user)`` edges where an op reads the norm's output in the model's coordinates (AXK2's
     # input-dependent gate ``y ⊙ σ(g(y))``): fuse puts the norm's ``diag(γ)`` (+ ``β``) on each edge as a Linear,
     # a reader of the stream like any other (``Q_pᵀ diag(γ)`` after rotation), so the op sees what it saw
@@ -133,8 +143,9 @@ class Position:
     # that is not linear in the stream's coordinates: Inkling's causal convolution over the attention
     # output): they stay in the model's coordinates and fuse maps each in with an inserted Linear
     opaque_branches: list[tuple[Node, Node]] = field(default_factory=list)  # (value, the residual add taking it)
-    # (norm, value) pairs: an earlier position's norm output reaching this position's add (``NormSite.passthroughs``)
-    passthroughs: list[tuple[NormSite, Node]] = field(default_factory=list)
+    # (norm, value, add): an earlier position's norm output reaching this position's add (``NormSite.passthroughs``);
+    # a post-norm block's position has no skip edge, only the previous norm's passthrough
+    passthroughs: list[tuple[NormSite, Node, Node]] = field(default_factory=list)
     # an earlier position's value added here again (a looped model's input injection, ``h ← norm(h) + e`` before
     # every loop, Dory's): (that position, its value, the residual add taking it); fuse maps each with an
     # inserted Linear, ``Q_aᵀ Q_p`` after rotation
@@ -149,6 +160,12 @@ class Position:
     @property
     def readers(self) -> list[Node]:
         return [r for site in self.norms for r in site.readers] + self.direct_readers
+
+    @property
+    def centered(self) -> bool:
+        """LayerNorm readers: the value must be made mean-free so that they become RMSNorms (every writer centred,
+        and a skip edge from a position that is not)."""
+        return self.rotated and any(site.spec.centered for site in self.norms)
 
 
 @dataclass
@@ -165,20 +182,24 @@ class Structure:
 
     @property
     def centered(self) -> bool:
-        """LayerNorm readers: the stream must be made mean-free so that they become RMSNorms."""
-        return any(site.spec.centered for p in self.positions if p.rotated for site in p.norms)
+        """Whether any position is read by LayerNorms (:attr:`Position.centered`)."""
+        return any(p.centered for p in self.positions)
 
     def module(self, node: Node) -> nn.Module:
         return self.gm.get_submodule(str(node.target))
 
     def tied_head(self) -> Optional[tuple[Node, Node]]:
-        """(embedding node, head node) when a reader of the last position shares the embedding's weight."""
-        for writer in self.positions[0].writers:
-            embedding = self.module(writer)
-            if not isinstance(embedding, nn.Embedding):
-                continue
-            for reader in self.last.readers:
-                if self.module(reader).weight is embedding.weight:
+        """(embedding node, head node) when a Linear shares the token embedding's weight: a reader of the last
+        position, or, where the embedding is rotated, a Linear reading no stream value (BERT's decoder behind
+        the head's own transform; a raw embedding keeps its table as it is)."""
+        embeddings = [w for w in self.positions[0].writers if isinstance(self.module(w), nn.Embedding)]
+        stream = {node for p in self.positions for node in p.readers + p.writers}
+        others = [node for node in self.gm.graph.nodes if node.op == "call_module" and node not in stream
+                  and isinstance(self.module(node), nn.Linear)] if self.positions[0].rotated else []
+        for readers in (self.last.readers, others):
+            for writer in embeddings:
+                reader = next((r for r in readers if self.module(r).weight is self.module(writer).weight), None)
+                if reader is not None:
                     return writer, reader
         return None
 
@@ -208,13 +229,16 @@ class Structure:
         position and positions whose add has no module path stand alone.
         """
         consumer = {p.skip.source: module_path(p.skip.joint)[0] for p in self.positions if p.skip is not None}
+        # a position and the next one share a basis only if both are centred or neither is (and post-norm
+        # positions, with no skip edge, stand alone)
         groups: list[list[int]] = []
         for p in self.positions:
             if not p.rotated:
                 continue
             block = consumer.get(p.index) or None
             previous = groups[-1][-1] if groups else None
-            follows = previous is not None and p.skip is not None and p.skip.source == previous
+            follows = previous is not None and p.skip is not None and p.skip.source == previous \
+                and p.centered == self.positions[previous].centered  # one basis: centred alike
             if follows and block is not None and consumer.get(previous) == block:
                 groups[-1].append(p.index)
             else:
@@ -540,6 +564,8 @@ class StreamWalk:
         self.later_adds: dict[Node, list[Position]] = {}
         # norms of a raw position besides the one the stream goes on through: each must write a later branch
         self.later_norms: dict[Node, NormSite] = {}
+        # residual adds a post-norm block's norm carries the stream into -> (that norm, its value the add takes)
+        self.carried_adds: dict[Node, tuple[NormSite, Node]] = {}
 
     def run(self) -> Structure:
         start = self.projected(self.kinds.token_embedding())
@@ -579,7 +605,7 @@ class StreamWalk:
         for site in self.later_norms.values():
             raise GraphStructureError(f"the output of norm '{site.path}' (a second norm of the stream where another "
                                       "continues it) is not added to the stream by a later residual add")
-        claimed = {value for p in positions for _, value in p.passthroughs}
+        claimed = {value for p in positions for _, value, _ in p.passthroughs}
         for value, site in self.passthrough_sources.items():
             if value not in claimed:
                 raise GraphStructureError(f"the output of norm '{site.path}' reaches {describe(next(iter(value.users)))}, "
@@ -611,16 +637,28 @@ class StreamWalk:
         return add.args[0], add.args[1]
 
     def next_position(self, add: Node, current: Position, index: int) -> Position:
-        branch, operand = self._branch(add, current)
+        """The position ``add`` produces. After a post-norm block (``add`` in ``carried_adds``: ``x_b = y + f(y)``,
+        ``y = norm_a(x_a)``) it has no skip edge: ``y`` on that edge is a passthrough of ``current`` (fuse puts the
+        norm's ``diag(γ)`` + ``β`` there, centred in a LayerNorm model, ``Q_bᵀ M diag(γ) Q_a`` after rotation), so both
+        sums are rotated and sliced."""
+        carried = self.carried_adds.get(add)
+        if carried is None:
+            branch, operand = self._branch(add, current)
+        else:
+            operand = carried[1]
+            branch = add.args[1] if add.args[0] is operand else add.args[0]
         branch_affine = self.kinds.branch_affine(branch)
-        passthroughs: list[tuple[NormSite, Node]] = []
+        if carried is not None and branch_affine is not None:  # its constant would need the skip edge's bias
+            raise GraphStructureError(f"{describe(add)} adds a value mapped by a per-dimension affine map to the "
+                                      f"output of norm '{carried[0].path}' (a post-norm block's skip edge)")
+        passthroughs: list[tuple[NormSite, Node, Node]] = [] if carried is None else [(*carried, add)]
         long_skips: list[tuple[Position, Node, Node]] = []
         writers, writer_norms, reshapes, opaque = self.trace_branch(
             branch, branch if branch_affine is None else branch_affine.start, add, current, passthroughs, long_skips)
         if long_skips and branch_affine is not None:
             raise GraphStructureError(f"{describe(add)} adds an earlier position's value through a per-dimension map")
         return Position(index, add, writers=writers, writer_norms=writer_norms, reshapes=reshapes,
-                        skip=Skip(add, operand, current.index, self.skip_affines.get(add)),
+                        skip=None if carried else Skip(add, operand, current.index, self.skip_affines.get(add)),
                         branch_affine=None if opaque else branch_affine, passthroughs=passthroughs,
                         opaque_branches=opaque, long_skips=long_skips)
 
@@ -643,13 +681,13 @@ class StreamWalk:
         return merged
 
     def trace_branch(self, branch: Node, start: Node, add: Node, position: Position,
-                     passthroughs: list[tuple[NormSite, Node]], long_skips: list[tuple[Position, Node, Node]]
+                     passthroughs: list[tuple[NormSite, Node, Node]], long_skips: list[tuple[Position, Node, Node]]
                      ) -> tuple[list[Node], list[NormSite], list[Node], list[tuple[Node, Node]]]:
         """:meth:`trace_writers` of the value ``add`` takes from a branch (from ``start``), plus the branches
         kept in the model's coordinates: none, or ``[(branch, add)]`` with no writers when its writers cannot
         be rotated where they are (the passthroughs and long skips met on the way are then not claimed: a long
         skip's add left unclaimed is refused at the end of :meth:`run`, since its value is rotated)."""
-        met: list[tuple[NormSite, Node]] = []
+        met: list[tuple[NormSite, Node, Node]] = []
         skips: list[tuple[Position, Node, Node]] = []
         try:
             writers, writer_norms, reshapes = self.trace_writers(start, position, met, skips, add)
@@ -710,9 +748,9 @@ class StreamWalk:
         )
 
     def collect_consumers(self, position: Position) -> tuple[Optional[Node], Optional[NormSite], Optional[StreamAffine]]:
-        """Fill aliases, readers, reshapes of ``position``; return its residual add (at most one), the
-        norm whose output continues the stream (a writer-side norm) and the per-dimension affine map
-        whose output continues it with nothing added, if any. An affine map on the stream side of a
+        """Fill aliases, readers, reshapes of ``position``; return its residual add (at most one; after a post-norm
+        block the add its norm's output is carried into), the norm whose output continues the stream (a
+        writer-side norm) and the per-dimension affine map whose output continues it with nothing added, if any. An affine map on the stream side of a
         residual add is recorded in ``skip_affines``."""
         aliases, frontier = [position.root], [position.root]
         adds: list[Node] = []
@@ -774,13 +812,23 @@ class StreamWalk:
         if stream_norm is not None and (position.norms or adds or continuations or position.direct_readers):
             raise GraphStructureError(
                 f"the output of norm '{stream_norm.path}' is used as the residual stream while position "
-                f"{position.index} is read elsewhere too (post-norm residual): {describe(stream_norm.region.output)}")
+                f"{position.index} is read elsewhere too: {describe(stream_norm.region.output)}")
         # a raw position's other norms (Dory normalises the input section's output twice: the stream, and the
         # value every loop adds again) must each write a later branch, from the model's coordinates
         self.later_norms.update({site.region.output: site for site in continuing[1:]})
         if stream_norm is not None and continuations:
             raise GraphStructureError(f"the stream at position {position.index} goes on through both norm "
                                       f"'{stream_norm.path}' and {describe(continuations[0].steps[0])}")
+        carriers = [site for site in position.norms if site.carried is not None]
+        if carriers and (stream_norm is not None or continuations or len(carriers) > 1):
+            others = [c.carried[1] for c in carriers[1:]] + [a.steps[0] for a in continuations] + (
+                [stream_norm.region.output] if stream_norm is not None else [])
+            raise GraphStructureError(f"the stream at position {position.index} goes on through norm '{carriers[0].path}' "
+                                      f"(a post-norm block's skip edge) and through {describe(others[0])} too")
+        if carriers:  # a post-norm block: the stream goes on through the residual add taking the norm's output
+            value, add = carriers[0].carried
+            self.carried_adds[add] = (carriers[0], value)
+            return add, None, None
         return (adds[0] if adds else None), stream_norm, (continuations[0] if continuations else None)
 
     def merged_reads(self, merge: Node, src: Node, position: Position) -> MergedCopies:
@@ -811,11 +859,15 @@ class StreamWalk:
         as the stream instead (a writer-side norm: it reaches a residual add or another norm); a
         ``GraphStructureError`` naming the node for any other reader. With ``passthrough`` (the
         position has its own residual add, so the norm does not continue the stream), paths of a
-        norm read by Linears that reach another add are recorded in ``site.passthroughs``."""
+        norm read by Linears that reach another add are recorded in ``site.passthroughs``. Without it, a
+        norm read by Linears whose output is also the skip operand of one residual add (a post-norm block,
+        ``LN(x + f(x))`` with ``x`` the previous norm's output) carries the stream on: ``site.carried``."""
         readers, frontier, seen = [], [site.region.output], {site.region.output}
         walked = {site.region.output}  # the norm's output and what walks it through
         scaled: dict[Node, Node] = {}  # a walked value -> the first op on its way that scales or sums its rows
-        passthroughs: list[Node] = []
+        passthroughs: list[tuple[Node, Node]] = []
+        stream_adds: list[tuple[Node, Node]] = []  # (value, add) where the stream may go on from the norm
+        unknown: Optional[Node] = None  # the first user that is none of the above
         model_reads: list[tuple[Node, Node]] = []
         while frontier:
             src = frontier.pop()
@@ -835,32 +887,39 @@ class StreamWalk:
                     readers.append(user)
                 elif self.kinds.shape_query(user, src):
                     continue
-                elif passthrough and ops.is_tensor_add(user) and len(src.users) == 1:
-                    passthroughs.append(src)
+                elif ops.is_tensor_add(user) and passthrough and len(src.users) == 1:
+                    passthroughs.append((src, user))
+                elif ops.is_tensor_add(user) and not passthrough:
+                    stream_adds.append((src, user))
                 elif (ops.is_tensor_add(user) or self.kinds.norm_site(user) is not None
                       or self.kinds.skip_map(user, src)):
                     return None  # the stream goes on from here (through a per-dimension map on a skip edge: nGPT's)
                 elif self.kinds.gate(user, src):
                     self.check_shift(site, src, user, scaled)
                     model_reads.append((src, user))
-                else:
-                    raise GraphStructureError(
-                        f"the output of norm '{site.path}' is read by {describe(user)}, which is neither a Linear "
-                        "layer nor an op that keeps the hidden dimension, so what it reads cannot be rotated "
-                        "(a mixture-of-experts dispatch that no pattern of patterns/experts.py knows?)")
+                elif unknown is None:
+                    unknown = user
+        if unknown is not None:
+            if stream_adds:
+                return None  # the stream may go on from the norm: the walk from there names the op
+            raise GraphStructureError(
+                f"the output of norm '{site.path}' is read by {describe(unknown)}, which is neither a Linear "
+                "layer nor an op that keeps the hidden dimension, so what it reads cannot be rotated "
+                "(a mixture-of-experts dispatch that no pattern of patterns/experts.py knows?)")
         for src, user in model_reads:  # both factors the norm's: no map on one edge can serve the product
             if walked.intersection(user.args[:2]) - {src}:
                 raise GraphStructureError(f"the output of norm '{site.path}' is read by {describe(user)} as both of its "
                                           "factors: a product of two rotated values cannot be rotated")
-        if passthroughs and not readers and not model_reads:
+        if (passthroughs or stream_adds) and not readers and not model_reads:
             return None  # a writer-side norm after all
-        if passthroughs and site.spec.shift is not None:
-            raise GraphStructureError(f"the output of norm '{site.path}' reaches a later residual add through "
-                                      f"{describe(passthroughs[0])}; with a shift β it cannot be moved past the "
-                                      "row scalings on the way")
-        site.passthroughs = passthroughs
+        if len(stream_adds) > 1:
+            return None  # not one post-norm skip edge: the walk from the norm's output judges it
+        for src, user in passthroughs + stream_adds:
+            self.check_shift(site, src, user, scaled)
+        site.passthroughs = passthroughs + stream_adds
+        site.carried = stream_adds[0] if stream_adds else None
         site.model_reads = model_reads
-        self.passthrough_sources.update({value: site for value in passthroughs})
+        self.passthrough_sources.update({value: site for value, _ in site.passthroughs})
         return readers
 
     @staticmethod
@@ -877,9 +936,9 @@ class StreamWalk:
                       ) -> tuple[list[Node], list[NormSite], list[Node]]:
         """Walk back from the non-stream operand of a residual add (``add``) to the layers that wrote it.
 
-        Returns the writer modules, writer-side norms and the width-carrying reshapes on the way; an
-        earlier norm's passthrough met on the way goes to ``passthroughs`` as ``(norm, value)``, an earlier
-        position's value to ``long_skips`` as ``(position, value, the node taking it)``.
+        Returns the writer modules, writer-side norms and the width-carrying reshapes on the way; an earlier
+        norm's passthrough met on the way goes to ``passthroughs`` as ``(norm, value, the node taking it)``, an
+        earlier position's value to ``long_skips`` as ``(position, value, the node taking it)``.
         """
         writers: list[Node] = []
         reshapes: list[Node] = []
@@ -892,10 +951,14 @@ class StreamWalk:
                 long_skips.append((source, node, user))
                 continue
             if node in self.passthrough_sources:
+                carrier = self.passthrough_sources[node]
+                if carrier.carried is not None and carrier.carried != (node, user):
+                    raise GraphStructureError(f"{describe(user)} takes the output of norm '{carrier.path}', which a "
+                                              f"post-norm block carries into {describe(carrier.carried[1])}")
                 if passthroughs is None:
                     raise GraphStructureError(f"{describe(node)} carries the output of norm "
                                               f"'{self.passthrough_sources[node].path}' into a sum no branch owns")
-                passthroughs.append((self.passthrough_sources[node], node))
+                passthroughs.append((self.passthrough_sources[node], node, user))
                 continue
             if node in position.aliases:
                 raise GraphStructureError(f"the residual stream reaches residual add through {describe(node)}")
@@ -948,30 +1011,27 @@ class StreamWalk:
 
 
 def check_structure(structure: Structure) -> None:
-    """Refuse what the rotation cannot keep exact: uncentrable LayerNorm streams, shared weights."""
-    if structure.centered:
-        for p in structure.positions:
-            if not p.rotated:
-                continue
-            if p.merged:
-                raise GraphStructureError(
-                    f"{describe(p.merged[0].reshape)} merges the copies of a LayerNorm model's stream: centring "
-                    "the stream (what makes its LayerNorms RMSNorms) changes the row's mean square")
-            if p.direct_readers:
-                raise GraphStructureError(
-                    f"position {p.index} is read by linears without a norm "
-                    f"({short_names([str(r.target) for r in p.direct_readers])}) in a LayerNorm model: "
-                    "post-LayerNorm blocks are not computationally invariant (the LayerNorm sits on the stream "
-                    "after the residual add, so no rotation passes through it); SliceGPT needs pre-norm blocks"
-                )
-            mapped = (p.skip.affine if p.skip is not None else None) or p.branch_affine
-            if mapped is not None:
-                raise GraphStructureError(
-                    f"{describe(mapped.steps[0])} maps the stream of a LayerNorm model per dimension: centring the "
-                    "stream (what makes its LayerNorms RMSNorms) does not commute with such a map")
-            plain = [s.path for s in p.norms if not s.spec.centered]
-            if plain:
-                raise GraphStructureError(f"LayerNorm and RMSNorm readers mixed on the stream ({', '.join(plain)})")
+    """Refuse what the rotation cannot keep exact: uncentrable LayerNorm positions, shared weights."""
+    for p in structure.positions:
+        if not p.centered:
+            continue
+        if p.merged:
+            raise GraphStructureError(
+                f"{describe(p.merged[0].reshape)} merges the copies of a LayerNorm model's stream: centring "
+                "the stream (what makes its LayerNorms RMSNorms) changes the row's mean square")
+        if p.direct_readers:
+            raise GraphStructureError(
+                f"position {p.index} is read by LayerNorms ({', '.join(s.path for s in p.norms)}) and by linears "
+                f"without a norm ({short_names([str(r.target) for r in p.direct_readers])}): centring it, what makes "
+                "the LayerNorms RMSNorms that a rotation passes, would change what the linears read")
+        mapped = (p.skip.affine if p.skip is not None else None) or p.branch_affine
+        if mapped is not None:
+            raise GraphStructureError(
+                f"{describe(mapped.steps[0])} maps the stream of a LayerNorm model per dimension: centring the "
+                "stream (what makes its LayerNorms RMSNorms) does not commute with such a map")
+        plain = [s.path for s in p.norms if not s.spec.centered]
+        if plain:
+            raise GraphStructureError(f"LayerNorm and RMSNorm readers mixed on the stream ({', '.join(plain)})")
     owner: dict[int, str] = {}
     tie = structure.tied_head()
     tied_names = {str(tie[0].target), str(tie[1].target)} if tie is not None else set()

@@ -14,8 +14,10 @@
   on the skip edge, ``x_b = s ⊙ x_a + c + y`` becomes the shortcut ``diag(s)`` with bias ``c`` (later
   ``Q_aᵀ diag(s) Q_b``, never removed); on the branch, ``x_b = x_a + s ⊙ y + c`` scales the rows of
   ``y``'s writers, ``W ← diag(s) W``, and ``c`` joins the shortcut's bias.
-- LayerNorm models: every writer is centred, ``W_out ← M W_out`` with ``M = I - 11ᵀ/D``, and so is
-  every embedding, so that the stream is mean-free and each LayerNorm is an RMSNorm.
+- LayerNorm models: every writer of a position read by LayerNorms is centred, ``W_out ← M W_out`` with
+  ``M = I - 11ᵀ/D`` (embeddings ``E ← E M``, and the shortcut from a position that is not centred: the first
+  position of a post-norm model without an embedding norm, read by Linears directly), so that the value is
+  mean-free and each LayerNorm is an RMSNorm.
 
 A stream that will not be rotated (``rotate=False``: ``basis="none"``) needs none of this: its graph
 is left as it is (norms with their weights, no shortcut, the head still tied), which is also what
@@ -43,9 +45,9 @@ from torch.fx import GraphModule, Node
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.edit import call_module_after, call_module_on_edge, drop_attribute, erase_unused, submodule_exists
-from ..graph.inserted import (BRANCH_MAP, HEAD_AFFINE, LONG_SKIP, NORM_AFFINE, PASSTHROUGH, READ_MAP, SHORTCUT,
-                              InsertedModule, affine_name, branch_map_name, long_skip_name, passthrough_name,
-                              read_map_name, shortcut_name, stream_norm_name)
+from ..graph.inserted import (BRANCH_MAP, HEAD_AFFINE, HEAD_INPUT, LONG_SKIP, NORM_AFFINE, PASSTHROUGH, READ_MAP,
+                              SHORTCUT, InsertedModule, affine_name, branch_map_name, head_input_name, long_skip_name,
+                              passthrough_name, read_map_name, shortcut_name, stream_norm_name)
 from ..graph.modules import StreamNorm
 from ..graph.nodes import copy_meta, describe, evaluate_constant, example_value, module_path
 from ..graph.store import Weights
@@ -90,6 +92,7 @@ class PlannedPosition:
     root: Node  # the node holding the position's value in the fused graph
     label: str  # how errors name the position (its original node and module)
     rotated: bool
+    centered: bool = False  # read by LayerNorms: every writer centred, the basis ends with 1/√D
     writers: list[str] = field(default_factory=list)  # output side rotated by Q_p (not the shortcut)
     readers: list[str] = field(default_factory=list)  # input side rotated by Q_p (the shortcut out included)
     shortcut: Optional[str] = None  # the skip Linear producing this position
@@ -108,7 +111,7 @@ class Plan:
     centered: bool
     positions: list[PlannedPosition]
     block_groups: list[list[int]]  # rotated positions read by one block (``Structure.block_groups``)
-    head: list[str]  # the Linear(s) reading the last position (the LM head)
+    head: list[str]  # the Linear(s) reading the last position (the LM head; a tied one behind a head transform too)
     weights: Weights  # where the module weights are; every weight edit goes through it
     inserted: list[InsertedModule] = field(default_factory=list)
     tied: Optional[TiedHead] = None
@@ -451,7 +454,7 @@ class Fuser:
         tie = self.untie()
         tied: Optional[TiedHead] = None
         branch_sites = {id(site) for _, site in s.branch_sites()}
-        planned = [PlannedPosition(p.index, p.root, describe(p.root), p.rotated, reshapes=list(p.reshapes))
+        planned = [PlannedPosition(p.index, p.root, describe(p.root), p.rotated, p.centered, reshapes=list(p.reshapes))
                    for p in s.positions]
         for p, plan_p in zip(s.positions, planned):
             plan_p.writers = [str(w.target) for w in p.writers]
@@ -500,22 +503,32 @@ class Fuser:
                 planned[source.index].readers.append(name)
             if p.branch_affine is not None:
                 self.scaled_branch(p, plan_p.writers)
-            for site, value in p.passthroughs:
-                source = next(q.index for q in s.positions if site in q.norms)
-                name = self.inserted_on_edge(passthrough_name(site.path), PASSTHROUGH, value, next(iter(value.users)),
-                                             source, p.index, site)  # Q_aᵀ diag(γ) Q_p after rotation
+            for site, value, user in p.passthroughs:
+                source = next(q.index for q in s.positions if any(site is norm for norm in q.norms))
+                name = self.inserted_on_edge(passthrough_name(site.path), PASSTHROUGH, value, user,
+                                             source, p.index, site)  # Q_pᵀ M diag(γ) Q_a after rotation
                 plan_p.writers.append(name)
                 planned[source].readers.append(name)
-        if s.centered:
-            for plan_p in planned:
-                if plan_p.rotated:
-                    for name in plan_p.writers:
-                        self.weights.edit(name, center)
+        if tie is not None and tied is None:  # the head reads no stream value: the identity in front of it
+            name = self.inserted_on_edge(head_input_name(str(tie[1].target)), HEAD_INPUT, tie[1].args[0], tie[1],
+                                         None, None)
+            tied = TiedHead(str(tie[0].target), str(tie[1].target), name, s.positions[0].index, tie[2])
+        for plan_p in planned:
+            if not plan_p.centered:
+                continue
+            for name in plan_p.writers:
+                self.weights.edit(name, center)
+            if plan_p.shortcut is not None and not planned[plan_p.skip_source].centered:  # M on the skip edge
+                self.weights.edit(plan_p.shortcut, center)
+                plan_p.mapped_shortcut = True
         for plan_p in planned:
             plan_p.root = self.resolve(plan_p.root)
         self.gm.recompile()
-        return Plan(self.gm, self.hidden, s.centered, planned, s.block_groups(),
-                    [str(r.target) for r in s.last.readers], self.weights, self.inserted, tied, self.branches,
+        head = [str(r.target) for r in s.last.readers]
+        if tied is not None and tied.head not in head:  # the vocabulary projection behind a head transform
+            head.append(tied.head)
+        return Plan(self.gm, self.hidden, s.centered, planned, s.block_groups(), head, self.weights, self.inserted,
+                    tied, self.branches,
                     list(self.mlps), folded_biases=self.folded_biases, attentions=self.attentions)
 
 

@@ -197,15 +197,15 @@ def slice_width(full: int, sparsity: float, round_to: int) -> int:
 
 def stream_widths(plan: Plan, sparsity: float, round_to: int, slice_head: bool) -> list[int]:
     """The width of every stream position: ``d`` for rotated positions, ``D`` for raw ones, the head's
-    input kept whole unless ``slice_head``. A centred stream never keeps more than ``D - 1``
+    input kept whole unless ``slice_head``. A centred position never keeps more than ``D - 1``
     coordinates (the last one, along ``1/√D``, is always zero)."""
     hidden = plan.hidden_size
     width = slice_width(hidden, sparsity, round_to)
     if width < 1:
         raise FxSliceError(f"sparsity {sparsity} leaves no column of the hidden size {hidden} (round_to={round_to})")
-    cap = hidden - 1 if plan.centered else hidden
     widths = []
     for p in plan.positions:
+        cap = hidden - 1 if p.centered else hidden
         if not p.rotated:
             widths.append(hidden)
         elif p is plan.last and not slice_head:

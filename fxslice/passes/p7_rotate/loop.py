@@ -115,7 +115,9 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: Widths, *, pca_si
                 health.check(group, plan)  # every rank stops here together, or none does
                 if widths.rotate:  # an unrotated stream keeps its coordinates: no basis, nothing to project
                     all_reduce_sum(summed)
-                    basis, spectrum = pca_basis(summed, plan.centered)
+                    # a centred basis (1/√D last) when any position of the group is centred: still complete at
+                    # width D for the others (basis="model" groups a post-norm model's uncentred first position too)
+                    basis, spectrum = pca_basis(summed, any(plan.positions[i].centered for i in group))
                     broadcast_from_first(basis)  # every rank slices with rank 0's basis, whatever its eigh did
             with watch("rewrite"):
                 for index in group if widths.rotate else []:

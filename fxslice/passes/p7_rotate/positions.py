@@ -55,7 +55,7 @@ class Rotator:
         """Rotate every weight touching position ``index`` into ``basis`` and keep ``width`` coordinates."""
         position, tied, q = self.plan.positions[index], self.plan.tied, basis[:, :width]
         tied_here = tied is not None and tied.position == index
-        if tied_here and self.plan.centered and width >= self.plan.hidden_size:
+        if tied_here and position.centered and width >= self.plan.hidden_size:
             raise FxSliceError(f"position {index} of a centred stream with a tied head keeps at most "
                                f"{self.plan.hidden_size - 1} coordinates (the embedding it shares with the head is "
                                "not mean-free), got width {width}")
