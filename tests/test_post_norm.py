@@ -13,7 +13,8 @@ from transformers import AutoConfig
 import fxslice
 from fxslice.errors import GraphStructureError
 from tiny_models import (VOCAB, calibration, check_exact_and_sliced, check_exact_in_dtype, check_saved_generation,
-                         check_sliced, masked_calibration, random_model, seeded)
+                         check_sliced, check_streamed_equals_in_memory, masked_calibration, perturb_norms,
+                         random_model, seeded)
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(7))
 SIZES = dict(vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -55,12 +56,7 @@ class PostNormBlocks(nn.Module):
         self.downs = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(blocks))
         self.norms = nn.ModuleList(norm() for _ in range(2 * blocks))
         self.head = nn.Linear(width, VOCAB, bias=False)
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
-                    module.weight.normal_(1.0, 0.3)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.normal_(0.0, 0.3)
+        perturb_norms(self)
 
     def forward(self, input_ids):
         x = self.embed(input_ids)
@@ -150,7 +146,17 @@ def test_a_head_behind_its_own_transform_keeps_the_embedding_tied():
     assert tuple(sliced.get_submodule("bert.embeddings.word_embeddings").weight.shape) == (vocab, hidden)
 
 
-@pytest.mark.parametrize("model_type", ["bart", "openai-gpt"])
+@pytest.mark.parametrize("split", ["measured", "fixed"])
+def test_a_parameter_budget_is_met_on_a_post_layernorm_family(split):
+    model = post_norm_model("bert")
+    sliced = fxslice.compress(model, calibration(), target_params=0.8, split=split, progress=False)
+    assert sliced.fxslice.param_count == sum(p.numel() for p in sliced.parameters())
+    assert 0.6 < sliced.fxslice.param_fraction <= 0.8
+    with torch.no_grad():
+        assert torch.isfinite(sliced(IDS).logits).all()
+
+
+@pytest.mark.parametrize("model_type", ["bart", "bert", "openai-gpt"])
 def test_bfloat16_post_layernorm_families_are_exact_to_their_own_rounding(model_type):
     check_exact_in_dtype(lambda dtype: post_norm_model(model_type, dtype), torch.bfloat16, IDS)
 
@@ -165,13 +171,7 @@ def test_a_post_layernorm_slice_generates_from_its_saved_folder(model_type, tmp_
 @pytest.mark.slow
 def test_a_streamed_bert_checkpoint_equals_the_model_in_memory(tmp_path):
     """The passthroughs and the tied head's input map are inserted modules, created as the weights stream in."""
-    model = post_norm_model("bert")
-    model.save_pretrained(tmp_path / "ckpt")
-    in_memory = fxslice.compress(model, masked_calibration(), 0.25, progress=False)
-    streamed = fxslice.compress(str(tmp_path / "ckpt"), masked_calibration(), 0.25, progress=False)
-    assert streamed.fxslice.param_count == in_memory.fxslice.param_count
-    with torch.no_grad():
-        torch.testing.assert_close(streamed(IDS).logits, in_memory(IDS).logits, atol=1e-5, rtol=1e-5)
+    check_streamed_equals_in_memory(post_norm_model("bert"), masked_calibration(), IDS, tmp_path / "ckpt")
 
 
 class ReadTwice(nn.Module):

@@ -15,7 +15,8 @@ from transformers import AutoConfig
 import fxslice
 from fxslice.errors import GraphStructureError
 from tiny_models import (VOCAB, OneBlock, calibration, check_exact_and_sliced, check_exact_in_dtype,
-                         check_saved_generation, check_sliced, masked_calibration, random_model, seeded)
+                         check_saved_generation, check_sliced, check_streamed_equals_in_memory, masked_calibration,
+                         perturb_norms, random_model, seeded)
 
 IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(7))
 # experts dominate, as in the real model (128 of 512 units at width 2048): their inputs are the gated norm's,
@@ -44,12 +45,7 @@ class GatedNorms(nn.Module):
         self.downs = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(blocks))
         self.final = norm()
         self.head = nn.Linear(width, vocab, bias=False)
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
-                    module.weight.normal_(1.0, 0.3)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.normal_(0.0, 0.3)
+        perturb_norms(self)
 
     def gated(self, i: int, x: torch.Tensor) -> torch.Tensor:
         y = self.norms[i](x)
@@ -138,13 +134,7 @@ def test_a_budget_out_of_reach_of_the_rotated_split_is_met_with_the_stream_whole
 @pytest.mark.slow
 def test_a_streamed_axk2_checkpoint_equals_the_model_in_memory(tmp_path):
     """The read maps are inserted modules like the shortcuts: created from the norm's weight as it streams in."""
-    model = axk2()
-    model.save_pretrained(tmp_path / "ckpt")
-    in_memory = fxslice.compress(model, masked_calibration(), 0.25, progress=False)
-    streamed = fxslice.compress(str(tmp_path / "ckpt"), masked_calibration(), 0.25, progress=False)
-    assert streamed.fxslice.param_count == in_memory.fxslice.param_count
-    with torch.no_grad():
-        torch.testing.assert_close(streamed(IDS).logits, in_memory(IDS).logits, atol=1e-5, rtol=1e-5)
+    check_streamed_equals_in_memory(axk2(), masked_calibration(), IDS, tmp_path / "ckpt")
 
 
 class GatedOnce(nn.Module):

@@ -120,6 +120,20 @@ def check_saved_generation(sliced, folder: Path, prompt: torch.Tensor, new_token
     assert tokens[0, start:].tolist() == greedy
 
 
+def check_streamed_equals_in_memory(model: torch.nn.Module, data, ids: torch.Tensor, folder: Path,
+                                    sparsity: float = 0.25) -> None:
+    """``model`` saved with ``save_pretrained`` and compressed from that folder (weights streamed in) gives the
+    same parameter count and logits as compressed in memory."""
+    import fxslice
+
+    model.save_pretrained(folder)
+    in_memory = fxslice.compress(model, data, sparsity, progress=False)
+    streamed = fxslice.compress(str(folder), data, sparsity, progress=False)
+    assert streamed.fxslice.param_count == in_memory.fxslice.param_count
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids).logits, in_memory(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def check_exact_and_sliced(model: torch.nn.Module, data, ids: torch.Tensor):
     """A family's tiny model: exact at sparsity 0 (on ``ids`` and a shorter single row), left as it was, and
     its 25% slice finite, smaller than dense and as large as its reported count. Returns the exact graph."""
@@ -145,6 +159,17 @@ def check_sliced(model: torch.nn.Module, data, ids: torch.Tensor, sparsity: floa
     with torch.no_grad():
         assert torch.isfinite(sliced(ids).logits).all()
     return sliced
+
+
+def perturb_norms(module: torch.nn.Module) -> None:
+    """Scales ``γ ~ N(1, 0.3)`` and shifts ``β ~ N(0, 0.3)`` for every RMSNorm and LayerNorm in ``module`` (a toy's norms
+    must not be the identity, or folding them proves nothing)."""
+    with torch.no_grad():
+        for norm in module.modules():
+            if isinstance(norm, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+                norm.weight.normal_(1.0, 0.3)
+                if getattr(norm, "bias", None) is not None:
+                    norm.bias.normal_(0.0, 0.3)
 
 
 def seeded(module_class, **kwargs) -> torch.nn.Module:
