@@ -38,6 +38,8 @@ NEUTRAL_CONSTANT = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, 
 SLICE = aten.slice.Tensor
 DROPOUT = aten.dropout.default
 SYM_SIZE = aten.sym_size.int
+ZEROS_LIKE = frozenset({aten.zeros_like.default})
+SCATTERS = frozenset({aten.index_put.default, aten.index_put_.default})
 LIKE = frozenset({aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
                   aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default})
 """New tensors made from their input's shape, dtype or device, never from its values."""

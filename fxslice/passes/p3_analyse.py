@@ -32,6 +32,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional, TYPE_CHECKING
 
+import torch
 from tabulate import tabulate
 from torch import nn
 from torch.fx import GraphModule, Node
@@ -475,6 +476,29 @@ class NodeKinds:
             dim = node.args[1]
         return isinstance(dim, int) and dim % value.dim() != value.dim() - 1
 
+    @staticmethod
+    def scattered_rows(node: Node) -> Optional[tuple[Node, Node]]:
+        """``(base, values)`` when ``node`` scatters ``values`` along leading dimensions only into ``base``, a new zero
+        tensor or such a scatter with no other use (X-MOD's language adapters, one per language:
+        ``out = zeros_like(x); out[rows_l] = adapter_l(x[rows_l])``): linear in the values — every row a sum of
+        value rows or zero —, and a rotation of the last dimension passes through, so their writers can be rotated
+        where they are; the zero tensor takes the width of the position they are added to (fuse writes it out)."""
+        if not ops.calls(node, ops.SCATTERS) or len(node.args) < 3 or not isinstance(node.args[2], Node):
+            return None
+        base, indices, values = node.args[:3]
+        out, rows = example_value(node), example_value(values)
+        if not (isinstance(base, Node) and len(base.users) == 1 and isinstance(indices, (list, tuple))
+                and out is not None and rows is not None and rows.dim() > 0 and rows.shape[-1] == out.shape[-1]
+                and (ops.calls(base, ops.ZEROS_LIKE) or NodeKinds.scattered_rows(base) is not None)):
+            return None
+        covered = 0
+        for index in indices:
+            example = example_value(index) if isinstance(index, Node) else None
+            if index is not None and example is None:
+                return None
+            covered += example.dim() if example is not None and example.dtype in (torch.bool, torch.uint8) else 1
+        return (base, values) if covered < out.dim() else None
+
     def passed_on(self, node: Node) -> Optional[Node]:
         """The tensor a walk-through node passes on (inverse of :meth:`walks_through`)."""
         for arg in node.args[:2]:
@@ -713,12 +737,29 @@ class StreamWalk:
         rotated value: the stream's readers hand it model-coordinate values, every other use of a stream
         value is judged by :meth:`use_of` and of a norm's output by :meth:`norm_readers`, and a norm output
         carried towards an add (a passthrough) that no branch claims is refused at the end of :meth:`run`.
-        It must be a full-width value the inserted Linear can map."""
+        It must be a full-width value the inserted Linear can map, and made without a tensor shaped like a rotated
+        value (``zeros_like(y)`` filled with model coordinates would take ``y``'s sliced width)."""
         value = example_value(branch)
         if value is None or value.dim() == 0 or value.shape[-1] != self.hidden:
             raise GraphStructureError(f"{describe(add)} adds {describe(branch)} to the residual stream, a value "
                                       "fxslice can neither trace to its writers nor map as a whole (not "
                                       f"{self.hidden} wide in its last dimension)")
+        seen, stack = set(), [branch]
+        while stack:
+            node = stack.pop()
+            if node in seen or node in self.position_of:
+                continue
+            seen.add(node)
+            source = node.args[0] if ops.calls(node, ops.LIKE) else None
+            if isinstance(source, Node) and (source in self.position_of or self.is_norm_output(source)):
+                raise GraphStructureError(f"{describe(node)} makes a tensor shaped like {describe(source)}, a value "
+                                          f"the rotation slices, and {describe(add)} adds it to the stream in the "
+                                          "model's coordinates: its width would follow the slice")
+            stack.extend(node.all_input_nodes)
+
+    def is_norm_output(self, node: Node) -> bool:
+        site = self.kinds.norm_site(node)
+        return site is not None and site.region.output is node
 
     def use_of(self, user: Node, src: Node, index: int, aliases: list[Node]) -> tuple[Use, Optional[NormSite]]:
         """How ``user`` uses stream value ``src`` (of position ``index``, whose values so far are
@@ -980,6 +1021,13 @@ class StreamWalk:
                 if ops.calls(node, ops.SIZED):
                     reshapes.append(node)
                 frontier.append((self.kinds.passed_on(node), node))
+            elif self.kinds.scattered_rows(node) is not None:
+                base, values = self.kinds.scattered_rows(node)
+                if ops.calls(base, ops.ZEROS_LIKE):
+                    reshapes.append(base)  # the zero tensor: fuse writes its width out, resizing follows it
+                else:
+                    frontier.append((base, node))  # an earlier scatter into the same tensor
+                frontier.append((values, node))
             else:
                 raise OpaqueBranch(
                     f"{describe(node)} produces a value that is added to the residual stream; fxslice can "

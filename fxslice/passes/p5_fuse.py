@@ -210,6 +210,12 @@ def affine_weights(spec: NormSpec) -> tuple[torch.Tensor, Optional[torch.Tensor]
     return torch.diag(f64(spec.scale)), f64(spec.shift)
 
 
+def is_empty(module: nn.Module) -> bool:
+    """No parameters, buffers or submodules left."""
+    return not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()) \
+        and not any(True for _ in module.children())
+
+
 def own_copy(embedding: nn.Embedding) -> None:
     """A private copy of the table (a tied head's weight must not follow the embedding's edits)."""
     set_embedding(embedding, f64(embedding.weight))
@@ -244,6 +250,9 @@ class Fuser:
         self.branches: list[NormBranch] = []
         self.folded_biases: set[str] = set()
         self.coefficients: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(StreamAffine) -> (s, c)
+        # StreamNorms waiting for the module whose path they take, by the parameters of their norm: a norm module
+        # called more than once leaves the graph with its last call
+        self.waiting_norms: dict[frozenset[str], list[tuple[str, StreamNorm, NormSite]]] = {}
 
     def resolve(self, node: Node) -> Node:
         while node in self.replaced:
@@ -261,7 +270,9 @@ class Fuser:
 
     def stream_norm(self, site: NormSite, center_input: bool) -> Node:
         """Swap a norm region for a weightless StreamNorm at the norm's path; its parameters, folded
-        elsewhere, leave the graph. Returns the new node."""
+        elsewhere, leave the graph (with the module's last call when it is called more than once — X-MOD's
+        adapters apply the layer's output LayerNorm again —, the StreamNorms of its calls installed then).
+        Returns the new node."""
         region = site.region
         module = StreamNorm(self.hidden, site.spec.eps, center=center_input)
         name = stream_norm_name(region.path, region.output.name)
@@ -271,17 +282,40 @@ class Fuser:
         for dead in reversed(region.nodes):
             if not dead.users:
                 self.gm.graph.erase_node(dead)
+        calls = self.waiting_norms.setdefault(frozenset(str(param.target) for param in region.params.values()), [])
+        calls.append((name, module, site))
+        if any(param.users for param in region.params.values()):
+            return node  # another call of the module still reads its parameters
         for param in region.params.values():
-            if not param.users:
-                drop_attribute(self.gm, param)
+            drop_attribute(self.gm, param)
+        for owner_path in {str(param.target).rpartition(".")[0] for param in region.params.values()} - {"", name}:
+            if submodule_exists(self.gm, owner_path) and is_empty(self.gm.get_submodule(owner_path)):
+                self.gm.delete_submodule(owner_path)  # another call's path took the module's name
         if submodule_exists(self.gm, name):  # the norm's own module, emptied of its folded parameters
-            owner = self.gm.get_submodule(name)
-            if any(True for _ in owner.parameters()) or any(True for _ in owner.buffers()) \
-                    or any(True for _ in owner.children()):
+            if not is_empty(self.gm.get_submodule(name)):
                 raise GraphStructureError(f"norm '{site.path}' shares its module with other parameters or modules; "
                                           "it cannot be replaced by a weightless norm")
             self.gm.delete_submodule(name)
-        self.add_module(name, module)
+        for waiting_name, waiting, _ in self.waiting_norms.pop(frozenset(str(p.target) for p in region.params.values())):
+            self.add_module(waiting_name, waiting)
+        return node
+
+    def explicit_zeros(self, like: Node) -> Node:
+        """``zeros_like(x)`` as ``new_zeros(x, [size(x, 0), …, D])``: the zero tensor a scatter fills with a position's
+        values (:meth:`~.p3_analyse.NodeKinds.scattered_rows`) takes that position's width, which resizing writes
+        into its last size, whatever ``x``'s width is."""
+        graph, source, value = self.gm.graph, like.args[0], example_value(like)
+        sizes: list = []
+        with graph.inserting_before(like):
+            for dim in range(value.dim() - 1):
+                size = graph.call_function(torch.ops.aten.sym_size.int, (source, dim))
+                size.meta["val"] = value.shape[dim]
+                sizes.append(size)
+            kwargs = {k: v for k, v in like.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
+            node = graph.call_function(torch.ops.aten.new_zeros.default, (source, sizes + [self.hidden]), kwargs)
+        copy_meta(node, like, ("val", "nn_module_stack"))
+        like.replace_all_uses_with(node)
+        graph.erase_node(like)
         return node
 
     def affine(self, site: NormSite) -> nn.Linear:
@@ -521,6 +555,17 @@ class Fuser:
             if plan_p.shortcut is not None and not planned[plan_p.skip_source].centered:  # M on the skip edge
                 self.weights.edit(plan_p.shortcut, center)
                 plan_p.mapped_shortcut = True
+        if self.waiting_norms:
+            site = next(iter(self.waiting_norms.values()))[0][2]
+            raise GraphStructureError(f"norm '{site.path}' shares its parameters with an op that is not a norm; it "
+                                      "cannot be replaced by a weightless norm")
+        explicit: dict[Node, Node] = {}  # zeros_like -> new_zeros (one zero tensor can sit in two lists)
+        sites = [site for p in s.positions for site in p.writer_norms]
+        for reshapes in ([plan_p.reshapes for plan_p in planned] + [branch.reshapes for branch in self.branches]
+                         + [site.inner_reshapes for site in sites]):
+            for k, node in enumerate(reshapes):
+                if ops.calls(node, ops.ZEROS_LIKE):
+                    reshapes[k] = explicit.get(node) or explicit.setdefault(node, self.explicit_zeros(node))
         for plan_p in planned:
             plan_p.root = self.resolve(plan_p.root)
         self.gm.recompile()
