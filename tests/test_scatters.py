@@ -102,8 +102,11 @@ XMOD = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
             default_language="en_XX")
 
 
-@pytest.mark.parametrize("languages", [("en_XX",), ("en_XX", "de_DE")], ids=["one-language", "two-languages"])
-@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "right-padded-mask"])
+# two languages with a mask in the quick profile, the other three in the slow one
+@pytest.mark.parametrize("masked, languages", [
+    pytest.param(masked, languages, id=f"{'right-padded-mask' if masked else 'no-mask'}-{len(languages)}-languages",
+                 marks=[] if masked and len(languages) == 2 else [pytest.mark.slow])
+    for masked in (False, True) for languages in (("en_XX",), ("en_XX", "de_DE"))])
 def test_xmod_is_exact_and_slices(masked, languages):
     """Post-norm blocks, language adapters scattered by rows, the output LayerNorm applied again before them."""
     model = random_model(AutoConfig.for_model("xmod", **XMOD, languages=list(languages)))
