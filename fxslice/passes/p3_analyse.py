@@ -518,6 +518,11 @@ class NodeKinds:
             self._norms[region.output] = None if spec is None else NormSite(region, name, spec)
         return self._norms[region.output]
 
+    def norm_output(self, node: Node) -> Optional[NormSite]:
+        """The matched norm whose output ``node`` is, if any."""
+        site = self.norm_site(node)
+        return site if site is not None and site.region.output is node else None
+
     def why_not_norm(self, node: Node) -> str:
         """Why the module around ``node`` is not a norm: the rejected patterns and what to do."""
         region = region_of(self.gm, node, self._index)
@@ -751,15 +756,11 @@ class StreamWalk:
                 continue
             seen.add(node)
             source = node.args[0] if ops.calls(node, ops.LIKE) else None
-            if isinstance(source, Node) and (source in self.position_of or self.is_norm_output(source)):
+            if isinstance(source, Node) and (source in self.position_of or self.kinds.norm_output(source)):
                 raise GraphStructureError(f"{describe(node)} makes a tensor shaped like {describe(source)}, a value "
                                           f"the rotation slices, and {describe(add)} adds it to the stream in the "
                                           "model's coordinates: its width would follow the slice")
             stack.extend(node.all_input_nodes)
-
-    def is_norm_output(self, node: Node) -> bool:
-        site = self.kinds.norm_site(node)
-        return site is not None and site.region.output is node
 
     def use_of(self, user: Node, src: Node, index: int, aliases: list[Node]) -> tuple[Use, Optional[NormSite]]:
         """How ``user`` uses stream value ``src`` (of position ``index``, whose values so far are
@@ -1008,8 +1009,8 @@ class StreamWalk:
                     f"{describe(node)} writes into the residual stream but its value is also used elsewhere "
                     f"({', '.join(u.name for u in node.users)}); its output cannot be rotated"
                 )
-            site = self.kinds.norm_site(node)
-            if site is not None and site.region.output is node:
+            site = self.kinds.norm_output(node)
+            if site is not None:
                 norms.append(site)
                 self.later_norms.pop(node, None)
                 self.trace_inner_writers(site, position)
@@ -1021,8 +1022,8 @@ class StreamWalk:
                 if ops.calls(node, ops.SIZED):
                     reshapes.append(node)
                 frontier.append((self.kinds.passed_on(node), node))
-            elif self.kinds.scattered_rows(node) is not None:
-                base, values = self.kinds.scattered_rows(node)
+            elif (scattered := self.kinds.scattered_rows(node)) is not None:
+                base, values = scattered
                 if ops.calls(base, ops.ZEROS_LIKE):
                     reshapes.append(base)  # the zero tensor: fuse writes its width out, resizing follows it
                 else:

@@ -282,8 +282,8 @@ class Fuser:
         for dead in reversed(region.nodes):
             if not dead.users:
                 self.gm.graph.erase_node(dead)
-        calls = self.waiting_norms.setdefault(frozenset(str(param.target) for param in region.params.values()), [])
-        calls.append((name, module, site))
+        group = frozenset(str(param.target) for param in region.params.values())  # the calls of one norm module
+        self.waiting_norms.setdefault(group, []).append((name, module, site))
         if any(param.users for param in region.params.values()):
             return node  # another call of the module still reads its parameters
         for param in region.params.values():
@@ -296,9 +296,20 @@ class Fuser:
                 raise GraphStructureError(f"norm '{site.path}' shares its module with other parameters or modules; "
                                           "it cannot be replaced by a weightless norm")
             self.gm.delete_submodule(name)
-        for waiting_name, waiting, _ in self.waiting_norms.pop(frozenset(str(p.target) for p in region.params.values())):
+        for waiting_name, waiting, _ in self.waiting_norms.pop(group):
             self.add_module(waiting_name, waiting)
         return node
+
+    def center_positions(self, planned: list[PlannedPosition]) -> None:
+        """Every writer of a centred position made mean-free, and the shortcut into it from one that is not."""
+        for plan_p in planned:
+            if not plan_p.centered:
+                continue
+            for name in plan_p.writers:
+                self.weights.edit(name, center)
+            if plan_p.shortcut is not None and not planned[plan_p.skip_source].centered:  # M on the skip edge
+                self.weights.edit(plan_p.shortcut, center)
+                plan_p.mapped_shortcut = True
 
     def explicit_zeros(self, like: Node) -> Node:
         """``zeros_like(x)`` as ``new_zeros(x, [size(x, 0), …, D])``: the zero tensor a scatter fills with a position's
@@ -547,25 +558,19 @@ class Fuser:
             name = self.inserted_on_edge(head_input_name(str(tie[1].target)), HEAD_INPUT, tie[1].args[0], tie[1],
                                          None, None)
             tied = TiedHead(str(tie[0].target), str(tie[1].target), name, s.positions[0].index, tie[2])
-        for plan_p in planned:
-            if not plan_p.centered:
-                continue
-            for name in plan_p.writers:
-                self.weights.edit(name, center)
-            if plan_p.shortcut is not None and not planned[plan_p.skip_source].centered:  # M on the skip edge
-                self.weights.edit(plan_p.shortcut, center)
-                plan_p.mapped_shortcut = True
+        self.center_positions(planned)
         if self.waiting_norms:
             site = next(iter(self.waiting_norms.values()))[0][2]
             raise GraphStructureError(f"norm '{site.path}' shares its parameters with an op that is not a norm; it "
                                       "cannot be replaced by a weightless norm")
         explicit: dict[Node, Node] = {}  # zeros_like -> new_zeros (one zero tensor can sit in two lists)
-        sites = [site for p in s.positions for site in p.writer_norms]
         for reshapes in ([plan_p.reshapes for plan_p in planned] + [branch.reshapes for branch in self.branches]
-                         + [site.inner_reshapes for site in sites]):
+                         + [site.inner_reshapes for p in s.positions for site in p.writer_norms]):
             for k, node in enumerate(reshapes):
                 if ops.calls(node, ops.ZEROS_LIKE):
-                    reshapes[k] = explicit.get(node) or explicit.setdefault(node, self.explicit_zeros(node))
+                    if node not in explicit:
+                        explicit[node] = self.explicit_zeros(node)
+                    reshapes[k] = explicit[node]
         for plan_p in planned:
             plan_p.root = self.resolve(plan_p.root)
         self.gm.recompile()
