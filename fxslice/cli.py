@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--value-sparsity", type=float, default=None,
                       help="also cut this fraction of every attention's value dimensions per key/value group (the "
                            "output projection refitted; the KV cache's values shrink with it)")
+    comp.add_argument("--key-sparsity", type=float, default=None,
+                      help="also cut this fraction of every attention's query/key dimensions per key/value group, "
+                           "in the units its rotary embedding keeps together (the KV cache's keys shrink with it)")
     comp.add_argument("--round-to", type=int, default=8, help="round slice widths down to a multiple of this")
     comp.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     comp.add_argument("--no-eval", action="store_true", help="skip all perplexity evaluation")
@@ -246,7 +249,8 @@ def cmd_compress(args) -> int:
     output = None if args.no_save else (args.output or f"runs/{Path(args.model).name}-{size}")
     job = compress_job(args.model, args.sparsity, _protocol(args), target_params=args.target_params,
                        hidden_sparsity=args.hidden_sparsity, allocation=args.allocation, split=args.split,
-                       stream_sparsity=args.stream_sparsity, value_sparsity=args.value_sparsity, dtype=args.dtype, device=args.device,
+                       stream_sparsity=args.stream_sparsity, value_sparsity=args.value_sparsity,
+                       key_sparsity=args.key_sparsity, dtype=args.dtype, device=args.device,
                        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
                        overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,

@@ -65,6 +65,7 @@ def compress(
     split: str = "measured",
     stream_sparsity: Optional[float] = None,
     value_sparsity: Optional[float] = None,
+    key_sparsity: Optional[float] = None,
     device: Optional[str | torch.device] = None,
     dtype: Optional[torch.dtype] = None,
     offload_dir: Optional[str | os.PathLike] = None,
@@ -120,6 +121,12 @@ def compress(
             pass 4 recognises — ``scaled_dot_product_attention`` with a value Linear of its own —,
             the others left whole, each named with the reason in ``sliced.fxslice.skipped_attentions``).
             The KV cache's values shrink with it.
+        key_sparsity: the fraction of every attention's query/key dimensions to delete, per key/value group,
+            in whole units — the dimensions a rotary embedding rotates together, measured from the graph
+            (:mod:`fxslice.passes.p4_keys`) — chosen by the product of their query and key norms on the
+            calibration data (:mod:`fxslice.passes.p7_rotate.keys`); the KV cache's keys shrink with it.
+            Attentions whose paths join every head dimension (a per-head query/key norm) stay whole, named
+            with the reason in ``sliced.fxslice.skipped_attentions``.
         stock: keep the slice expressible by a stock Transformers config of the model's own type
             (one hidden size, one MLP width, nothing on the residual path), so that
             ``fxslice.save(..., format="transformers")`` writes a checkpoint ``from_pretrained``
@@ -143,7 +150,7 @@ def compress(
     error, options = None, None
     try:
         options = Options(sparsity, target_params, hidden_sparsity, round_to, pca_signal, slice_head, basis,
-                          allocation, stock, split, stream_sparsity, value_sparsity).check()
+                          allocation, stock, split, stream_sparsity, value_sparsity, key_sparsity).check()
         if device is not None:
             check_device(device)
         if dtype is not None:
@@ -216,7 +223,8 @@ def _compress_once(model, calib_loader, options: Options, device, dtype, offload
                        if widths.hidden.get(m.writer, m.width) < m.width},
         refit_errors=dict(record.refit_errors),
         value_widths=record.value_widths(plan),
-        skipped_attentions=dict(run.attentions.skipped) if options.value_sparsity else {},
+        key_widths=record.key_widths(plan),
+        skipped_attentions=run.attentions.refusals(bool(options.value_sparsity), bool(options.key_sparsity)),
         value_errors=dict(record.value_errors),
         norm_eps=record.norm_eps(plan),
         slice=record,

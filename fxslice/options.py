@@ -48,6 +48,7 @@ class Options:
     split: str = "measured"
     stream_sparsity: Optional[float] = None  # under target_params: the stream's share, MLP units meet the rest
     value_sparsity: Optional[float] = None  # the share of every attention's value dimensions cut
+    key_sparsity: Optional[float] = None  # the share of every attention's query/key dimensions cut
 
     def check(self) -> "Options":
         """Refuse a bad option before any work, naming the argument; returns the options with the
@@ -79,6 +80,7 @@ class Options:
             raise FxSliceError(f"split must be one of {SPLITS}, got {self.split!r}")
         _fraction("stream_sparsity", self.stream_sparsity, low_open=False)
         _fraction("value_sparsity", self.value_sparsity, low_open=False)
+        _fraction("key_sparsity", self.key_sparsity, low_open=False)
         if self.stream_sparsity is not None and self.target_params is None:
             raise FxSliceError("stream_sparsity fixes the stream's share of a target_params budget; without "
                                "target_params give sparsity (and hidden_sparsity)")
@@ -100,6 +102,9 @@ class Options:
         if self.value_sparsity:
             raise FxSliceError(f"stock=True keeps every attention's value heads (a stock config has one head size): "
                                f"value_sparsity must be 0, got {self.value_sparsity!r}")
+        if self.key_sparsity:
+            raise FxSliceError(f"stock=True keeps every attention's query and key heads (a stock config has one head "
+                               f"size): key_sparsity must be 0, got {self.key_sparsity!r}")
         if self.sparsity or self.stream_sparsity:
             raise FxSliceError(f"stock=True keeps the stream width (a stock config has one hidden size): sparsity "
                                f"must be 0, got {self.sparsity or self.stream_sparsity!r}; cut MLP units with hidden_sparsity or target_params")

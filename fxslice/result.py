@@ -63,8 +63,11 @@ class SliceResult:
     """MLP writer -> ``‖H Wᵀ − H_S Xᵀ‖² / ‖H Wᵀ‖²`` of its refit on the calibration data."""
     value_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
     """attention output Linear -> (value dimensions kept per key/value group, dense value dimensions)."""
+    key_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """attention output Linear -> (query/key dimensions kept per key/value group, dense head dimension)."""
     skipped_attentions: dict[str, str] = field(default_factory=dict)
-    """with ``value_sparsity``: the output Linears (not MLPs) whose attention values could not be narrowed, and why."""
+    """with ``value_sparsity`` / ``key_sparsity``: the output Linears (not MLPs) whose attention values or
+    queries and keys could not be narrowed, and why."""
     value_errors: dict[str, float] = field(default_factory=dict)
     """attention output Linear -> relative calibration error of its narrowed values (:mod:`.passes.p7_rotate.values`)."""
     norm_eps: dict[str, float] = field(default_factory=dict)
@@ -111,6 +114,7 @@ class SliceResult:
             "hidden_sparsity": self.hidden_sparsity,
             "hidden_widths": {k: list(v) for k, v in self.hidden_widths.items()},
             "value_widths": {k: list(v) for k, v in self.value_widths.items()},
+            "key_widths": {k: list(v) for k, v in self.key_widths.items()},
             "norm_eps": self.norm_eps,
             "stock_param_count": self.stock_param_count,
             **({"slice": self.slice.to_record()} if self.slice is not None else {}),
@@ -125,6 +129,7 @@ class SliceResult:
             ["slice widths", _ranges(self.widths)],
             ["MLP hidden units kept", _hidden(self.hidden_widths)],
             ["attention value dims kept", _hidden(self.value_widths)],
+            ["attention query/key dims kept", _hidden(self.key_widths)],
             ["dense parameters", f"{self.dense_param_count:,}"],
             ["sliced parameters (true)", f"{self.param_count:,} ({100 * self.param_fraction:.1f}%)"],
             ["  of which shortcuts/affines", f"{self.added_param_count:,}"],

@@ -56,6 +56,8 @@ RUNS: dict[str, tuple[str, dict]] = {
     **{f"sgpt-block-{s:g}": (SMOL, {"sparsity": s}) for s in (0.2, 0.3)},
     **{f"stock-{t:g}": (SMOL, {"target_params": t, "stock": True}) for t in (0.8, 0.7, 0.75, 0.9)},
     "sgpt-position-0.3": (SMOL, {"sparsity": 0.3, "basis": "position"}),
+    # query/key dimensions cut too (the stream whole and unrotated, uniform MLP units meet the rest): against stock-0.8
+    **{f"keys-{k:g}-0.8": (SMOL, {"target_params": 0.8, "basis": "none", "key_sparsity": k}) for k in (0.25, 0.125)},
 }
 NAMES = ("shakespeare", "kjv")
 GOALS = ([(80, 60.0), (70, 72.4)], [(80, 21.0), (70, 35.4)])
@@ -64,6 +66,8 @@ GOALS = ([(80, 60.0), (70, 72.4)], [(80, 21.0), (70, 35.4)])
 
 def mode(options: dict) -> str:
     """The plot series a run belongs to."""
+    if options.get("key_sparsity"):
+        return "budget, query/key dimensions cut (stream whole)"
     if options.get("stock"):
         return "stock budget (unrotated stream, MLP units)"
     if "target_params" in options and options.get("split") == "fixed":

@@ -26,11 +26,11 @@ IDS = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5
 @pytest.fixture(scope="module")
 def compiled_folder(tmp_path_factory):
     """A 25% slice of tiny Llama (tied head, block basis, a quarter of the MLP units and of the attention
-    values cut: narrower value heads and KV cache) saved with a batch-2 KV cache, compiled for the CPU."""
+    values, queries and keys cut: narrower heads and KV cache) saved with a batch-2 KV cache, compiled for the CPU."""
     model = tiny_model("llama_tied")
     sliced = fxslice.compress(model, calibration(), 0.25, basis="block", hidden_sparsity=0.25, value_sparsity=0.25,
-                              progress=False)
-    assert sliced.fxslice.value_widths
+                              key_sparsity=0.25, progress=False)
+    assert sliced.fxslice.value_widths and sliced.fxslice.key_widths
     generator = with_cache(sliced, batch_size=2, max_cache_len=32)
     folder = fxslice.save(sliced, tmp_path_factory.mktemp("compiled") / "sliced", tiny_tokenizer(), generator=generator)
     before = {p.name: p.stat().st_size for p in folder.iterdir()}

@@ -48,7 +48,7 @@ def _worker(rank: int, init_file: str, source: str, basis: str, out_dir: str, ex
         shutdown()  # barrier, then leave: a rank that leaves while another is mid-collective aborts it
 
 
-NARROWED = {"hidden_sparsity": 0.25, "value_sparsity": 0.25}  # MLP units and attention values cut too
+NARROWED = {"hidden_sparsity": 0.25, "value_sparsity": 0.25, "key_sparsity": 0.25}  # MLP units, attention values and keys too
 
 
 @pytest.mark.parametrize("family, streamed, basis, extra", [("llama", False, "position", {}), ("gpt2", True, "block", {}),
@@ -62,7 +62,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path, family, streame
     single = fxslice.compress(source if streamed else tiny_model(family), _batches(), 0.25, basis=basis,
                               progress=False, **extra)
     if extra:
-        assert single.fxslice.value_widths and single.fxslice.hidden_widths
+        assert single.fxslice.value_widths and single.fxslice.hidden_widths and single.fxslice.key_widths
     expected = logits_of(single, _probe())
     tokens = sum(int(b["attention_mask"].sum()) for b in _batches())
     for rank in range(WORLD):

@@ -27,7 +27,7 @@ The graph's reshapes carrying ``d_v`` (and a KV cache's value buffers) take ``m`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.nodes import describe, example_value, fetch_attr
 from .p3_analyse import Structure
+
+if TYPE_CHECKING:
+    from .p4_keys import QueryKey
 
 SDPA = ops.aten.scaled_dot_product_attention.default
 EXPAND = ops.aten.expand.default
@@ -59,12 +62,21 @@ class Attention:
     output: Node  # W_o's input: the heads' outputs side by side, [..., H·d_v]
     shaped: list[Node] = field(default_factory=list)  # reshapes / expands whose last size is d_v, G·d_v or H·d_v
     buffers: list[str] = field(default_factory=list)  # KV-cache value buffers [..., d_v] (get_attr targets)
+    keys: Optional["QueryKey"] = None  # its queries and keys, where their dimensions can be dropped (:mod:`.p4_keys`)
+    keys_refused: Optional[str] = None  # else why not
 
 
 @dataclass
 class AttentionSearch:
     attentions: list[Attention] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # writer -> reason
+
+    def refusals(self, values: bool, keys: bool) -> dict[str, str]:
+        """Why each attention (by ``W_o``) stays whole for what was asked: its values, its queries and keys."""
+        reasons = dict(self.skipped) if values or keys else {}
+        if keys:
+            reasons.update({a.writer: a.keys_refused for a in self.attentions if a.keys_refused})
+        return reasons
 
 
 def _concrete(value):
@@ -120,8 +132,16 @@ def trace_attention(gm: GraphModule, writer: str, position: int) -> Attention:
         if shape is None or shape[-1] not in lasts:
             raise refuse(member, "moves the value dimension away from the last one")
     _verify_layout(gm, reader, before, attention, after, heads, groups, width, refuse)
+    from .p4_keys import trace_query_key  # p4_keys replays paths with this module's helpers
+
+    keys, keys_refused = None, None
+    try:
+        keys = trace_query_key(gm, attention, writer)
+    except GraphStructureError as exc:
+        keys_refused = str(exc)
     return Attention(writer, str(reader.target), heads, groups, width, position, node.args[0],
-                     [n for n in before + after if ops.calls(n, ops.SIZED)], [str(b.target) for b in buffers])
+                     [n for n in before + after if ops.calls(n, ops.SIZED)], [str(b.target) for b in buffers],
+                     keys, keys_refused)
 
 
 def _walk_back(current: Node, arrived, refuse, why: str, buffers: Optional[list[Node]] = None) -> tuple[list[Node], Node]:

@@ -28,6 +28,7 @@ from ..distributed import all_reduce_sum
 from ..errors import BudgetOutOfReach, FxSliceError
 from ..graph.modules import WEIGHTED
 from ..graph.weights import f64, set_linear, sync_features
+from .p4_keys import feasible_keep, features_left
 from .p4_mlps import MLP
 from .p5_fuse import Plan
 
@@ -56,6 +57,7 @@ class Widths:
     groups: list[list[int]] = field(default_factory=list)
     rotate: bool = True  # False: the stream keeps its coordinates (``basis="none"``), no PCA
     values: dict[str, int] = field(default_factory=dict)  # attention W_o -> value dimensions kept per group
+    keys: dict[str, int] = field(default_factory=dict)  # attention W_o -> query/key dimensions kept per group
 
 
 def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
@@ -70,18 +72,19 @@ def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: lis
     """The widths ``options`` ask for: a sparsity, or the widths meeting a parameter budget; MLP units
     spread uniformly or by measured energy (the budget's leftover units then refilled one by one)."""
     groups = basis_groups(plan, options.basis)
-    values = value_widths(plan, float(options.value_sparsity or 0.0), options.round_to)
+    cuts = HeadCuts(value_widths(plan, float(options.value_sparsity or 0.0), options.round_to),
+                    key_widths(plan, float(options.key_sparsity or 0.0), options.round_to))
     if options.basis == "none":
-        widths = unrotated_widths(plan, options, dense_count, groups, values)
+        widths = unrotated_widths(plan, options, dense_count, groups, cuts)
     elif options.target_params is not None and options.stream_sparsity is not None:
         widths = fixed_stream_budget(plan, options.target_params, dense_count, float(options.stream_sparsity),
-                                     options.round_to, options.slice_head, groups, values=values)
+                                     options.round_to, options.slice_head, groups, cuts=cuts)
     elif options.target_params is not None:
         widths = plan_budget(plan, options.target_params, dense_count, options.round_to, options.slice_head, groups,
-                             values)
+                             cuts)
     else:
         widths = uniform_widths(plan, float(options.sparsity), float(options.hidden_sparsity or 0.0),
-                                options.round_to, options.slice_head, groups, values)
+                                options.round_to, options.slice_head, groups, cuts)
     if options.allocation != "uniform" and any(widths.hidden[m.writer] < m.width for m in plan.mlps):
         widths.hidden = reallocate_units(plan, widths.hidden, options.allocation, batches, options.round_to)
         if options.target_params is not None:  # units the rounding left over, one at a time
@@ -108,6 +111,38 @@ def reallocate_units(plan: Plan, uniform: dict[str, int], allocation: str, batch
     return allocate_by_sensitivity(plan.mlps, mlp_sensitivities(plan, batches, uniform), total, round_to)
 
 
+@dataclass(frozen=True)
+class HeadCuts:
+    """What each attention keeps per key/value group: value dimensions (:func:`value_widths`) and query/key
+    dimensions (:func:`key_widths`), by output Linear ``W_o``; an attention not listed stays whole."""
+
+    values: dict[str, int] = field(default_factory=dict)
+    keys: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def fields_of(cuts: Optional["HeadCuts"]) -> dict:
+        """``Widths`` keyword arguments (fresh dicts) for ``cuts`` (None: nothing cut)."""
+        cuts = cuts or HeadCuts()
+        return {"values": dict(cuts.values), "keys": dict(cuts.keys)}
+
+
+def key_widths(plan: Plan, key_sparsity: float, round_to: int) -> dict[str, int]:
+    """Query/key dimensions kept per key/value group of every attention whose units pass 4 measured
+    (:mod:`.p4_keys`): the same fraction of each, rounded down to ``round_to`` (at least one step), then down
+    to a width whole units add up to; none for ``key_sparsity`` 0."""
+    if not key_sparsity:
+        return {}
+    kept = {}
+    for attention in plan.attentions:
+        keys = attention.keys
+        if keys is not None:
+            wanted = max(slice_width(keys.width, key_sparsity, round_to), min(round_to, keys.width))
+            keep = feasible_keep(keys.unit_sizes, wanted)
+            if keep < keys.width:
+                kept[attention.writer] = keep
+    return kept
+
+
 def value_widths(plan: Plan, value_sparsity: float, round_to: int) -> dict[str, int]:
     """Value dimensions kept per key/value group of every attention (pass 4 found): the same fraction of
     each, rounded down to ``round_to`` (at least one step); none for ``value_sparsity`` 0."""
@@ -118,7 +153,7 @@ def value_widths(plan: Plan, value_sparsity: float, round_to: int) -> dict[str, 
 
 
 def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: list[list[int]],
-                     values: Optional[dict[str, int]] = None) -> Widths:
+                     cuts: Optional[HeadCuts] = None) -> Widths:
     """Widths of an unrotated stream (``basis="none"``): every position whole, MLP units cut by
     ``hidden_sparsity`` or to meet ``target_params`` (:func:`fixed_stream_budget`). The graph then has the
     stock model's parameters exactly; rotation runs without PCA."""
@@ -127,14 +162,14 @@ def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: l
         stream = stream_widths(plan, 0.0, options.round_to, False)
         sparsity = float(options.hidden_sparsity or 0.0)
         return Widths(stream, hidden_widths(plan.mlps, sparsity, options.round_to, expert_step), 0.0, sparsity, groups,
-                      rotate=False, values=dict(values or {}))
+                      rotate=False, **HeadCuts.fields_of(cuts))
     return fixed_stream_budget(plan, options.target_params, dense_count, 0.0, options.round_to, False, groups,
-                               rotate=False, expert_step=expert_step, values=values)
+                               rotate=False, expert_step=expert_step, cuts=cuts)
 
 
 def fixed_stream_budget(plan: Plan, target: float, dense_count: int, stream_sparsity: float, round_to: int,
                         slice_head: bool, groups: list[list[int]], rotate: bool = True, expert_step: int = 1,
-                        values: Optional[dict[str, int]] = None) -> Widths:
+                        cuts: Optional[HeadCuts] = None) -> Widths:
     """Widths meeting ``target_params`` with the stream cut by ``stream_sparsity`` (0 and ``rotate=False``:
     the stream whole and unrotated) and the same fraction of every MLP's units cut for the rest — the
     rounding's steps, else single units; found by bisection on the hidden sparsity."""
@@ -142,7 +177,7 @@ def fixed_stream_budget(plan: Plan, target: float, dense_count: int, stream_spar
 
     def at(sparsity: float, step: int) -> Widths:
         return Widths(list(stream), hidden_widths(plan.mlps, sparsity, step, expert_step), stream_sparsity, sparsity,
-                      groups, rotate=rotate, values=dict(values or {}))
+                      groups, rotate=rotate, **HeadCuts.fields_of(cuts))
 
     def count(widths: Widths) -> int:
         return sliced_parameter_count(plan, widths)
@@ -227,11 +262,11 @@ def hidden_widths(mlps: list[MLP], sparsity: float, round_to: int, expert_step: 
 
 
 def uniform_widths(plan: Plan, sparsity: float, hidden_sparsity: float, round_to: int, slice_head: bool,
-                   groups: list[list[int]], values: Optional[dict[str, int]] = None) -> Widths:
-    """Widths for a stream sparsity and an MLP hidden sparsity, the same everywhere (attention values:
-    ``values``, from :func:`value_widths`)."""
+                   groups: list[list[int]], cuts: Optional[HeadCuts] = None) -> Widths:
+    """Widths for a stream sparsity and an MLP hidden sparsity, the same everywhere (attention value and
+    query/key dimensions: ``cuts``)."""
     return Widths(stream_widths(plan, sparsity, round_to, slice_head), hidden_widths(plan.mlps, hidden_sparsity, round_to),
-                  sparsity, hidden_sparsity, groups, values=dict(values or {}))
+                  sparsity, hidden_sparsity, groups, **HeadCuts.fields_of(cuts))
 
 
 def identity_shortcuts(plan: Plan, group: list[int], widths: Widths) -> list[int]:
@@ -262,6 +297,9 @@ def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
         kept = widths.values.get(attention.writer, attention.width)
         units_out[attention.reader] = attention.groups * kept
         units_in[attention.writer] = attention.heads * kept
+        if attention.writer in widths.keys:  # query/key dimensions kept per group: W_q's and W_k's features
+            for path in (attention.keys.query, attention.keys.key):
+                units_out[path.linear] = features_left(path, widths.keys[attention.writer], attention.keys.width)
     for branch in plan.branches:  # pass 7: y and the norm's affine at the position's width
         units_in[branch.affine] = widths.stream[branch.position]
         units_out.update({writer: widths.stream[branch.position] for writer in branch.writers})
@@ -292,7 +330,7 @@ def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
 
 
 def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slice_head: bool,
-                groups: list[list[int]], values: Optional[dict[str, int]] = None) -> Widths:
+                groups: list[list[int]], cuts: Optional[HeadCuts] = None) -> Widths:
     """Widths whose sliced count is at most ``target · dense_count`` and within ``TOLERANCE`` of it.
 
     First the least sparsity ``s`` (hidden ``min(HIDDEN_PER_STREAM · s, MAX_HIDDEN)``) within the
@@ -308,7 +346,7 @@ def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slic
 
     def widths_at(s: float) -> Widths:
         return uniform_widths(plan, s, min(HIDDEN_PER_STREAM * s, MAX_HIDDEN) if mlps else 0.0, round_to,
-                              slice_head, groups, values)
+                              slice_head, groups, cuts)
 
     def count(widths: Widths) -> int:
         return sliced_parameter_count(plan, widths)
@@ -324,7 +362,7 @@ def plan_budget(plan: Plan, target: float, dense_count: int, round_to: int, slic
     chosen, total = fill_hidden(widths_at(high), mlps, goal, round_to, count)
     if total < floor:  # one rounding step wider, the MLPs cut harder
         wider = uniform_widths(plan, max(high - round_to / plan.hidden_size, 0.0), MAX_HIDDEN, round_to,
-                               slice_head, groups, values)
+                               slice_head, groups, cuts)
         if count(wider) <= goal:
             candidate, reached = fill_hidden(wider, mlps, goal, round_to, count)
             if reached > total:
@@ -347,7 +385,7 @@ def fill_hidden(widths: Widths, mlps: list[MLP], goal: float, round_to: int, cou
     step_cost, step = {}, {m.writer: unit_step(m, round_to, expert_step) for m in mlps}
     for mlp in mlps:  # parameters of one more step of units of one MLP (linear in the units)
         wider = Widths(widths.stream, {**widths.hidden, mlp.writer: widths.hidden[mlp.writer] + 1}, groups=widths.groups,
-                       values=widths.values)
+                       values=widths.values, keys=widths.keys)
         step_cost[mlp.writer] = (count(wider) - total) * step[mlp.writer]
     width_of = {m.writer: m.width for m in mlps}
     while True:

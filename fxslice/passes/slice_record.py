@@ -16,11 +16,16 @@ replay needs no other change.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
+import torch
+from torch.fx import Node
+
 from ..errors import FxSliceError
 from ..graph.edit import remove_module_call
+from ..graph.nodes import copy_meta
 from .p5_fuse import Plan
 
 
@@ -121,14 +126,104 @@ class ResizeValues(GraphEdit):
             if shape and shape[-1] in sizes:
                 shape[-1] = sizes[shape[-1]]
                 node.args = (node.args[0], shape) + tuple(node.args[2:])
-        for target in attention.buffers:
-            owner, _, name = target.rpartition(".")
-            module = plan.gm.get_submodule(owner) if owner else plan.gm
-            old = getattr(module, name)
-            setattr(module, name, old.new_zeros(*old.shape[:-1], new))
+        narrow_buffers(plan.gm, attention.buffers, new)
 
 
-EDITS = {cls.kind: cls for cls in (Resize, RemoveShortcut, ResizeBranch, ResizeValues)}
+def narrow_buffers(gm, targets: list[str], width: int) -> None:
+    """KV-cache buffers (get_attr targets) rebuilt ``width`` wide in their last dimension (zeros)."""
+    for target in targets:
+        owner, _, name = target.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        old = getattr(module, name)
+        setattr(module, name, old.new_zeros(*old.shape[:-1], width))
+
+
+@dataclass(frozen=True)
+class NarrowKeys(GraphEdit):
+    """Attention ``attention`` (its index in ``plan.attentions``) keeps the head dimensions ``kept[g]`` of its
+    queries and keys in key/value group ``g`` (whole units, :mod:`.p4_keys`): behind ``W_q`` and ``W_k`` (whose
+    dropped rows pass 7 deleted) their kept features are scattered back to the full width (zeros in the
+    dropped ones) so that the path's own ops run as before; each head's kept dimensions are then gathered
+    before the attention (a KV cache's keys before they are cached, its key buffers ``len(kept[g])`` wide),
+    and the attention's scale stays ``1/√d``."""
+
+    kind: ClassVar[str] = "narrow_keys"
+    attention: int
+    kept: list[list[int]]
+
+    def apply(self, plan: Plan) -> None:
+        attention = plan.attentions[self.attention]
+        keys = attention.keys
+        if keys is None:
+            raise FxSliceError(f"the queries and keys of '{attention.writer}' cannot be narrowed in this capture: "
+                               f"{attention.keys_refused}")
+        gm, width = plan.gm, keys.width
+        for path in (keys.query, keys.key):
+            scatter_features(gm, path.source, path.kept_rows(keys.units, self.kept), path.features)
+            repeats = path.heads // keys.groups
+            gather_dimensions(gm, path.gather, [self.kept[h // repeats] for h in range(path.heads)])
+            resize_last(path.tail, width, len(self.kept[0]))
+            narrow_buffers(gm, path.buffers, len(self.kept[0]))
+        if keys.attention.kwargs.get("scale") is None:  # the default 1/√(last size) would follow the narrow width
+            keys.attention.kwargs = {**keys.attention.kwargs, "scale": 1.0 / math.sqrt(width)}
+
+
+def _index_buffer(gm, near: Node, name: str, index: torch.Tensor) -> Node:
+    """A get_attr node before ``near`` reading ``index`` (a buffer of the root, recreated by every replay; stored
+    with the weights in a saved folder, where a compiled package reads every constant from)."""
+    gm.register_buffer(name, index)
+    with gm.graph.inserting_before(near):
+        return gm.graph.get_attr(name)
+
+
+def scatter_features(gm, source: Node, kept: list[int], features: int) -> None:
+    """``source`` (a Linear's call, now ``len(kept)`` features wide) is read at its dense width again: its
+    features back in their places ``kept``, zeros elsewhere — ``index_select`` of the output padded with
+    one zero column."""
+    places = torch.full((features,), len(kept), dtype=torch.long)
+    places[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+    users = list(source.users)
+    anchor = source.next
+    index = _index_buffer(gm, anchor, f"{str(source.target).replace('.', '_')}_features", places)
+    with gm.graph.inserting_before(anchor):
+        padded = gm.graph.call_function(torch.ops.aten.constant_pad_nd.default, (source, [0, 1]))
+        full = gm.graph.call_function(torch.ops.aten.index_select.default, (padded, -1, index))
+    copy_meta(padded, source, ("val", "nn_module_stack"))
+    copy_meta(full, source, ("val", "nn_module_stack"))
+    for user in users:
+        user.replace_input_with(source, full)
+
+
+def gather_dimensions(gm, value: Node, kept: list[list[int]]) -> None:
+    """``value`` (``[B, n, T, d]``) read by its users with only head ``h``'s dimensions ``kept[h]``: ``gather``
+    on the last dimension with the ``[1, n, 1, m]`` index expanded to ``[B, n, T, m]`` (sizes read off
+    ``value``, so that batch and length stay dynamic; ``take_along_dim`` would fix them)."""
+    index = torch.tensor(kept, dtype=torch.long)[None, :, None, :]
+    users = list(value.users)
+    anchor = value.next
+    node_index = _index_buffer(gm, anchor, f"{value.name}_kept_dims", index)
+    with gm.graph.inserting_before(anchor):
+        sizes = [gm.graph.call_function(torch.ops.aten.sym_size.int, (value, dim)) for dim in range(3)]
+        expanded = gm.graph.call_function(torch.ops.aten.expand.default, (node_index, [*sizes, len(kept[0])]))
+        gathered = gm.graph.call_function(torch.ops.aten.gather.default, (value, -1, expanded))
+    example = value.meta.get("val")
+    for dim, size in enumerate(sizes):
+        size.meta["val"] = example.shape[dim] if example is not None else None
+    copy_meta(gathered, value, ("val", "nn_module_stack"))
+    for user in users:
+        user.replace_input_with(value, gathered)
+
+
+def resize_last(nodes, full: int, width: int) -> None:
+    """Reshape / expand nodes whose target shape ends in ``full`` end in ``width`` instead."""
+    for node in nodes:
+        shape = list(node.args[1])
+        if shape and shape[-1] == full:
+            shape[-1] = width
+            node.args = (node.args[0], shape) + tuple(node.args[2:])
+
+
+EDITS = {cls.kind: cls for cls in (Resize, RemoveShortcut, ResizeBranch, ResizeValues, NarrowKeys)}
 
 
 @dataclass
@@ -169,6 +264,11 @@ class Slice:
         """Attention ``W_o`` -> (value dimensions kept per group, dense value dimensions), for those narrowed."""
         return {plan.attentions[e.attention].writer: (e.width, plan.attentions[e.attention].width)
                 for e in self.edits if isinstance(e, ResizeValues)}
+
+    def key_widths(self, plan: Plan) -> dict[str, tuple[int, int]]:
+        """Attention ``W_o`` -> (query/key dimensions kept per group, dense head dimension), for those narrowed."""
+        return {plan.attentions[e.attention].writer: (len(e.kept[0]), plan.attentions[e.attention].keys.width)
+                for e in self.edits if isinstance(e, NarrowKeys)}
 
     def norm_eps(self, plan: Plan) -> dict[str, float]:
         """Weightless norm -> the epsilon a sliced branch gave it."""

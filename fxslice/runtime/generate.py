@@ -78,7 +78,7 @@ def kv_cache_bytes_per_token(program: nn.Module) -> int:
     buffers per sequence and position (what narrowing attention values shrinks)."""
     batch = program.cache_batch_size
     return sum(b.shape[1] * b.shape[3] * b.element_size() for b in program.buffers()
-               if b.dim() == 4 and b.shape[0] == batch and b.shape[2] <= program.max_cache_len)
+               if b.dim() == 4 and b.is_floating_point() and b.shape[0] == batch and b.shape[2] <= program.max_cache_len)
 
 
 def retarget(generator: nn.Module, weights: nn.Module) -> GraphModule:

@@ -21,6 +21,7 @@ from ..slice_record import RemoveShortcut, Resize, Slice
 from .activations import ActivationCache
 from .branches import BranchRotator
 from .hidden import HiddenSlicer
+from .keys import KeySlicer
 from .values import ValueSlicer
 from .pca import covariance, pca_basis
 from .positions import Rotator
@@ -98,7 +99,7 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: Widths, *, pca_si
     record = Slice(len(plan.positions), rotate=widths.rotate)
     rotator = Rotator(plan, record)
     rewrites: list[BlockRewrite] = [BranchRotator(plan, widths.stream), HiddenSlicer(plan, widths.hidden),
-                                    ValueSlicer(plan, widths.values)]
+                                    ValueSlicer(plan, widths.values), KeySlicer(plan, widths.keys)]
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
     cache = ActivationCache(input_node, batches, [] if probe is None else [probe.ids, probe.changed],
                             weights.device, activation_dir)
