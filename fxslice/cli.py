@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--pca-signal", choices=PCA_SIGNALS, default=PCA_SIGNALS[0],
                       help="PCA of the stream value (reference code) or of the norm output (paper Eq. 8)")
     comp.add_argument("--slice-head", action="store_true", help="also slice the head's input position")
+    comp.add_argument("--basis-span", type=int, default=1,
+                      help="with --basis block: this many consecutive blocks share one basis (the shortcuts between "
+                           "them removed: fewer parameters, one basis fitting more positions)")
     comp.add_argument("--basis", choices=BASES, default=None,
                       help="one PCA basis per block (default): the block's inner shortcut becomes the identity and is "
                            "removed (smaller, faster, lower perplexity); one per stream position (the SliceGPT paper); "
@@ -255,7 +258,7 @@ def cmd_compress(args) -> int:
                        evaluate_dense=not (args.no_dense or args.no_eval), evaluate=not args.no_eval, output=output,
                        overwrite=args.overwrite, progress=not args.no_progress, max_cache_len=args.max_cache_len,
                        plot_spectra=args.plot_spectra, pca_signal=args.pca_signal, slice_head=args.slice_head,
-                       basis=args.basis, round_to=args.round_to, stream=args.stream, offload_dir=args.offload_dir,
+                       basis=args.basis, basis_span=args.basis_span, round_to=args.round_to, stream=args.stream, offload_dir=args.offload_dir,
                        cache_batch_size=args.cache_batch_size,
                        compile_devices=None if args.no_save else _compile_devices(args, args.save_format != "transformers"),
                        stock=stock, save_format=args.save_format, quantize=args.quantize, group_size=args.group_size)

@@ -66,6 +66,7 @@ def compress(
     stream_sparsity: Optional[float] = None,
     value_sparsity: Optional[float] = None,
     key_sparsity: Optional[float] = None,
+    basis_span: int = 1,
     device: Optional[str | torch.device] = None,
     dtype: Optional[torch.dtype] = None,
     offload_dir: Optional[str | os.PathLike] = None,
@@ -103,6 +104,9 @@ def compress(
             (the stream keeps its coordinates and width, only MLP hidden units are cut: no PCA, no
             shortcut; needs ``sparsity=0`` or ``target_params``). Default: ``"none"`` under ``stock``,
             else ``"block"``.
+        basis_span: with ``basis="block"``, this many consecutive blocks share one basis (default 1): the
+            shortcuts between them are removed — fewer parameters at a sparsity, one basis fitting more
+            positions (calibrated and held together).
         allocation: how the kept MLP hidden units are spread over the blocks: ``"uniform"`` (the
             same fraction everywhere), ``"energy"`` (by each unit's share of its block's output
             energy, measured by one extra forward of the dense model) or ``"measured"`` (each MLP's
@@ -150,7 +154,7 @@ def compress(
     error, options = None, None
     try:
         options = Options(sparsity, target_params, hidden_sparsity, round_to, pca_signal, slice_head, basis,
-                          allocation, stock, split, stream_sparsity, value_sparsity, key_sparsity).check()
+                          allocation, stock, split, stream_sparsity, value_sparsity, key_sparsity, basis_span).check()
         if device is not None:
             check_device(device)
         if dtype is not None:

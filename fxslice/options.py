@@ -49,6 +49,7 @@ class Options:
     stream_sparsity: Optional[float] = None  # under target_params: the stream's share, MLP units meet the rest
     value_sparsity: Optional[float] = None  # the share of every attention's value dimensions cut
     key_sparsity: Optional[float] = None  # the share of every attention's query/key dimensions cut
+    basis_span: int = 1  # under basis="block": consecutive blocks sharing one basis
 
     def check(self) -> "Options":
         """Refuse a bad option before any work, naming the argument; returns the options with the
@@ -74,6 +75,11 @@ class Options:
             raise FxSliceError(f"slice_head must be True or False, got {self.slice_head!r}")
         if self.basis not in BASES:
             raise FxSliceError(f"basis must be one of {BASES}, got {self.basis!r}")
+        if not whole(self.basis_span) or self.basis_span < 1:
+            raise FxSliceError(f"basis_span must be a positive integer, got {self.basis_span!r}")
+        if self.basis_span != 1 and self.basis != "block":
+            raise FxSliceError(f"basis_span joins the bases of consecutive blocks: it needs basis='block', got "
+                               f"basis={self.basis!r} with basis_span={self.basis_span}")
         if self.allocation not in ALLOCATIONS:
             raise FxSliceError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.split not in SPLITS:

@@ -145,14 +145,19 @@ def candidates(options: Options, fixed: Candidate, hidden_size: int, free_basis:
             widths.add(width)
             found.append(Candidate(f"stream {width} of {hidden_size}", replace(options, stream_sparsity=sparsity)))
     if free_basis and not options.slice_head:
-        found.append(Candidate("stream whole (basis none)", replace(options, basis="none")))
+        found.append(Candidate("stream whole (basis none)", unrotated(options)))
         if options.allocation == "uniform":
             found.append(Candidate("stream whole, MLP units by measured sensitivity",
-                                   replace(options, basis="none", allocation="measured")))
+                                   unrotated(options, allocation="measured")))
         if not options.value_sparsity:
             found.append(Candidate(f"stream whole, attention values cut {VALUE_SHARE:.0%}",
-                                   replace(options, basis="none", value_sparsity=VALUE_SHARE)))
+                                   unrotated(options, value_sparsity=VALUE_SHARE)))
     return found
+
+
+def unrotated(options: Options, **changes) -> Options:
+    """``options`` with the stream whole and unrotated (``basis="none"``, no basis span), and ``changes``."""
+    return replace(options, basis="none", basis_span=1, **changes)
 
 
 def measure_split(options: Options, items: list, teacher: Optional[nn.Module], free_basis: bool,

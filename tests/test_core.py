@@ -6,7 +6,7 @@ from torch import nn
 
 import fxslice
 from fxslice import CalibrationError, FxSliceError, GraphStructureError, NormSpec
-from tiny_models import VOCAB, calibration, tiny_model
+from tiny_models import VOCAB, calibration, random_model, tiny_model
 from toy_models import TOY_VOCAB, ToyLM, toy_calibration
 
 IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(11))
@@ -114,6 +114,47 @@ def test_model_basis_is_exact_when_nothing_is_removed(family):
     with torch.no_grad():
         assert (exact(IDS).logits - model(IDS).logits).abs().max().item() < 1e-4
     assert not [m for m in exact.fxslice.inserted if m.kind == "shortcut"]
+
+
+def _four_layers(family: str) -> torch.nn.Module:
+    config = tiny_model(family).config
+    config.num_hidden_layers = 4
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = (config.layer_types * 4)[:4]
+    return random_model(config)
+
+
+def test_basis_span_joins_consecutive_blocks():
+    """``basis_span=2``: layers 0-1 and 2-3 each share one basis, so the shortcut between them goes; the one
+    into the next pair and the one into the (whole-width) head stay."""
+    model = _four_layers("llama")
+    per_block = fxslice.compress(model, calibration(), 0.25, progress=False)
+    spanned = fxslice.compress(model, calibration(), 0.25, basis_span=2, progress=False)
+    result = spanned.fxslice
+    assert [m.name for m in result.inserted if m.kind == "shortcut"] == ["model.layers.1.shortcut_4",
+                                                                         "model.layers.3.shortcut_8"]
+    assert per_block.fxslice.param_count - result.param_count == 2 * 48 * 48
+    assert all(torch.equal(result.eigenvalues[0], result.eigenvalues[i]) for i in (1, 2, 3))
+    assert not torch.equal(result.eigenvalues[3], result.eigenvalues[4])
+    assert torch.isfinite(spanned(IDS).logits).all()
+
+
+@pytest.mark.parametrize("family,span", [("llama", 3), ("gemma3_text", 2), pytest.param("opt", 2, marks=pytest.mark.slow)])
+def test_basis_span_is_exact_when_nothing_is_removed(family, span):
+    model = _four_layers(family)
+    exact = fxslice.compress(model, calibration(), 0.0, basis_span=span, progress=False)
+    with torch.no_grad():
+        assert (exact(IDS).logits - model(IDS).logits).abs().max().item() < 1e-4
+    per_block = fxslice.compress(model, calibration(), 0.0, progress=False)
+    shortcuts = [len([m for m in g.fxslice.inserted if m.kind == "shortcut"]) for g in (exact, per_block)]
+    assert shortcuts[0] < shortcuts[1]
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(basis_span=0), "basis_span must be a positive integer"),
+                                            (dict(basis="position", basis_span=2), "it needs basis='block'")])
+def test_bad_basis_spans_are_refused(llama, kwargs, message):
+    with pytest.raises(FxSliceError, match=message):
+        fxslice.compress(llama, calibration(), 0.25, progress=False, **kwargs)
 
 
 @pytest.mark.slow

@@ -60,18 +60,40 @@ class Widths:
     keys: dict[str, int] = field(default_factory=dict)  # attention W_o -> query/key dimensions kept per group
 
 
-def basis_groups(plan: Plan, basis: str) -> list[list[int]]:
+def basis_groups(plan: Plan, basis: str, span: int = 1) -> list[list[int]]:
     """Positions sharing one PCA basis: each rotated position alone, the plan's block groups (also the
-    calibration order of an unrotated stream, ``basis="none"``), or every rotated position at once."""
+    calibration order of an unrotated stream, ``basis="none"``) — ``span`` consecutive ones joined —, or
+    every rotated position at once."""
     if basis == "position":
         return [[p.index] for p in plan.rotated]
-    return [[p.index for p in plan.rotated]] if basis == "model" else plan.block_groups
+    if basis == "model":
+        return [[p.index for p in plan.rotated]]
+    return join_blocks(plan, plan.block_groups, span) if basis == "block" else plan.block_groups
+
+
+def join_blocks(plan: Plan, groups: list[list[int]], span: int) -> list[list[int]]:
+    """Runs of up to ``span`` consecutive block groups as one group: a group joins the run before it where
+    its first position's skip edge starts at the run's last position and both are centred alike. The
+    shortcuts between them become the identity and are removed (:func:`identity_shortcuts`); one basis
+    then fits ``span`` blocks' positions."""
+    joined: list[list[int]] = []
+    runs: list[int] = []
+    for group in groups:
+        first = plan.positions[group[0]]
+        if joined and runs[-1] < span and first.skip_source == joined[-1][-1] \
+                and first.centered == plan.positions[joined[-1][-1]].centered:
+            joined[-1].extend(group)
+            runs[-1] += 1
+        else:
+            joined.append(list(group))
+            runs.append(1)
+    return joined
 
 
 def choose_widths(plan: Plan, options: "Options", dense_count: int, batches: list[Batch]) -> Widths:
     """The widths ``options`` ask for: a sparsity, or the widths meeting a parameter budget; MLP units
     spread uniformly or by measured energy (the budget's leftover units then refilled one by one)."""
-    groups = basis_groups(plan, options.basis)
+    groups = basis_groups(plan, options.basis, options.basis_span)
     cuts = HeadCuts(value_widths(plan, float(options.value_sparsity or 0.0), options.round_to),
                     key_widths(plan, float(options.key_sparsity or 0.0), options.round_to))
     if options.basis == "none":
