@@ -56,6 +56,9 @@ RUNS: dict[str, tuple[str, dict]] = {
     **{f"sgpt-block-{s:g}": (SMOL, {"sparsity": s}) for s in (0.2, 0.3)},
     **{f"stock-{t:g}": (SMOL, {"target_params": t, "stock": True}) for t in (0.8, 0.7, 0.75, 0.9)},
     "sgpt-position-0.3": (SMOL, {"sparsity": 0.3, "basis": "position"}),
+    # two consecutive blocks per basis (half the block-to-block shortcuts)
+    "gemma-sgpt-span2-0.25": (GEMMA, {"sparsity": 0.25, "basis_span": 2}),
+    "sgpt-span2-0.25": (SMOL, {"sparsity": 0.25, "basis_span": 2}),
     # query/key dimensions cut too (the stream whole and unrotated, uniform MLP units meet the rest): against stock-0.8
     **{f"keys-{k:g}-0.8": (SMOL, {"target_params": 0.8, "basis": "none", "key_sparsity": k}) for k in (0.25, 0.125)},
 }
@@ -74,7 +77,8 @@ def mode(options: dict) -> str:
         return f"budget, fixed split ({options.get('allocation', 'uniform')} MLP widths)"
     if "target_params" in options:
         return "budget, measured split"
-    return f"SliceGPT ({options.get('basis', 'block')} basis)"
+    span = f", {options['basis_span']} blocks per basis" if options.get("basis_span", 1) != 1 else ""
+    return f"SliceGPT ({options.get('basis', 'block')} basis{span})"
 
 
 def child(name: str, out: Path, task_limit: int) -> None:
@@ -172,21 +176,40 @@ def speed_again(name: str, out: Path) -> None:
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def kv_bytes(records: list[dict]) -> dict[str, str]:
+    """Run -> KV-cache bytes per token (float32): measured, or for a run that cut no attention dimension, what
+    such a run of its model measured (stream width and MLP units never touch the cache)."""
+    def cuts(r):
+        ran = {**r.get("options", {}), **r.get("options_run", {})}
+        return bool(ran.get("value_sparsity") or ran.get("key_sparsity"))
+
+    whole = {r["model"]: r["kv_cache_bytes_per_token"] for r in records
+             if r.get("kv_cache_bytes_per_token") and not cuts(r) and "options_run" in r}
+    out = {}
+    for r in records:
+        value = r.get("kv_cache_bytes_per_token") or (None if cuts(r) else whole.get(r["model"]))
+        out[r["run"]] = f"{value:,}" if value else "-"
+    return out
+
+
 def table(records: list[dict]) -> str:
     rows = []
+    kv = kv_bytes(records)
     dense = {r["model"]: r["dense_perplexity"] for r in records if "dense_perplexity" in r}
     for model in dict.fromkeys(r["model"] for r in records):
         if model in dense:
             task = next((r["dense_kjv_verse_end"] for r in records if r["model"] == model and "dense_kjv_verse_end" in r), None)
-            rows.append([model, "dense", "100.0%", *[f"{dense[model][n]:.2f}" for n in NAMES], _accuracy(task),
+            dense_kv = next((v for r in records if r["model"] == model and (v := kv[r["run"]]) != "-"), "-")
+            rows.append([model, "dense", "100.0%", dense_kv, *[f"{dense[model][n]:.2f}" for n in NAMES], _accuracy(task),
                          "1.00×", "1.00×", "-"])
         for r in sorted((r for r in records if r["model"] == model), key=lambda r: -r["fraction"]):
             hidden = f"{r['hidden_kept']}/{r['hidden_total']}" if r["hidden_total"] else "all"
-            rows.append([model, r["run"], f"{100 * r['fraction']:.1f}%", *[f"{r['perplexity'][n]:.2f}" for n in NAMES],
+            rows.append([model, r["run"], f"{100 * r['fraction']:.1f}%", kv[r["run"]],
+                         *[f"{r['perplexity'][n]:.2f}" for n in NAMES],
                          _accuracy(r.get("kjv_verse_end")),
                          *[f"{r[k]:.2f}×" if r.get(k) is not None else "-" for k in ("prefill_b1", "prefill_b8")],
                          f"stream {'/'.join(map(str, sorted(r['widths'], reverse=True)))}, MLP units {hidden}"])
-    head = ["model", "run", "params (true)", "ppl shakespeare", "ppl kjv", "kjv_verse_end acc", "prefill b1 vs dense",
+    head = ["model", "run", "params (true)", "KV bytes/token", "ppl shakespeare", "ppl kjv", "kjv_verse_end acc", "prefill b1 vs dense",
             "prefill b8", "widths"]
     return tabulate(rows, head, tablefmt="github")
 

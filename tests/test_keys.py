@@ -213,3 +213,24 @@ def test_models_whose_keys_cannot_be_narrowed_name_why(family, why):
     assert not sliced.fxslice.key_widths
     reasons = sliced.fxslice.skipped_attentions
     assert reasons and all(why in reason and "cannot be narrowed: node '" in reason for reason in reasons.values())
+
+
+def test_a_slice_that_does_not_fit_the_capture_is_refused_naming_the_attention():
+    model = tiny_model("llama")
+    sliced = fxslice.compress(model, calibration(), 0.0, basis="none", key_sparsity=0.5, progress=False)
+    edit = next(e for e in sliced.fxslice.slice.edits if isinstance(e, NarrowKeys))
+    plan = _plan(model)
+    for bad in (NarrowKeys(edit.attention, edit.width, edit.kept[:1]),  # one group of two
+                NarrowKeys(edit.attention, edit.width, [[0, 1, 2, 3, 4, 5, 6, 7]] * 2)):  # half pairs (0, 8) ...
+        with pytest.raises(FxSliceError, match="narrows the queries and keys of 'model.layers.0.self_attn.o_proj'"):
+            bad.apply(plan)
+
+
+def _plan(model):
+    from fxslice.hf import model_spec
+    from fxslice.passes.p1_capture import capture
+    from fxslice.passes.p2_canonicalise import canonicalise
+    from fxslice.passes.p3_analyse import analyse
+    from fxslice.passes.p5_fuse import fuse
+
+    return fuse(analyse(canonicalise(capture(model, model_spec(model)))))

@@ -62,8 +62,29 @@ class Attention:
     output: Node  # W_o's input: the heads' outputs side by side, [..., H·d_v]
     shaped: list[Node] = field(default_factory=list)  # reshapes / expands whose last size is d_v, G·d_v or H·d_v
     buffers: list[str] = field(default_factory=list)  # KV-cache value buffers [..., d_v] (get_attr targets)
-    keys: Optional["QueryKey"] = None  # its queries and keys, where their dimensions can be dropped (:mod:`.p4_keys`)
-    keys_refused: Optional[str] = None  # else why not
+    sdpa: Optional[Node] = None  # the scaled_dot_product_attention call
+    _keys: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def keys(self) -> Optional["QueryKey"]:
+        """Its queries and keys where their dimensions can be dropped (:mod:`.p4_keys`), measured on first use
+        (only a compression or replay that narrows them pays for it); None where they cannot."""
+        return self._traced_keys()[0]
+
+    @property
+    def keys_refused(self) -> Optional[str]:
+        """Why its queries and keys cannot be narrowed (None where they can)."""
+        return self._traced_keys()[1]
+
+    def _traced_keys(self) -> tuple:
+        if self._keys is None:
+            from .p4_keys import trace_query_key  # p4_keys replays paths with this module's helpers
+
+            try:
+                self._keys = (trace_query_key(self.sdpa.graph.owning_module, self.sdpa, self.writer), None)
+            except GraphStructureError as exc:
+                self._keys = (None, str(exc))
+        return self._keys
 
 
 @dataclass
@@ -132,16 +153,9 @@ def trace_attention(gm: GraphModule, writer: str, position: int) -> Attention:
         if shape is None or shape[-1] not in lasts:
             raise refuse(member, "moves the value dimension away from the last one")
     _verify_layout(gm, reader, before, attention, after, heads, groups, width, refuse)
-    from .p4_keys import trace_query_key  # p4_keys replays paths with this module's helpers
-
-    keys, keys_refused = None, None
-    try:
-        keys = trace_query_key(gm, attention, writer)
-    except GraphStructureError as exc:
-        keys_refused = str(exc)
     return Attention(writer, str(reader.target), heads, groups, width, position, node.args[0],
                      [n for n in before + after if ops.calls(n, ops.SIZED)], [str(b.target) for b in buffers],
-                     keys, keys_refused)
+                     attention)
 
 
 def _walk_back(current: Node, arrived, refuse, why: str, buffers: Optional[list[Node]] = None) -> tuple[list[Node], Node]:

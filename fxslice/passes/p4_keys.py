@@ -56,7 +56,7 @@ class HeadPath:
     heads: int  # n, the heads at ``gather``
     features: int  # the Linear's output features
     rows: list[list[list[int]]]  # [group][unit] -> output features of the Linear feeding that unit of the group's heads
-    tail: list[Node] = field(default_factory=list)  # reshapes / expands after ``gather`` whose last size is d
+    tail: list[Node] = field(default_factory=list)  # reshapes / expands after ``gather`` (the KV cache's side)
     buffers: list[str] = field(default_factory=list)  # KV-cache key buffers [..., d] (get_attr targets)
 
     def kept_rows(self, units: list[list[int]], kept: list[list[int]]) -> list[int]:
@@ -97,6 +97,9 @@ def trace_query_key(gm: GraphModule, attention: Node, writer: str) -> QueryKey:
     if shape is None or len(shape) != 4 or _shape(key_in) is None:
         raise refuse(attention, "has no 4-D example shapes")
     heads, width = shape[1], shape[-1]
+    shared = next((a for a in (query_in, key_in) if sum(b is a for b in attention.args[:3]) > 1), None)
+    if shared is not None:
+        raise refuse(shared, "is more than one of the attention's queries, keys and values")
     paths, dependencies = [], []
     for name, start in (("query", query_in), ("key", key_in)):
         gather, tail, buffers = _gather_point(start, refuse)
@@ -112,7 +115,7 @@ def trace_query_key(gm: GraphModule, attention: Node, writer: str) -> QueryKey:
         raise refuse(attention, f"has {heads} heads for {groups} key/value groups")
     units = _units(width, dependencies)
     if len(units) < 2:
-        raise refuse(_joining_node(paths[0][0], paths[0][1]), f"joins all {width} dimensions of a head "
+        raise refuse(_joining_node(paths), f"joins all {width} dimensions of a head "
                      "(a per-head norm): no query/key dimension can be dropped alone")
     built = []
     for (source, gather, tail, buffers), depends in zip(paths, dependencies):
@@ -175,20 +178,27 @@ def _tensor_free(node: Node) -> bool:
 
 
 def _path(source: Node, end: Node, refuse) -> list[Node]:
-    """The ops from ``source`` (exclusive) to ``end`` (inclusive) in graph order; every one's result read
-    only on the path (``end``'s aside)."""
-    members, stack = set(), list(source.users)
+    """The ops from ``source`` (exclusive) to ``end`` (inclusive) in graph order — those that both descend
+    from ``source`` and lead to ``end`` —, every one's result (and ``source``'s) read only on the path."""
+    descendants, stack = set(), list(source.users)
     while stack:
+        node = stack.pop()
+        if node in descendants or node.op == "output":
+            continue
+        descendants.add(node)
+        if len(descendants) > PATH_LIMIT:
+            raise refuse(source, f"is read by more than {PATH_LIMIT} ops: not a projection of its own")
+        if node is not end:
+            stack.extend(node.users)
+    if end not in descendants:
+        raise refuse(source, "does not reach the attention")
+    members, stack = set(), [end]
+    while stack:  # the descendants that lead to ``end``
         node = stack.pop()
         if node in members:
             continue
         members.add(node)
-        if len(members) > PATH_LIMIT:
-            raise refuse(source, f"reaches more than {PATH_LIMIT} ops before the attention")
-        if node is not end:
-            stack.extend(node.users)
-    if end not in members:
-        raise refuse(source, "does not reach the attention")
+        stack.extend(n for n in node.all_input_nodes if n in descendants)
     for node in [source, *members]:
         outside = [u for u in node.users if u not in members] if node is not end else []
         if outside:
@@ -211,9 +221,9 @@ def _evaluate(gm: GraphModule, path: list[Node], source: Node, value: torch.Tens
     return env[path[-1]]
 
 
-def _stand_ins(gm: GraphModule, path: list[Node], source: Node) -> dict:
-    """A value for every tensor the path reads from outside it: a buffer or parameter its own value, anything
-    else random (floating) or zeros (integer) of its example shape, in float64."""
+def _stand_ins(gm: GraphModule, path: list[Node], source: Node, refuse) -> dict:
+    """A value for every tensor the path reads from outside it: a buffer or parameter its own value, any other
+    (floating) tensor random of its example shape, in float64, on the CPU; an integer one is refused."""
     members, values = set(path) | {source}, {}
     generator = torch.Generator().manual_seed(0)
     for node in path:
@@ -221,14 +231,15 @@ def _stand_ins(gm: GraphModule, path: list[Node], source: Node) -> dict:
             if arg in members or arg in values or _tensor_free(arg):
                 continue
             if arg.op == "get_attr":
-                tensor = fetch_attr(gm, str(arg.target)).detach()
+                tensor = fetch_attr(gm, str(arg.target)).detach().cpu()
             else:
                 example = arg.meta.get("val")
                 if not isinstance(example, torch.Tensor):
                     continue
-                shape = _concrete(list(example.shape))
-                tensor = (torch.randn(shape, generator=generator, dtype=torch.float64) if example.dtype.is_floating_point
-                          else torch.zeros(shape, dtype=example.dtype))
+                if not example.dtype.is_floating_point:  # indices whose values would decide the units
+                    raise refuse(arg, "is an integer tensor the query/key path reads from outside: its units "
+                                      "cannot be measured without its values")
+                tensor = torch.randn(_concrete(list(example.shape)), generator=generator, dtype=torch.float64)
             values[arg] = tensor.to(torch.float64) if tensor.dtype.is_floating_point else tensor
     return values
 
@@ -244,23 +255,25 @@ def _dependencies(gm: GraphModule, source: Node, gather: Node, refuse) -> list[s
     count, features = math.prod(features_shape[:-1]), features_shape[-1]
     if count != batch * tokens:
         raise refuse(gather, f"holds {batch}×{tokens} tokens where its Linear has {count}")
-    externals = _stand_ins(gm, path, source)
+    externals = _stand_ins(gm, path, source, refuse)
     generator = torch.Generator().manual_seed(1)
     base_input = torch.randn(count, features, generator=generator, dtype=torch.float64)
 
     def run(rows: torch.Tensor) -> torch.Tensor:  # [N, F] -> [N, n·d], tokens b-major
         try:
             out = _evaluate(gm, path, source, rows.reshape(features_shape), externals)
-        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-            raise refuse(gather, f"has a path its ops could not be replayed for ({exc})") from exc
+        except Exception as exc:  # any op the replay cannot run: the attention stays whole, named
+            raise refuse(gather, f"has a path its ops could not be replayed for ({type(exc).__name__}: {exc})") from exc
         return out.to(torch.float64).permute(0, 2, 1, 3).reshape(count, heads * width)
 
     base = run(base_input)
     scale = float(base.abs().max()) or 1.0
-    moved = base_input.clone()
-    moved[0] += torch.randn(features, generator=generator, dtype=torch.float64)
-    if count > 1 and float((run(moved) - base)[1:].abs().max()) > 1e-9 * scale:
-        raise refuse(gather, "mixes tokens on the way from its Linear")
+    for token in sorted({0, 1, count - 1} & set(range(count))):  # each moves its own row only (b-major order)
+        moved = base_input.clone()
+        moved[token] += torch.randn(features, generator=generator, dtype=torch.float64)
+        changed = (run(moved) - base).abs().amax(dim=1) > 1e-9 * scale
+        if changed.nonzero().flatten().tolist() not in ([token], []):
+            raise refuse(gather, "mixes tokens on the way from its Linear, or holds them in another order")
     depends: list[set[tuple[int, int]]] = []
     for start in range(0, features, count):
         moved = base_input.clone()
@@ -328,12 +341,13 @@ def _verify_tail(gm: GraphModule, gather: Node, tail: list[Node], attention_inpu
         raise refuse(attention_input, "does not read the key heads in the layout they are cached in")
 
 
-def _joining_node(source: Node, gather: Node) -> Node:
-    """The first reduction on the path (what joins a head's dimensions), else the path's end."""
-    for node in _path(source, gather, lambda at, why: GraphStructureError(why)):
-        if ops.calls(node, REDUCTIONS):
-            return node
-    return gather
+def _joining_node(paths) -> Node:
+    """The first reduction on the query or the key path (what joins a head's dimensions), else the query path's end."""
+    for source, gather, _, _ in paths:
+        for node in _path(source, gather, lambda at, why: GraphStructureError(why)):
+            if ops.calls(node, REDUCTIONS):
+                return node
+    return paths[0][1]
 
 
 def features_left(path: HeadPath, keep: int, width: int) -> int:

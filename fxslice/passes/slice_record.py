@@ -149,6 +149,7 @@ class NarrowKeys(GraphEdit):
 
     kind: ClassVar[str] = "narrow_keys"
     attention: int
+    width: int  # d, the dense head dimension
     kept: list[list[int]]
 
     def apply(self, plan: Plan) -> None:
@@ -157,15 +158,36 @@ class NarrowKeys(GraphEdit):
         if keys is None:
             raise FxSliceError(f"the queries and keys of '{attention.writer}' cannot be narrowed in this capture: "
                                f"{attention.keys_refused}")
+        self._check(attention.writer, keys)
         gm, width = plan.gm, keys.width
         for path in (keys.query, keys.key):
-            scatter_features(gm, path.source, path.kept_rows(keys.units, self.kept), path.features)
+            device = _device_of(gm, path.linear)
+            scatter_features(gm, path.source, path.kept_rows(keys.units, self.kept), path.features, device)
             repeats = path.heads // keys.groups
-            gather_dimensions(gm, path.gather, [self.kept[h // repeats] for h in range(path.heads)])
+            gather_dimensions(gm, path.gather, [self.kept[h // repeats] for h in range(path.heads)], device)
             resize_last(path.tail, width, len(self.kept[0]))
             narrow_buffers(gm, path.buffers, len(self.kept[0]))
         if keys.attention.kwargs.get("scale") is None:  # the default 1/√(last size) would follow the narrow width
             keys.attention.kwargs = {**keys.attention.kwargs, "scale": 1.0 / math.sqrt(width)}
+
+    def _check(self, writer: str, keys) -> None:
+        """The capture's attention has the head dimension, groups and units this slice was made with."""
+        unit_of = {j: unit for unit in keys.units for j in unit}
+
+        def whole_units(kept: list[int]) -> bool:
+            return all(j in unit_of and set(unit_of[j]) <= set(kept) for j in kept)
+
+        if keys.width != self.width or len(self.kept) != keys.groups or len({len(k) for k in self.kept}) != 1 \
+                or not all(whole_units(kept) for kept in self.kept):
+            raise FxSliceError(f"the slice narrows the queries and keys of '{writer}' to dimensions {self.kept} of "
+                               f"{self.width}; this capture's attention has {keys.groups} key/value groups of "
+                               f"{keys.width} dimensions in units {keys.units}")
+
+
+def _device_of(gm, linear: str) -> torch.device:
+    """Where the Linear's weight lives (the CPU for a weight not loaded yet)."""
+    device = gm.get_submodule(linear).weight.device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def _index_buffer(gm, near: Node, name: str, index: torch.Tensor) -> Node:
@@ -176,7 +198,7 @@ def _index_buffer(gm, near: Node, name: str, index: torch.Tensor) -> Node:
         return gm.graph.get_attr(name)
 
 
-def scatter_features(gm, source: Node, kept: list[int], features: int) -> None:
+def scatter_features(gm, source: Node, kept: list[int], features: int, device: torch.device) -> None:
     """``source`` (a Linear's call, now ``len(kept)`` features wide) is read at its dense width again: its
     features back in their places ``kept``, zeros elsewhere — ``index_select`` of the output padded with
     one zero column."""
@@ -184,7 +206,7 @@ def scatter_features(gm, source: Node, kept: list[int], features: int) -> None:
     places[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
     users = list(source.users)
     anchor = source.next
-    index = _index_buffer(gm, anchor, f"{str(source.target).replace('.', '_')}_features", places)
+    index = _index_buffer(gm, anchor, f"{str(source.target).replace('.', '_')}_features", places.to(device))
     with gm.graph.inserting_before(anchor):
         padded = gm.graph.call_function(torch.ops.aten.constant_pad_nd.default, (source, [0, 1]))
         full = gm.graph.call_function(torch.ops.aten.index_select.default, (padded, -1, index))
@@ -194,11 +216,11 @@ def scatter_features(gm, source: Node, kept: list[int], features: int) -> None:
         user.replace_input_with(source, full)
 
 
-def gather_dimensions(gm, value: Node, kept: list[list[int]]) -> None:
+def gather_dimensions(gm, value: Node, kept: list[list[int]], device: torch.device) -> None:
     """``value`` (``[B, n, T, d]``) read by its users with only head ``h``'s dimensions ``kept[h]``: ``gather``
     on the last dimension with the ``[1, n, 1, m]`` index expanded to ``[B, n, T, m]`` (sizes read off
     ``value``, so that batch and length stay dynamic; ``take_along_dim`` would fix them)."""
-    index = torch.tensor(kept, dtype=torch.long)[None, :, None, :]
+    index = torch.tensor(kept, dtype=torch.long, device=device)[None, :, None, :]
     users = list(value.users)
     anchor = value.next
     node_index = _index_buffer(gm, anchor, f"{value.name}_kept_dims", index)
@@ -267,7 +289,7 @@ class Slice:
 
     def key_widths(self, plan: Plan) -> dict[str, tuple[int, int]]:
         """Attention ``W_o`` -> (query/key dimensions kept per group, dense head dimension), for those narrowed."""
-        return {plan.attentions[e.attention].writer: (len(e.kept[0]), plan.attentions[e.attention].keys.width)
+        return {plan.attentions[e.attention].writer: (len(e.kept[0]), e.width)
                 for e in self.edits if isinstance(e, NarrowKeys)}
 
     def norm_eps(self, plan: Plan) -> dict[str, float]:

@@ -3,9 +3,9 @@ dimensions.
 
 The units come from pass 4 (:mod:`fxslice.passes.p4_keys`: ``Attention.keys``), how many dimensions each group
 keeps from pass 6 (``Widths.keys``). A score is ``s = Σ_u Σ_{j∈u} q_j k_j``; dropping unit ``u`` of group ``g``
-removes its terms from the scores of the group's heads. Their size is bounded by Cauchy–Schwarz,
-``|Σ_t Σ_{j∈u} q_{h,j}(t) k_j(t')| ≤ ‖Q_{h,u}‖ ‖K_u‖`` with ``‖Q_{h,u}‖² = Σ_t Σ_{j∈u} q_{h,j}(t)²`` over the
-calibration tokens (at the attention's inputs: after rotary, whose rotations keep each unit's norm), so each
+removes its terms ``Q_{h,u} K_uᵀ`` (tokens × tokens) from the scores of each of the group's heads ``h``. Their
+size is bounded by ``‖Q_{h,u} K_uᵀ‖_F ≤ ‖Q_{h,u}‖_F ‖K_u‖_F``, the norms over the calibration tokens and the
+unit's dimensions (at the attention's inputs: after rotary, whose rotations keep each unit's norm), so each
 group keeps the units with the largest ``Σ_{h∈g} ‖Q_{h,u}‖ ‖K_u‖`` (the column-norm score of a CR
 decomposition of ``Q Kᵀ``, as MoDeGPT selects query/key columns) whose sizes add up to the width asked for.
 No refit: the softmax between scores and output leaves no least-squares problem. The rows of ``W_q`` and
@@ -93,4 +93,4 @@ class KeySlicer:
             kept = broadcast_from_first(torch.tensor(kept)).tolist()  # every rank drops rank 0's choice
             for path in (keys.query, keys.key):
                 weights.edit(path.linear, keep_rows, path.kept_rows(keys.units, kept))
-            record.apply(self.plan, NarrowKeys(number, kept))
+            record.apply(self.plan, NarrowKeys(number, keys.width, kept))
