@@ -139,7 +139,8 @@ def test_basis_span_joins_consecutive_blocks():
     assert torch.isfinite(spanned(IDS).logits).all()
 
 
-@pytest.mark.parametrize("family,span", [("llama", 3), ("gemma3_text", 2), pytest.param("opt", 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family,span", [("llama", 3), *[pytest.param(f, 2, marks=pytest.mark.slow)
+                                                         for f in ("gemma3_text", "opt")]])
 def test_basis_span_is_exact_when_nothing_is_removed(family, span):
     model = _four_layers(family)
     exact = fxslice.compress(model, calibration(), 0.0, basis_span=span, progress=False)

@@ -255,6 +255,10 @@ def _cli(*args):
     (["compress", "--format", "transformers", "--compile", "--output", "/nonexistent/never"],
      "a transformers checkpoint is compiled by its own runtime"),
     (["compress", "--stock", "--sparsity", "0.25", "--no-save"], "stock=True keeps the stream width"),
+    pytest.param(["compress", "--basis", "position", "--basis-span", "2", "--no-save"], "it needs basis='block'",
+                 marks=pytest.mark.slow),  # the same check as compress(basis_span=...)
+    pytest.param(["compress", "--key-sparsity", "1.5", "--no-save"], "key_sparsity must be a number in [0, 1)",
+                 marks=pytest.mark.slow),
 ])
 def test_cli_refuses_bad_options_before_any_work_in_one_line(args, message):
     started = time.perf_counter()

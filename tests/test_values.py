@@ -2,8 +2,6 @@
 output Linear): found from the graph with the layout verified, refused with the node named, exact when
 nothing is cut, better than deleting dimensions, replayed onto the KV-cache program, saved and streamed."""
 
-import json
-
 import pytest
 import torch
 
@@ -15,8 +13,9 @@ from fxslice.passes.p2_canonicalise import canonicalise
 from fxslice.passes.p3_analyse import analyse
 from fxslice.passes.p4_attention import find_attentions
 from fxslice.passes.p7_rotate.values import reduced_rank
-from fxslice.runtime.generate import generate, with_cache
-from tiny_models import VOCAB, calibration, folder_digest, masked_calibration, tiny_model, tiny_tokenizer
+from fxslice.runtime.generate import with_cache
+from tiny_models import (VOCAB, calibration, check_cache_program_and_folder, folder_digest, masked_calibration,
+                         tiny_model)
 
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8))
 PROMPT = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(9))
@@ -118,44 +117,39 @@ def test_the_kv_cache_program_takes_narrow_value_buffers_and_saves(family, tmp_p
     value_buffers = [b for name, b in program.named_buffers() if b.dim() == 4 and b.shape[-1] == 8]
     key_buffers = [b for name, b in program.named_buffers() if b.dim() == 4 and b.shape[-1] == 16]
     assert len(value_buffers) == len(key_buffers) == model.config.num_hidden_layers  # values' cache halved
-    with torch.no_grad():
-        assert (program(PROMPT, torch.arange(PROMPT.shape[1])) - sliced(PROMPT).logits).abs().max() < 1e-4
-    tokens = generate(program, PROMPT, 6)
-    with torch.no_grad():
-        expected = [int(sliced(tokens[:, :PROMPT.shape[1] + i]).logits[0, -1].argmax()) for i in range(6)]
-    assert tokens[0, PROMPT.shape[1]:].tolist() == expected
-    folder = fxslice.save(sliced, tmp_path / "values", tiny_tokenizer(), generator=program)
+    record = check_cache_program_and_folder(sliced, program, PROMPT, IDS, tmp_path / "values")
     config = model.config
     keys = config.num_hidden_layers * config.num_key_value_heads * 16 * 4  # float32 keys, 16 dims per head
-    record = json.loads((folder / "fxslice.json").read_text())
     assert record["generator"]["kv_cache_bytes_per_token"] == keys + keys // 2  # values at 8 of 16 dims
-    loaded, _ = fxslice.load(folder)
-    with torch.no_grad():
-        assert (loaded(IDS).logits - sliced(IDS).logits).abs().max() < 1e-4
-    assert torch.equal(loaded.generate(PROMPT, 6), tokens)
 
 
-def test_a_streamed_checkpoint_narrows_values_like_the_model_in_memory(tmp_path):
+# attention values, and queries and keys (tests/test_keys.py): the option and the result's record of it
+CUTS = [("value_sparsity", "value_widths"), pytest.param("key_sparsity", "key_widths", marks=SLOW)]
+
+
+@pytest.mark.parametrize("option,record", CUTS)
+def test_a_streamed_checkpoint_narrows_attentions_like_the_model_in_memory(tmp_path, option, record):
     model = tiny_model("qwen2")
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
     before = folder_digest(folder)
-    options = dict(sparsity=0.25, value_sparsity=0.25, round_to=4, progress=False)
+    options = {"sparsity": 0.25, option: 0.25, "round_to": 4, "progress": False}
     streamed = fxslice.compress(str(folder), masked_calibration(), **options)
     in_memory = fxslice.compress(model, masked_calibration(), **options)
-    assert streamed.fxslice.value_widths == in_memory.fxslice.value_widths and streamed.fxslice.value_widths
+    assert getattr(streamed.fxslice, record) == getattr(in_memory.fxslice, record) and getattr(streamed.fxslice, record)
     assert streamed.fxslice.param_count == in_memory.fxslice.param_count
     with torch.no_grad():
         assert (streamed(IDS).logits - in_memory(IDS).logits).abs().max() < 1e-4
     assert folder_digest(folder) == before
 
 
-def test_a_budget_counts_the_narrowed_values():
+@pytest.mark.parametrize("option,record", [("value_sparsity", "value_widths"), ("key_sparsity", "key_widths")])
+def test_a_budget_counts_the_narrowed_attentions(option, record):
     model = tiny_model("mistral")
-    sliced = fxslice.compress(model, masked_calibration(), target_params=0.75, basis="none", value_sparsity=0.5,
-                              round_to=1, progress=False)
+    sliced = fxslice.compress(model, masked_calibration(), target_params=0.75, basis="none", round_to=1,
+                              progress=False, **{option: 0.5})
     result = sliced.fxslice
-    assert result.value_widths and 0.745 <= result.param_fraction <= 0.75
+    assert getattr(result, record) and 0.745 <= result.param_fraction <= 0.75
     assert result.param_count == sum(p.numel() for p in sliced.parameters())
 
 

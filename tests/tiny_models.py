@@ -105,6 +105,30 @@ def random_model(config, dtype: torch.dtype = torch.float32, seed: int = 0) -> t
     return model.to(dtype).eval()
 
 
+def check_cache_program_and_folder(sliced, program, prompt: torch.Tensor, ids: torch.Tensor, folder: Path) -> dict:
+    """A KV-cache program (``with_cache(sliced)``) gives ``sliced``'s logits and greedy tokens; saved with it and
+    loaded back, the folder gives them too. Returns the folder's ``fxslice.json``."""
+    import json
+
+    from fxslice.runtime.generate import generate
+    from fxslice.runtime.load import load
+    from fxslice.runtime.save import save
+
+    start = prompt.shape[1]
+    with torch.no_grad():
+        assert (program(prompt, torch.arange(start)) - sliced(prompt).logits).abs().max() < 1e-4
+    tokens = generate(program, prompt, 6)
+    with torch.no_grad():
+        expected = [int(sliced(tokens[:, :start + i]).logits[0, -1].argmax()) for i in range(6)]
+    assert tokens[0, start:].tolist() == expected
+    folder = save(sliced, folder, tiny_tokenizer(), generator=program)
+    loaded, _ = load(folder)
+    with torch.no_grad():
+        assert (loaded(ids).logits - sliced(ids).logits).abs().max() < 1e-4
+    assert torch.equal(loaded.generate(prompt, 6), tokens)
+    return json.loads((folder / "fxslice.json").read_text())
+
+
 def check_saved_generation(sliced, folder: Path, prompt: torch.Tensor, new_tokens: int = 5) -> None:
     """Saved with a KV-cache program and loaded back: the same logits as ``sliced``, and greedy
     generation equal to ``sliced``'s own argmax, token by token."""
