@@ -222,18 +222,19 @@ def _evaluate(gm: GraphModule, path: list[Node], source: Node, value: torch.Tens
 
 
 def _stand_ins(gm: GraphModule, path: list[Node], source: Node, refuse) -> dict:
-    """A value for every tensor the path reads from outside it: a buffer or parameter its own value, any other
-    (floating) tensor random of its example shape, in float64, on the CPU; an integer one is refused."""
+    """A value for every tensor the path reads from outside it: a buffer or parameter its own value (random where
+    not loaded), any other (floating) tensor random of its example shape, in float64, on the CPU; an integer one
+    is refused."""
     members, values = set(path) | {source}, {}
     generator = torch.Generator().manual_seed(0)
     for node in path:
         for arg in node.all_input_nodes:
             if arg in members or arg in values or _tensor_free(arg):
                 continue
-            if arg.op == "get_attr":
+            if arg.op == "get_attr" and not fetch_attr(gm, str(arg.target)).is_meta:
                 tensor = fetch_attr(gm, str(arg.target)).detach().cpu()
-            else:
-                example = arg.meta.get("val")
+            else:  # a weight not loaded yet (a skeleton capture) is as good as random for the pattern
+                example = arg.meta.get("val") if arg.op != "get_attr" else fetch_attr(gm, str(arg.target))
                 if not isinstance(example, torch.Tensor):
                     continue
                 if not example.dtype.is_floating_point:  # indices whose values would decide the units
