@@ -180,6 +180,7 @@ def test_models_whose_keys_cannot_be_narrowed_name_why(family, why):
     assert not sliced.fxslice.key_widths
     reasons = sliced.fxslice.skipped_attentions
     assert reasons and all(why in reason and "cannot be narrowed: node '" in reason for reason in reasons.values())
+    assert all(reason.startswith("the attention queries and keys of ") for reason in reasons.values())
 
 
 def test_a_slice_that_does_not_fit_the_capture_is_refused_naming_the_attention():

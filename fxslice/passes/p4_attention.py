@@ -94,8 +94,11 @@ class AttentionSearch:
 
     def refusals(self, values: bool, keys: bool) -> dict[str, str]:
         """Why each attention (by ``W_o``) stays whole for what was asked: its values, its queries and keys."""
-        reasons = dict(self.skipped) if values or keys else {}
+        reasons = dict(self.skipped) if values else {}
         if keys:
+            for writer, why in self.skipped.items():  # keys are traced in the attentions the value trace recognises
+                reasons.setdefault(writer, f"the attention queries and keys of '{writer}' are narrowed only in an "
+                                           f"attention pass 4 recognises, and this one is not: {why}")
             reasons.update({a.writer: a.keys_refused for a in self.attentions if a.keys_refused})
         return reasons
 
