@@ -176,9 +176,10 @@ def speed_again(name: str, out: Path) -> None:
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def kv_bytes(records: list[dict]) -> dict[str, str]:
-    """Run -> KV-cache bytes per token (float32): measured, or for a run that cut no attention dimension, what
-    such a run of its model measured (stream width and MLP units never touch the cache)."""
+def kv_bytes(records: list[dict]) -> tuple[dict[str, str], dict[str, int]]:
+    """(run -> KV-cache bytes per token (float32), model -> its dense bytes per token): measured, or for a run that
+    cut no attention dimension, what such a run of its model measured (stream width and MLP units never touch the
+    cache)."""
     def cuts(r):
         ran = {**r.get("options", {}), **r.get("options_run", {})}
         return bool(ran.get("value_sparsity") or ran.get("key_sparsity"))
@@ -189,18 +190,18 @@ def kv_bytes(records: list[dict]) -> dict[str, str]:
     for r in records:
         value = r.get("kv_cache_bytes_per_token") or (None if cuts(r) else whole.get(r["model"]))
         out[r["run"]] = f"{value:,}" if value else "-"
-    return out
+    return out, whole
 
 
 def table(records: list[dict]) -> str:
     rows = []
-    kv = kv_bytes(records)
+    kv, dense_kv = kv_bytes(records)
     dense = {r["model"]: r["dense_perplexity"] for r in records if "dense_perplexity" in r}
     for model in dict.fromkeys(r["model"] for r in records):
         if model in dense:
             task = next((r["dense_kjv_verse_end"] for r in records if r["model"] == model and "dense_kjv_verse_end" in r), None)
-            dense_kv = next((v for r in records if r["model"] == model and (v := kv[r["run"]]) != "-"), "-")
-            rows.append([model, "dense", "100.0%", dense_kv, *[f"{dense[model][n]:.2f}" for n in NAMES], _accuracy(task),
+            whole = f"{dense_kv[model]:,}" if model in dense_kv else "-"
+            rows.append([model, "dense", "100.0%", whole, *[f"{dense[model][n]:.2f}" for n in NAMES], _accuracy(task),
                          "1.00×", "1.00×", "-"])
         for r in sorted((r for r in records if r["model"] == model), key=lambda r: -r["fraction"]):
             hidden = f"{r['hidden_kept']}/{r['hidden_total']}" if r["hidden_total"] else "all"

@@ -12,8 +12,8 @@ from fxslice.errors import FxSliceError
 from fxslice.passes.p4_keys import choose_units, feasible_keep
 from fxslice.passes.slice_record import NarrowKeys
 from fxslice.runtime.generate import with_cache
-from test_values import _attentions
-from tiny_models import VOCAB, calibration, check_cache_program_and_folder, masked_calibration, tiny_model
+from tiny_models import (VOCAB, attention_search, calibration, canonical_graph, check_cache_program_and_folder,
+                         masked_calibration, tiny_model)
 
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8))
 PROMPT = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(9))
@@ -36,11 +36,11 @@ QUICK_UNITS = ("llama", "opt", "gptj")
 @pytest.mark.parametrize("family", [*QUICK_UNITS, *[pytest.param(f, marks=SLOW) for f in {**UNITS, **SLOW_UNITS}
                                                      if f not in QUICK_UNITS]])
 def test_units_are_measured_from_the_graph(family):
-    model, search = _attentions(family)
+    model, search = attention_search(family)
     assert len(search.attentions) == model.config.num_hidden_layers
     for attention in search.attentions:
-        keys = attention.keys
-        assert keys is not None, attention.keys_refused
+        keys = attention.query_key
+        assert keys is not None, attention.query_key_refused
         assert keys.units == {**UNITS, **SLOW_UNITS}[family] and keys.width == D
         assert keys.groups == attention.groups
         # every query/key feature of the Linears feeds exactly one unit of one group
@@ -52,11 +52,11 @@ def test_units_are_measured_from_the_graph(family):
 @pytest.mark.parametrize("family,node", [("qwen3", "aten.mean.dim"), ("olmo2", "aten.mean.dim"),
                                          pytest.param("gemma3_text", "aten.mean.dim", marks=SLOW)])
 def test_per_head_norms_are_refused_naming_their_reduction(family, node):
-    _, search = _attentions(family)
-    assert search.attentions and all(a.keys is None for a in search.attentions)
+    _, search = attention_search(family)
+    assert search.attentions and all(a.query_key is None for a in search.attentions)
     for attention in search.attentions:
-        assert f"({'call_function'}: {node})" in attention.keys_refused and "q_norm" in attention.keys_refused
-        assert "joins all 16 dimensions of a head" in attention.keys_refused
+        assert f"({'call_function'}: {node})" in attention.query_key_refused and "q_norm" in attention.query_key_refused
+        assert "joins all 16 dimensions of a head" in attention.query_key_refused
 
 
 def _heads_and_groups(model) -> tuple[int, int]:
@@ -195,10 +195,30 @@ def test_a_slice_that_does_not_fit_the_capture_is_refused_naming_the_attention()
 
 
 def _plan(model):
-    from fxslice.hf import model_spec
-    from fxslice.passes.p1_capture import capture
-    from fxslice.passes.p2_canonicalise import canonicalise
     from fxslice.passes.p3_analyse import analyse
     from fxslice.passes.p5_fuse import fuse
 
-    return fuse(analyse(canonicalise(capture(model, model_spec(model)))))
+    return fuse(analyse(canonical_graph(model)))
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("plain", None),
+    ("fused_qk", "outside the path to the attention (a fused projection)"),
+    ("shared_qk", "is more than one of the attention's queries, keys and values"),
+    ("shifted_k", "mixes tokens on the way from its Linear"),
+])
+def test_query_key_paths_of_another_structure_are_refused_naming_the_node(kind, why):
+    from fxslice.passes.p3_analyse import analyse
+    from fxslice.passes.p4_attention import find_attentions
+    from toy_models import ToyAttentionLM
+
+    torch.manual_seed(0)
+    model = ToyAttentionLM(kind).eval()
+    search = find_attentions(analyse(canonical_graph(model)))
+    assert len(search.attentions) == 2, search.skipped
+    for attention in search.attentions:
+        if why is None:  # no rotary: every head dimension is a unit of its own
+            assert attention.query_key.units == [[j] for j in range(16)]
+        else:
+            assert attention.query_key is None
+            assert why in attention.query_key_refused and "cannot be narrowed: node '" in attention.query_key_refused

@@ -7,15 +7,10 @@ import torch
 
 import fxslice
 from fxslice.errors import FxSliceError
-from fxslice.hf import model_spec
-from fxslice.passes.p1_capture import capture
-from fxslice.passes.p2_canonicalise import canonicalise
-from fxslice.passes.p3_analyse import analyse
-from fxslice.passes.p4_attention import find_attentions
 from fxslice.passes.p7_rotate.values import reduced_rank
 from fxslice.runtime.generate import with_cache
-from tiny_models import (VOCAB, calibration, check_cache_program_and_folder, folder_digest, masked_calibration,
-                         tiny_model)
+from tiny_models import (VOCAB, attention_search, calibration, check_cache_program_and_folder, folder_digest,
+                         masked_calibration, tiny_model)
 
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8))
 PROMPT = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(9))
@@ -29,14 +24,9 @@ REFUSED = [("falcon_new", "aten.select.int"), ("gemma2", "aten.matmul"),
                                                             ("phi3", "aten.slice"))]]
 
 
-def _attentions(family):
-    model = tiny_model(family)
-    return model, find_attentions(analyse(canonicalise(capture(model, model_spec(model)))))
-
-
 @pytest.mark.parametrize("family", FOUND)
 def test_attentions_are_found_from_the_graph_with_their_heads(family):
-    model, search = _attentions(family)
+    model, search = attention_search(family)
     config = model.config
     assert len(search.attentions) == config.num_hidden_layers, search.skipped
     heads = config.num_attention_heads
@@ -49,7 +39,7 @@ def test_attentions_are_found_from_the_graph_with_their_heads(family):
 
 @pytest.mark.parametrize("family,op", REFUSED)
 def test_attentions_of_another_structure_are_refused_with_the_node(family, op):
-    _, search = _attentions(family)
+    _, search = attention_search(family)
     assert not search.attentions
     attention_writers = {w: why for w, why in search.skipped.items() if ".mlp." not in w}
     assert attention_writers and all(op in why and "cannot be narrowed: node '" in why

@@ -105,6 +105,24 @@ def random_model(config, dtype: torch.dtype = torch.float32, seed: int = 0) -> t
     return model.to(dtype).eval()
 
 
+def canonical_graph(model: torch.nn.Module):
+    """``model`` captured and canonicalised (passes 1-2)."""
+    from fxslice.hf import model_spec
+    from fxslice.passes.p1_capture import capture
+    from fxslice.passes.p2_canonicalise import canonicalise
+
+    return canonicalise(capture(model, model_spec(model)))
+
+
+def attention_search(family: str):
+    """``(model, pass 4's attentions)`` of a family's tiny model."""
+    from fxslice.passes.p3_analyse import analyse
+    from fxslice.passes.p4_attention import find_attentions
+
+    model = tiny_model(family)
+    return model, find_attentions(analyse(canonical_graph(model)))
+
+
 def check_cache_program_and_folder(sliced, program, prompt: torch.Tensor, ids: torch.Tensor, folder: Path) -> dict:
     """A KV-cache program (``with_cache(sliced)``) gives ``sliced``'s logits and greedy tokens; saved with it and
     loaded back, the folder gives them too. Returns the folder's ``fxslice.json``."""

@@ -58,3 +58,53 @@ class ToyLM(nn.Module):
 def toy_calibration(batches=2):
     gen = torch.Generator().manual_seed(3)
     return [torch.randint(0, TOY_VOCAB, (4, 12), generator=gen) for _ in range(batches)]
+
+
+class ToyAttention(nn.Module):
+    """Causal self-attention of 2 heads through ``scaled_dot_product_attention``, with query, key, value and output
+    Linears of their own (``kind="plain"``), one Linear for queries and keys (``"fused_qk"``), the queries used as
+    keys too (``"shared_qk"``), or each key mixed with the previous token's (``"shifted_k"``)."""
+
+    def __init__(self, width, kind):
+        super().__init__()
+        self.kind, self.heads = kind, 2
+        if kind == "fused_qk":
+            self.qk = nn.Linear(width, 2 * width)
+        else:
+            self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
+        self.v, self.o = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+
+        def heads(t):
+            return t.view(batch, tokens, self.heads, -1).transpose(1, 2)
+
+        if self.kind == "fused_qk":
+            q, k = (heads(t) for t in self.qk(x).chunk(2, dim=-1))
+        else:
+            q = heads(self.q(x))
+            k = q if self.kind == "shared_qk" else self.k(x)
+            if self.kind == "shifted_k":
+                k = k + torch.nn.functional.pad(k, (0, 0, 1, 0))[:, :-1]
+            k = k if self.kind == "shared_qk" else heads(k)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, heads(self.v(x)), is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class ToyAttentionLM(nn.Module):
+    """Pre-norm blocks of a :class:`ToyAttention` only, a final norm and a head."""
+
+    def __init__(self, kind="plain", width=32, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(TOY_VOCAB, width)
+        self.norms = nn.ModuleList([ToyRMSNorm(width) for _ in range(layers)])
+        self.attentions = nn.ModuleList([ToyAttention(width, kind) for _ in range(layers)])
+        self.final_norm = ToyRMSNorm(width)
+        self.head = nn.Linear(width, TOY_VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for norm, attention in zip(self.norms, self.attentions):
+            x = x + attention(norm(x))
+        return self.head(self.final_norm(x))

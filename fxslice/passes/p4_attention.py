@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ..errors import GraphStructureError
@@ -63,28 +64,33 @@ class Attention:
     shaped: list[Node] = field(default_factory=list)  # reshapes / expands whose last size is d_v, G·d_v or H·d_v
     buffers: list[str] = field(default_factory=list)  # KV-cache value buffers [..., d_v] (get_attr targets)
     sdpa: Optional[Node] = None  # the scaled_dot_product_attention call
-    _keys: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+    _query_key: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     @property
-    def keys(self) -> Optional["QueryKey"]:
+    def query_key(self) -> Optional["QueryKey"]:
         """Its queries and keys where their dimensions can be dropped (:mod:`.p4_keys`), measured on first use
         (only a compression or replay that narrows them pays for it); None where they cannot."""
-        return self._traced_keys()[0]
+        return self._traced_query_key()[0]
 
     @property
-    def keys_refused(self) -> Optional[str]:
+    def query_key_refused(self) -> Optional[str]:
         """Why its queries and keys cannot be narrowed (None where they can)."""
-        return self._traced_keys()[1]
+        return self._traced_query_key()[1]
 
-    def _traced_keys(self) -> tuple:
-        if self._keys is None:
+    def measure_query_key(self) -> None:
+        """Measure the queries and keys now (a replay does, before its edits change the graph)."""
+        self._traced_query_key()
+
+    def _traced_query_key(self) -> tuple:
+        """``(query_key, refusal)``, measured once."""
+        if self._query_key is None:
             from .p4_keys import trace_query_key  # p4_keys replays paths with this module's helpers
 
             try:
-                self._keys = (trace_query_key(self.sdpa.graph.owning_module, self.sdpa, self.writer), None)
+                self._query_key = (trace_query_key(self.sdpa.graph.owning_module, self.sdpa, self.writer), None)
             except GraphStructureError as exc:
-                self._keys = (None, str(exc))
-        return self._keys
+                self._query_key = (None, str(exc))
+        return self._query_key
 
 
 @dataclass
@@ -99,24 +105,24 @@ class AttentionSearch:
             for writer, why in self.skipped.items():  # keys are traced in the attentions the value trace recognises
                 reasons.setdefault(writer, f"the attention queries and keys of '{writer}' are narrowed only in an "
                                            f"attention pass 4 recognises, and this one is not: {why}")
-            reasons.update({a.writer: a.keys_refused for a in self.attentions if a.keys_refused})
+            reasons.update({a.writer: a.query_key_refused for a in self.attentions if a.query_key_refused})
         return reasons
 
 
-def _concrete(value):
+def concrete(value):
     """A shape argument with every symbolic size replaced by the size it had when captured."""
     if isinstance(value, Node):
-        return _concrete(value.meta.get("val"))
+        return concrete(value.meta.get("val"))
     if isinstance(value, torch.SymInt):
         return int(optimization_hint(value))
     if isinstance(value, (list, tuple)):
-        return type(value)(_concrete(v) for v in value)
+        return type(value)(concrete(v) for v in value)
     return value
 
 
-def _shape(node: Node) -> Optional[tuple[int, ...]]:
+def example_shape(node: Node) -> Optional[tuple[int, ...]]:
     value = example_value(node)
-    return None if value is None else tuple(_concrete(list(value.shape)))
+    return None if value is None else tuple(concrete(list(value.shape)))
 
 
 def trace_attention(gm: GraphModule, writer: str, position: int) -> Attention:
@@ -140,7 +146,7 @@ def trace_attention(gm: GraphModule, writer: str, position: int) -> Attention:
                                 "is not a reshape of the values between their Linear and the attention", buffers)
     if len(reader.users) != 1:
         raise refuse(reader, "is read elsewhere too (a fused projection)")
-    out, value, projected = _shape(attention), _shape(attention.args[2]), _shape(reader)
+    out, value, projected = example_shape(attention), example_shape(attention.args[2]), example_shape(reader)
     if out is None or value is None or projected is None or len(out) != 4:
         raise refuse(attention, "has no example shapes")
     heads, width = out[1], out[-1]
@@ -152,7 +158,7 @@ def trace_attention(gm: GraphModule, writer: str, position: int) -> Attention:
         raise refuse(attention, f"has {heads} heads for {groups} key/value groups")
     lasts = {width, groups * width, heads * width}
     for member in before + after:
-        shape = _shape(member)
+        shape = example_shape(member)
         if shape is None or shape[-1] not in lasts:
             raise refuse(member, "moves the value dimension away from the last one")
     _verify_layout(gm, reader, before, attention, after, heads, groups, width, refuse)
@@ -182,19 +188,25 @@ def _walk_back(current: Node, arrived, refuse, why: str, buffers: Optional[list[
     return path, current
 
 
-def _run(path: list[Node], start: Node, value: torch.Tensor, gm: GraphModule) -> torch.Tensor:
-    """The path's ops (in data-flow order from ``start``) applied to ``value`` with the captured sizes;
-    a cache write passes its new values through, repeated along the cache's length."""
-    env = {start: value}
+def replay_path(path: list[Node], start: Node, value: torch.Tensor, gm: GraphModule,
+         inputs: Optional[dict] = None) -> torch.Tensor:
+    """The path's ops (in data-flow order from ``start``) applied to ``value`` with the captured sizes, and
+    ``inputs`` (node -> tensor) for what the path reads from elsewhere; a cache write passes its new values
+    through, repeated along the cache's length."""
+    env = {start: value, **(inputs or {})}
+
+    def load(arg):
+        return env[arg] if arg in env else concrete(arg)
+
     for member in path:
         if ops.calls(member, INDEX_COPY):
             buffer = fetch_attr(gm, member.args[0].target)
             dim, source = member.args[1], env[member.args[3]]
             env[member] = source.narrow(dim, 0, 1).expand(*buffer.shape[:-1], source.shape[-1]).clone()
             continue
-        args = [env[a] if isinstance(a, Node) and a in env else _concrete(a) for a in member.args]
-        kwargs = {k: _concrete(v) for k, v in member.kwargs.items() if k not in ("device", "dtype", "layout",
-                                                                                   "memory_format")}
+        args = map_arg(member.args, load)
+        kwargs = {k: map_arg(v, load) for k, v in member.kwargs.items() if k not in ("device", "dtype", "layout",
+                                                                                     "memory_format")}
         env[member] = member.target(*args, **kwargs)
     return env[path[-1]] if path else value
 
@@ -204,13 +216,13 @@ def _verify_layout(gm, reader, before, attention, after, heads, groups, width, r
     must read value dimension ``j`` of group ``h // (H/G)`` and ``W_o`` column ``h·d_v + j``."""
     repeats = heads // groups
     try:
-        rows = torch.arange(groups * width, dtype=torch.float64).expand(*_shape(reader)).clone()
-        reached = _run(list(reversed(before)), reader, rows, gm)  # [B, H, L, d_v]
+        rows = torch.arange(groups * width, dtype=torch.float64).expand(*example_shape(reader)).clone()
+        reached = replay_path(list(reversed(before)), reader, rows, gm)  # [B, H, L, d_v]
         head, dim = torch.arange(heads)[:, None], torch.arange(width)[None, :]
         expected = ((head // repeats) * width + dim).to(torch.float64)
         values_ok = tuple(reached.shape[-3:-2]) == (heads,) and bool((reached == expected[:, None, :]).all())
-        outputs = (head * width + dim).to(torch.float64)[None, :, None, :].expand(*_shape(attention)).clone()
-        columns = _run(list(reversed(after)), attention, outputs, gm)
+        outputs = (head * width + dim).to(torch.float64)[None, :, None, :].expand(*example_shape(attention)).clone()
+        columns = replay_path(list(reversed(after)), attention, outputs, gm)
         outputs_ok = bool((columns == torch.arange(heads * width, dtype=torch.float64)).all())
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise refuse(attention, f"has a head layout its reshapes could not be replayed for ({exc})") from exc

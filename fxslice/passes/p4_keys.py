@@ -31,12 +31,11 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
-from torch.fx.node import map_arg
 
 from ..errors import GraphStructureError
 from ..graph import ops
 from ..graph.nodes import describe, fetch_attr
-from .p4_attention import INDEX_COPY, PATH_OPS, _concrete, _run, _shape
+from .p4_attention import INDEX_COPY, PATH_OPS, concrete, example_shape, replay_path
 
 PATH_LIMIT = 400
 """Nodes a query or key path may hold between its Linear and the attention."""
@@ -93,8 +92,8 @@ def trace_query_key(gm: GraphModule, attention: Node, writer: str) -> QueryKey:
 
     modules = dict(gm.named_modules())
     query_in, key_in = attention.args[0], attention.args[1]
-    shape = _shape(query_in)
-    if shape is None or len(shape) != 4 or _shape(key_in) is None:
+    shape = example_shape(query_in)
+    if shape is None or len(shape) != 4 or example_shape(key_in) is None:
         raise refuse(attention, "has no 4-D example shapes")
     heads, width = shape[1], shape[-1]
     shared = next((a for a in (query_in, key_in) if sum(b is a for b in attention.args[:3]) > 1), None)
@@ -119,7 +118,7 @@ def trace_query_key(gm: GraphModule, attention: Node, writer: str) -> QueryKey:
                      "(a per-head norm): no query/key dimension can be dropped alone")
     built = []
     for (source, gather, tail, buffers), depends in zip(paths, dependencies):
-        at = _shape(gather)[1]
+        at = example_shape(gather)[1]
         if len(gather.users) != 1:
             raise refuse(gather, "is read by more than the attention")
         if at % groups:
@@ -172,9 +171,8 @@ def _source_linear(gather: Node, modules: dict, refuse, name: str) -> Node:
 
 
 def _tensor_free(node: Node) -> bool:
-    """A size (``sym_size``) or other non-tensor value: not part of a data path."""
-    value = node.meta.get("val")
-    return value is not None and not isinstance(value, torch.Tensor)
+    """A size (``sym_size``) or other number: not part of a data path (a split's tuple of tensors is)."""
+    return isinstance(node.meta.get("val"), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _path(source: Node, end: Node, refuse) -> list[Node]:
@@ -207,20 +205,6 @@ def _path(source: Node, end: Node, refuse) -> list[Node]:
     return sorted(members, key=order.__getitem__)
 
 
-def _evaluate(gm: GraphModule, path: list[Node], source: Node, value: torch.Tensor, externals: dict) -> torch.Tensor:
-    env = {source: value, **externals}
-
-    def load(arg):
-        return env[arg] if arg in env else _concrete(arg)
-
-    for node in path:
-        args = map_arg(node.args, load)
-        kwargs = {k: map_arg(v, load) for k, v in node.kwargs.items() if k not in ("device", "dtype", "layout",
-                                                                                   "memory_format")}
-        env[node] = node.target(*args, **kwargs)
-    return env[path[-1]]
-
-
 def _stand_ins(gm: GraphModule, path: list[Node], source: Node, refuse) -> dict:
     """A value for every tensor the path reads from outside it: a buffer or parameter its own value (random where
     not loaded), any other (floating) tensor random of its example shape, in float64, on the CPU; an integer one
@@ -232,7 +216,7 @@ def _stand_ins(gm: GraphModule, path: list[Node], source: Node, refuse) -> dict:
             if arg in members or arg in values or _tensor_free(arg):
                 continue
             if arg.op == "get_attr" and not fetch_attr(gm, str(arg.target)).is_meta:
-                tensor = fetch_attr(gm, str(arg.target)).detach().cpu()
+                tensor = fetch_attr(gm, str(arg.target)).detach().cpu().clone()  # the path may write in place
             else:  # a weight not loaded yet (a skeleton capture) is as good as random for the pattern
                 example = arg.meta.get("val") if arg.op != "get_attr" else fetch_attr(gm, str(arg.target))
                 if not isinstance(example, torch.Tensor):
@@ -240,7 +224,7 @@ def _stand_ins(gm: GraphModule, path: list[Node], source: Node, refuse) -> dict:
                 if not example.dtype.is_floating_point:  # indices whose values would decide the units
                     raise refuse(arg, "is an integer tensor the query/key path reads from outside: its units "
                                       "cannot be measured without its values")
-                tensor = torch.randn(_concrete(list(example.shape)), generator=generator, dtype=torch.float64)
+                tensor = torch.randn(concrete(list(example.shape)), generator=generator, dtype=torch.float64)
             values[arg] = tensor.to(torch.float64) if tensor.dtype.is_floating_point else tensor
     return values
 
@@ -249,7 +233,7 @@ def _dependencies(gm: GraphModule, source: Node, gather: Node, refuse) -> list[s
     """For every output feature of the Linear ``source``: the ``(head, dimension)`` inputs of the attention at
     ``gather`` ([B, n, T, d]) that change when that feature changes at its token."""
     path = _path(source, gather, refuse)
-    features_shape, out_shape = _shape(source), _shape(gather)
+    features_shape, out_shape = example_shape(source), example_shape(gather)
     if features_shape is None or out_shape is None or len(out_shape) != 4:
         raise refuse(gather, "has no [batch, heads, tokens, dimension] example shape")
     batch, heads, tokens, width = out_shape
@@ -262,7 +246,7 @@ def _dependencies(gm: GraphModule, source: Node, gather: Node, refuse) -> list[s
 
     def run(rows: torch.Tensor) -> torch.Tensor:  # [N, F] -> [N, n·d], tokens b-major
         try:
-            out = _evaluate(gm, path, source, rows.reshape(features_shape), externals)
+            out = replay_path(path, source, rows.reshape(features_shape), gm, externals)
         except Exception as exc:  # any op the replay cannot run: the attention stays whole, named
             raise refuse(gather, f"has a path its ops could not be replayed for ({type(exc).__name__}: {exc})") from exc
         return out.to(torch.float64).permute(0, 2, 1, 3).reshape(count, heads * width)
@@ -328,12 +312,12 @@ def _verify_tail(gm: GraphModule, gather: Node, tail: list[Node], attention_inpu
     dimension ``j`` of the gather point's head of its group."""
     if not tail:
         return
-    shape = _shape(gather)
-    at, target = shape[1], _shape(attention_input)
+    shape = example_shape(gather)
+    at, target = shape[1], example_shape(attention_input)
     head, dim = torch.arange(at)[:, None], torch.arange(width)[None, :]
     filled = (head * width + dim).to(torch.float64)[None, :, None, :].expand(*shape).clone()
     try:
-        reached = _run(list(reversed(tail)), gather, filled, gm)
+        reached = replay_path(list(reversed(tail)), gather, filled, gm)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise refuse(gather, f"has keys its cache ops could not be replayed for ({exc})") from exc
     heads = target[1]
@@ -363,7 +347,7 @@ def choose_units(scores: torch.Tensor, sizes: list[int], keep: int) -> Optional[
     over the head's few units), None when no choice adds up to ``keep``."""
     best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
     for k, size in enumerate(sizes):
-        for total, (score, chosen) in sorted(best.items(), reverse=True):
+        for total, (score, chosen) in list(best.items()):  # the sums before unit k: each unit once
             filled = total + size
             if filled <= keep and (filled not in best or best[filled][0] < score + float(scores[k])):
                 best[filled] = (score + float(scores[k]), chosen + [k])

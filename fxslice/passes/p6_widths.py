@@ -57,7 +57,7 @@ class Widths:
     groups: list[list[int]] = field(default_factory=list)
     rotate: bool = True  # False: the stream keeps its coordinates (``basis="none"``), no PCA
     values: dict[str, int] = field(default_factory=dict)  # attention W_o -> value dimensions kept per group
-    keys: dict[str, int] = field(default_factory=dict)  # attention W_o -> query/key dimensions kept per group
+    query_keys: dict[str, int] = field(default_factory=dict)  # attention W_o -> query/key dimensions kept per group
 
 
 def basis_groups(plan: Plan, basis: str, span: int = 1) -> list[list[int]]:
@@ -139,27 +139,27 @@ class HeadCuts:
     dimensions (:func:`key_widths`), by output Linear ``W_o``; an attention not listed stays whole."""
 
     values: dict[str, int] = field(default_factory=dict)
-    keys: dict[str, int] = field(default_factory=dict)
+    query_keys: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
     def fields_of(cuts: Optional["HeadCuts"]) -> dict:
         """``Widths`` keyword arguments (fresh dicts) for ``cuts`` (None: nothing cut)."""
         cuts = cuts or HeadCuts()
-        return {"values": dict(cuts.values), "keys": dict(cuts.keys)}
+        return {"values": dict(cuts.values), "query_keys": dict(cuts.query_keys)}
 
 
 def key_widths(plan: Plan, key_sparsity: float, round_to: int) -> dict[str, int]:
     """Query/key dimensions kept per key/value group of every attention whose units pass 4 measured
-    (:mod:`.p4_keys`): the same fraction of each, rounded down to ``round_to`` (at least one step), then down
-    to a width whole units add up to; none for ``key_sparsity`` 0."""
+    (:mod:`.p4_keys`): the same fraction of each, rounded down to ``round_to`` (at least one step), then to the
+    widest width at most that which whole units add up to (at least the smallest unit); none for
+    ``key_sparsity`` 0."""
     if not key_sparsity:
         return {}
     kept = {}
     for attention in plan.attentions:
-        keys = attention.keys
+        keys = attention.query_key
         if keys is not None:
-            wanted = max(slice_width(keys.width, key_sparsity, round_to), min(round_to, keys.width))
-            keep = feasible_keep(keys.unit_sizes, wanted)
+            keep = feasible_keep(keys.unit_sizes, head_width(keys.width, key_sparsity, round_to))
             if keep < keys.width:
                 kept[attention.writer] = keep
     return kept
@@ -170,8 +170,12 @@ def value_widths(plan: Plan, value_sparsity: float, round_to: int) -> dict[str, 
     each, rounded down to ``round_to`` (at least one step); none for ``value_sparsity`` 0."""
     if not value_sparsity:
         return {}
-    return {a.writer: max(slice_width(a.width, value_sparsity, round_to), min(round_to, a.width))
-            for a in plan.attentions}
+    return {a.writer: head_width(a.width, value_sparsity, round_to) for a in plan.attentions}
+
+
+def head_width(full: int, sparsity: float, round_to: int) -> int:
+    """A head dimension cut by ``sparsity``, rounded down to ``round_to``, never below one rounding step."""
+    return max(slice_width(full, sparsity, round_to), min(round_to, full))
 
 
 def unrotated_widths(plan: Plan, options: "Options", dense_count: int, groups: list[list[int]],
@@ -319,9 +323,9 @@ def sliced_parameter_count(plan: Plan, widths: Widths) -> int:
         kept = widths.values.get(attention.writer, attention.width)
         units_out[attention.reader] = attention.groups * kept
         units_in[attention.writer] = attention.heads * kept
-        if attention.writer in widths.keys:  # query/key dimensions kept per group: W_q's and W_k's features
-            for path in (attention.keys.query, attention.keys.key):
-                units_out[path.linear] = features_left(path, widths.keys[attention.writer], attention.keys.width)
+        if attention.writer in widths.query_keys:  # query/key dimensions kept per group: W_q's and W_k's features
+            for path in (attention.query_key.query, attention.query_key.key):
+                units_out[path.linear] = features_left(path, widths.query_keys[attention.writer], attention.query_key.width)
     for branch in plan.branches:  # pass 7: y and the norm's affine at the position's width
         units_in[branch.affine] = widths.stream[branch.position]
         units_out.update({writer: widths.stream[branch.position] for writer in branch.writers})
@@ -407,7 +411,7 @@ def fill_hidden(widths: Widths, mlps: list[MLP], goal: float, round_to: int, cou
     step_cost, step = {}, {m.writer: unit_step(m, round_to, expert_step) for m in mlps}
     for mlp in mlps:  # parameters of one more step of units of one MLP (linear in the units)
         wider = Widths(widths.stream, {**widths.hidden, mlp.writer: widths.hidden[mlp.writer] + 1}, groups=widths.groups,
-                       values=widths.values, keys=widths.keys)
+                       values=widths.values, query_keys=widths.query_keys)
         step_cost[mlp.writer] = (count(wider) - total) * step[mlp.writer]
     width_of = {m.writer: m.width for m in mlps}
     while True:

@@ -154,10 +154,10 @@ class NarrowKeys(GraphEdit):
 
     def apply(self, plan: Plan) -> None:
         attention = plan.attentions[self.attention]
-        keys = attention.keys
+        keys = attention.query_key
         if keys is None:
             raise FxSliceError(f"the queries and keys of '{attention.writer}' cannot be narrowed in this capture: "
-                               f"{attention.keys_refused}")
+                               f"{attention.query_key_refused}")
         self._check(attention.writer, keys)
         gm, width = plan.gm, keys.width
         for path in (keys.query, keys.key):
@@ -165,7 +165,7 @@ class NarrowKeys(GraphEdit):
             scatter_features(gm, path.source, path.kept_rows(keys.units, self.kept), path.features, device)
             repeats = path.heads // keys.groups
             gather_dimensions(gm, path.gather, [self.kept[h // repeats] for h in range(path.heads)], device)
-            resize_last(path.tail, width, len(self.kept[0]))
+            resize_reshapes(path.tail, len(self.kept[0]), width)
             narrow_buffers(gm, path.buffers, len(self.kept[0]))
         if keys.attention.kwargs.get("scale") is None:  # the default 1/√(last size) would follow the narrow width
             keys.attention.kwargs = {**keys.attention.kwargs, "scale": 1.0 / math.sqrt(width)}
@@ -210,8 +210,8 @@ def scatter_features(gm, source: Node, kept: list[int], features: int, device: t
     with gm.graph.inserting_before(anchor):
         padded = gm.graph.call_function(torch.ops.aten.constant_pad_nd.default, (source, [0, 1]))
         full = gm.graph.call_function(torch.ops.aten.index_select.default, (padded, -1, index))
-    copy_meta(padded, source, ("val", "nn_module_stack"))
-    copy_meta(full, source, ("val", "nn_module_stack"))
+    copy_meta(padded, source, ("nn_module_stack",))  # no example value: their widths are no longer the captured ones
+    copy_meta(full, source, ("nn_module_stack",))
     for user in users:
         user.replace_input_with(source, full)
 
@@ -231,18 +231,9 @@ def gather_dimensions(gm, value: Node, kept: list[list[int]], device: torch.devi
     example = value.meta.get("val")
     for dim, size in enumerate(sizes):
         size.meta["val"] = example.shape[dim] if example is not None else None
-    copy_meta(gathered, value, ("val", "nn_module_stack"))
+    copy_meta(gathered, value, ("nn_module_stack",))
     for user in users:
         user.replace_input_with(value, gathered)
-
-
-def resize_last(nodes, full: int, width: int) -> None:
-    """Reshape / expand nodes whose target shape ends in ``full`` end in ``width`` instead."""
-    for node in nodes:
-        shape = list(node.args[1])
-        if shape and shape[-1] == full:
-            shape[-1] = width
-            node.args = (node.args[0], shape) + tuple(node.args[2:])
 
 
 EDITS = {cls.kind: cls for cls in (Resize, RemoveShortcut, ResizeBranch, ResizeValues, NarrowKeys)}
@@ -270,6 +261,9 @@ class Slice:
         if len(plan.positions) != self.positions:
             raise FxSliceError(f"the slice was made on a graph with {self.positions} stream positions, this "
                                f"capture has {len(plan.positions)}")
+        for edit in self.edits:  # queries and keys measured on the capture as it is, before any edit
+            if isinstance(edit, NarrowKeys):
+                plan.attentions[edit.attention].measure_query_key()
         for edit in self.edits:
             edit.apply(plan)
         plan.gm.recompile()

@@ -75,7 +75,7 @@ def with_cache(sliced: GraphModule, batch_size: int = 1, max_cache_len: int = 10
 
 def kv_cache_bytes_per_token(program: nn.Module) -> int:
     """Bytes of keys and values one token adds to a KV-cache program's cache: its ``[B, heads, length, d]``
-    buffers per sequence and position (what narrowing attention values shrinks)."""
+    buffers per sequence and position (what narrowing attention values or keys shrinks)."""
     batch = program.cache_batch_size
     return sum(b.shape[1] * b.shape[3] * b.element_size() for b in program.buffers()
                if b.dim() == 4 and b.is_floating_point() and b.shape[0] == batch and b.shape[2] <= program.max_cache_len)

@@ -1,8 +1,8 @@
 """Attention queries and keys, inside pass 7's loop: drop each key/value group's least useful units of head
 dimensions.
 
-The units come from pass 4 (:mod:`fxslice.passes.p4_keys`: ``Attention.keys``), how many dimensions each group
-keeps from pass 6 (``Widths.keys``). A score is ``s = Σ_u Σ_{j∈u} q_j k_j``; dropping unit ``u`` of group ``g``
+The units come from pass 4 (:mod:`fxslice.passes.p4_keys`: ``Attention.query_key``), how many dimensions each group
+keeps from pass 6 (``Widths.query_keys``). A score is ``s = Σ_u Σ_{j∈u} q_j k_j``; dropping unit ``u`` of group ``g``
 removes its terms ``Q_{h,u} K_uᵀ`` (tokens × tokens) from the scores of each of the group's heads ``h``. Their
 size is bounded by ``‖Q_{h,u} K_uᵀ‖_F ≤ ‖Q_{h,u}‖_F ‖K_u‖_F``, the norms over the calibration tokens and the
 unit's dimensions (at the attention's inputs: after rotary, whose rotations keep each unit's norm), so each
@@ -16,23 +16,16 @@ No refit: the softmax between scores and output leaves no least-squares problem.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.fx import Node
 
 from ...calibration import Batch
 from ...distributed import all_reduce_sum, broadcast_from_first
-from ...graph.weights import f64, set_linear
+from ...errors import FxSliceError
 from ..p4_keys import choose_units
 from ..p5_fuse import Plan
 from ..slice_record import NarrowKeys, Slice
+from .hidden import keep_rows
 from .runner import Tap
-
-
-def keep_rows(linear: nn.Linear, rows: list[int]) -> None:
-    """The Linear's output features ``rows`` only (its bias too)."""
-    index = torch.tensor(rows, dtype=torch.long, device=linear.weight.device)
-    weight, bias = f64(linear.weight), f64(linear.bias)
-    set_linear(linear, weight[index], None if bias is None else bias[index])
 
 
 def head_energies(value: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -57,9 +50,9 @@ class KeySlicer:
         taps = {}
         for _, attention in self.attentions:
             if attention.position in group:
-                for side, path in (("query", attention.keys.query), ("key", attention.keys.key)):
+                for side, path in (("query", attention.query_key.query), ("key", attention.query_key.key)):
                     self.energies[attention.writer, side] = torch.zeros(
-                        path.heads, attention.keys.width, dtype=torch.float64, device=self.plan.weights.device)
+                        path.heads, attention.query_key.width, dtype=torch.float64, device=self.plan.weights.device)
                     taps[path.gather] = self._accumulator((attention.writer, side))
         return taps
 
@@ -84,13 +77,16 @@ class KeySlicer:
         for number, attention in self.attentions:
             if attention.position not in group:
                 continue
-            keys = attention.keys
+            keys = attention.query_key
             scores = self.unit_scores(attention.writer, keys)
             kept = []
             for g in range(keys.groups):
                 chosen = choose_units(scores[g], keys.unit_sizes, self.keep[attention.writer])
+                if chosen is None:
+                    raise FxSliceError(f"the queries and keys of '{attention.writer}' cannot keep "
+                                       f"{self.keep[attention.writer]} dimensions in whole units of sizes {keys.unit_sizes}")
                 kept.append(sorted(j for k in chosen for j in keys.units[k]))
             kept = broadcast_from_first(torch.tensor(kept)).tolist()  # every rank drops rank 0's choice
             for path in (keys.query, keys.key):
-                weights.edit(path.linear, keep_rows, path.kept_rows(keys.units, kept))
+                weights.edit(path.linear, keep_rows, torch.tensor(path.kept_rows(keys.units, kept)))
             record.apply(self.plan, NarrowKeys(number, keys.width, kept))

@@ -99,7 +99,7 @@ def rotate_and_slice(plan: Plan, batches: list[Batch], widths: Widths, *, pca_si
     record = Slice(len(plan.positions), rotate=widths.rotate)
     rotator = Rotator(plan, record)
     rewrites: list[BlockRewrite] = [BranchRotator(plan, widths.stream), HiddenSlicer(plan, widths.hidden),
-                                    ValueSlicer(plan, widths.values), KeySlicer(plan, widths.keys)]
+                                    ValueSlicer(plan, widths.values), KeySlicer(plan, widths.query_keys)]
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
     cache = ActivationCache(input_node, batches, [] if probe is None else [probe.ids, probe.changed],
                             weights.device, activation_dir)
