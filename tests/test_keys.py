@@ -30,7 +30,7 @@ UNITS = {
 SLOW_UNITS = {"stablelm": [[0, 2], [1, 3]] + [[j] for j in range(4, D)], "qwen2": ROTATE_HALF, "mixtral": ROTATE_HALF}
 
 
-QUICK_UNITS = ("llama", "opt", "gptj")
+QUICK_UNITS = ("llama", "gptj")
 
 
 @pytest.mark.parametrize("family", [*QUICK_UNITS, *[pytest.param(f, marks=SLOW) for f in {**UNITS, **SLOW_UNITS}
@@ -49,8 +49,8 @@ def test_units_are_measured_from_the_graph(family):
             assert features == list(range(path.features)) == list(range(keys.groups * heads_per_group * D))
 
 
-@pytest.mark.parametrize("family,node", [("qwen3", "aten.mean.dim"), ("olmo2", "aten.mean.dim"),
-                                         pytest.param("gemma3_text", "aten.mean.dim", marks=SLOW)])
+@pytest.mark.parametrize("family,node", [("qwen3", "aten.mean.dim"),
+                                         *[pytest.param(f, "aten.mean.dim", marks=SLOW) for f in ("olmo2", "gemma3_text")]])
 def test_per_head_norms_are_refused_naming_their_reduction(family, node):
     _, search = attention_search(family)
     assert search.attentions and all(a.query_key is None for a in search.attentions)
@@ -93,7 +93,7 @@ def _zeroed_reference(model, sliced):
     return reference
 
 
-@pytest.mark.parametrize("family,masked,basis", [("llama", True, "none"), ("gptj", True, "block"),
+@pytest.mark.parametrize("family,masked,basis", [("llama", True, "none"), pytest.param("gptj", True, "block", marks=SLOW),
                                                  pytest.param("opt", False, "none", marks=SLOW),
                                                  pytest.param("phi", False, "none", marks=SLOW),
                                                  pytest.param("cohere", True, "block", marks=SLOW),
@@ -120,6 +120,7 @@ def test_narrowed_keys_equal_the_model_with_their_rows_zeroed(family, masked, ba
         assert (expected - model(IDS).logits).abs().max() > 20 * (got - expected).abs().max()
 
 
+@pytest.mark.slow
 def test_the_strongest_units_are_kept():
     model = tiny_model("llama")
     with torch.no_grad():  # make dimension pair (3, 11) of every head carry most of the scores
@@ -131,6 +132,7 @@ def test_the_strongest_units_are_kept():
     assert edits and all(3 in kept and 11 in kept and len(kept) == 4 for e in edits for kept in e.kept)
 
 
+@pytest.mark.slow
 def test_bf16_narrowed_keys_stay_near_the_zeroed_model():
     model = tiny_model("llama", torch.bfloat16)
     cut = fxslice.compress(model, masked_calibration(), 0.0, basis="none", key_sparsity=0.5, progress=False)

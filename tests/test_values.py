@@ -133,7 +133,7 @@ def test_a_streamed_checkpoint_narrows_attentions_like_the_model_in_memory(tmp_p
     assert folder_digest(folder) == before
 
 
-@pytest.mark.parametrize("option,record", [("value_sparsity", "value_widths"), ("key_sparsity", "key_widths")])
+@pytest.mark.parametrize("option,record", CUTS)
 def test_a_budget_counts_the_narrowed_attentions(option, record):
     model = tiny_model("mistral")
     sliced = fxslice.compress(model, masked_calibration(), target_params=0.75, basis="none", round_to=1,
