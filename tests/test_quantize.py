@@ -201,6 +201,7 @@ def test_quantised_folder_round_trip_stores_weights_once_and_generates(float_fol
         assert size < 0.6 * (folder / "weights.safetensors").stat().st_size
 
 
+@pytest.mark.slow
 def test_a_quantised_folder_is_not_quantised_fine_tuned_or_moved_again(float_folder, tmp_path):
     folder, _ = float_folder
     path, *_ = quantize_folder(folder, "int8", tmp_path / "q8")

@@ -119,6 +119,7 @@ def test_save_with_nothing_else_writes_a_folder_that_generates(tmp_path):
     assert Slice.from_record(record["slice"]) == sliced.fxslice.slice
 
 
+@pytest.mark.slow
 def test_save_without_a_cache_program_when_asked(tmp_path):
     sliced = fxslice.compress(tiny_model("llama"), calibration(), 0.25, progress=False)
     folder = fxslice.save(sliced, tmp_path / "no-cache", max_cache_len=0)
